@@ -1,0 +1,15 @@
+"""banded_rnn: one shared LSTM over many parallel bands, with explicit per-band state.
+
+``BandedLSTM`` scans a shared LSTM over time for every band of an input
+``[batch, bands, time, features]``; the state, a tuple of ``LSTMState`` (one
+per layer), goes in and comes out explicitly, so chunked runs equal whole runs
+and bands never interact.
+"""
+
+from ._banded import BandedLSTM as BandedLSTM
+from ._cell import lstm_gates as lstm_gates
+from ._state import LSTMState as LSTMState
+from ._state import State as State
+
+__all__ = ["BandedLSTM", "LSTMState", "State", "lstm_gates"]
+__version__ = "0.1.0"

@@ -1,0 +1,258 @@
+"""``BandedLSTM``: one shared LSTM scanned over time and run over every band."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from . import _validate
+from ._cell import lstm_gates
+from ._state import LSTMState, State
+
+Initializer = Callable[..., jax.Array]
+
+
+def _keras_bias_init(units: int, unit_forget_bias: bool) -> Initializer:
+    """Zeros, with the forget gate's slice set to one when ``unit_forget_bias``."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        del key
+        bias = jnp.zeros(shape, dtype)
+        return bias.at[units : 2 * units].set(1.0) if unit_forget_bias else bias
+
+    return init
+
+
+class _LayerParams(nn.Module):
+    """Holds one layer's ``kernel``, ``recurrent_kernel`` and ``bias``."""
+
+    units: int
+    kernel_init: Initializer
+    recurrent_kernel_init: Initializer
+    bias_init: Initializer
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, features: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        gates = 4 * self.units
+        kernel = self.param("kernel", self.kernel_init, (features, gates), self.param_dtype)
+        recurrent_kernel = self.param(
+            "recurrent_kernel", self.recurrent_kernel_init, (self.units, gates), self.param_dtype
+        )
+        bias = self.param("bias", self.bias_init, (gates,), self.param_dtype)
+        return kernel, recurrent_kernel, bias
+
+
+def _step(
+    recurrent_kernel: jax.Array,
+    recurrent_mask: jax.Array | None,
+    carry: tuple[jax.Array, jax.Array],
+    xs: tuple[jax.Array, jax.Array | None],
+) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+    """One time step for all rows (sequence, band) at once: ``[rows, ...]``."""
+    hidden, cell = carry
+    input_part, valid = xs
+    dropped = hidden if recurrent_mask is None else hidden * recurrent_mask
+    new_hidden, new_cell = lstm_gates(input_part + dropped @ recurrent_kernel, cell)
+    if valid is None:
+        return (new_hidden, new_cell), new_hidden
+    valid = valid[:, None]
+    new_hidden = jnp.where(valid, new_hidden, hidden)
+    new_cell = jnp.where(valid, new_cell, cell)
+    return (new_hidden, new_cell), jnp.where(valid, new_hidden, jnp.zeros_like(new_hidden))
+
+
+class BandedLSTM(nn.Module):
+    """A stack of LSTM layers shared by every band, with explicit per-band state.
+
+    Every band of ``inputs [batch, bands, time, features]`` runs through the
+    same weights, and every (sequence, band) pair keeps its own state: bands
+    never see each other. Per layer and time step, with
+    ``z = x_t @ kernel + h @ recurrent_kernel + bias`` split into the gates
+    ``i, f, g, o``::
+
+        c' = sigmoid(f) * c + sigmoid(i) * tanh(g)
+        h' = sigmoid(o) * tanh(c')
+
+    exactly as ``keras.layers.LSTM`` (sigmoid and tanh activations), with its
+    parameter layout per layer: ``kernel [features, 4 * units]``,
+    ``recurrent_kernel [units, 4 * units]``, ``bias [4 * units]``, stored under
+    ``params/layer_{i}``. Layer ``i + 1`` reads the hidden outputs of layer ``i``.
+
+    The state goes in first and comes out first, like ``jax.lax.scan``:
+    feeding a sequence whole, or in consecutive chunks while passing each
+    chunk's ``final_state`` to the next, gives the same outputs.
+
+    >>> import jax, jax.numpy as jnp
+    >>> model = BandedLSTM(units=8, num_layers=2)
+    >>> x = jax.random.normal(jax.random.key(1), (2, 3, 10, 4))  # [batch, bands, time, features]
+    >>> variables = model.init(jax.random.key(0), None, x)
+    >>> state, y = model.apply(variables, None, x)
+    >>> y.shape                                        # [batch, bands, time, units]
+    (2, 3, 10, 8)
+    >>> len(state), state[0].hidden.shape              # per layer: [batch, bands, units]
+    (2, (2, 3, 8))
+    >>> state, y2 = model.apply(variables, state, x)  # carry on where it ended
+
+    Attributes:
+      units: size of the hidden and cell state of every layer.
+      num_layers: number of stacked layers.
+      dropout: fraction of each layer's inputs dropped in training.
+      recurrent_dropout: fraction of each layer's previous hidden state dropped
+        before the recurrent kernel in training. Both draw one mask per
+        (sequence, band) from the ``'dropout'`` rng and keep it for every time
+        step (variational dropout, as Keras does), so the same rng gives the
+        same masks however the sequence is chunked.
+      unit_forget_bias: start the forget gate's bias at one (Keras's default).
+      unroll: time steps per iteration of the scanned loop.
+      kernel_init, recurrent_kernel_init: initialisers; Keras's defaults
+        (Glorot uniform, orthogonal).
+      param_dtype: dtype of the parameters.
+    """
+
+    units: int
+    num_layers: int = 1
+    dropout: float = 0.0
+    recurrent_dropout: float = 0.0
+    unit_forget_bias: bool = True
+    unroll: int = 1
+    kernel_init: Initializer = nn.initializers.glorot_uniform()
+    recurrent_kernel_init: Initializer = nn.initializers.orthogonal()
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self) -> None:
+        for name in ("units", "num_layers", "unroll"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected an integer >= 1; received {value!r}")
+        for name in ("dropout", "recurrent_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name}: expected a rate in [0, 1); received {value!r}")
+        super().__post_init__()
+
+    def initial_state(
+        self, batch_size: int, num_bands: int, dtype: Any = jnp.float32
+    ) -> State:
+        """Zeros for every layer: a tuple of ``num_layers`` LSTMState, each field
+        ``[batch_size, num_bands, units]``. Needs no parameters."""
+        zeros = jnp.zeros((batch_size, num_bands, self.units), dtype)
+        return tuple(LSTMState(zeros, zeros) for _ in range(self.num_layers))
+
+    @nn.compact
+    def __call__(
+        self,
+        state: State | None,
+        inputs: jax.Array,
+        *,
+        seq_lengths: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> tuple[State, jax.Array]:
+        """Runs the stack over ``inputs`` from ``state``.
+
+        Args:
+          state: a tuple of ``num_layers`` LSTMState, each field
+            ``[batch, bands, units]``; ``None`` starts from zeros.
+          inputs: ``[batch, bands, time, features]``, any floating dtype. The
+            state and the arithmetic are at least float32.
+          seq_lengths: optional integers, ``[batch]`` or ``[batch, bands]``.
+            Steps at or past a sequence's length leave its state unchanged and
+            output zeros; lengths longer than ``time`` mean every step is valid.
+          deterministic: if False, apply dropout with the ``'dropout'`` rng.
+
+        Returns:
+          ``(final_state, outputs)``: the state after each sequence's last
+          valid step, and the last layer's hidden outputs
+          ``[batch, bands, time, units]``.
+        """
+        inputs = _validate.check_inputs(inputs)
+        batch, bands, time, features = inputs.shape
+        existing = self.variables.get("params", {}).get("layer_0")
+        if existing is not None:
+            _validate.check_features(features, existing["kernel"].shape[0])
+        if state is None:
+            state = self.initial_state(batch, bands)
+        else:
+            state = _validate.check_state(state, self.num_layers, batch, bands, self.units)
+        valid = None
+        if seq_lengths is not None:
+            lengths = _validate.check_seq_lengths(seq_lengths, batch, bands)
+            valid = jnp.arange(time)[:, None] < lengths.reshape(1, batch * bands)
+        masks = self._dropout_masks(deterministic, batch * bands, features)
+
+        dtype = jnp.promote_types(jnp.promote_types(inputs.dtype, self.param_dtype), jnp.float32)
+        rows = batch * bands
+        # Bands are folded into the batch: one row per (sequence, band). Rows
+        # never mix in a matmul, so this is vmap over bands with shared weights.
+        # Time-major from here on, so that layers chain without transposes.
+        layer_inputs = jnp.swapaxes(inputs.reshape(rows, time, features), 0, 1).astype(dtype)
+        final_state = []
+        for layer, layer_state in enumerate(state):
+            kernel, recurrent_kernel, bias = (
+                p.astype(dtype)
+                for p in _LayerParams(
+                    self.units,
+                    self.kernel_init,
+                    self.recurrent_kernel_init,
+                    _keras_bias_init(self.units, self.unit_forget_bias),
+                    self.param_dtype,
+                    name=f"layer_{layer}",
+                )(layer_inputs.shape[-1])
+            )
+            input_mask, recurrent_mask = masks[layer]
+            if input_mask is not None:
+                layer_inputs = layer_inputs * input_mask.astype(dtype)[None]
+            # The input projection of every step is one large matmul, hoisted
+            # out of the recurrence: [time, rows, 4 * units].
+            input_part = layer_inputs @ kernel + bias[None, None]
+            carry = (
+                layer_state.hidden.reshape(rows, self.units).astype(dtype),
+                layer_state.cell.reshape(rows, self.units).astype(dtype),
+            )
+            step = partial(
+                _step,
+                recurrent_kernel,
+                None if recurrent_mask is None else recurrent_mask.astype(dtype),
+            )
+            (hidden, cell), layer_inputs = jax.lax.scan(
+                step, carry, (input_part, valid), unroll=self.unroll
+            )
+            final_state.append(
+                LSTMState(
+                    hidden.reshape(batch, bands, self.units),
+                    cell.reshape(batch, bands, self.units),
+                )
+            )
+        outputs = jnp.swapaxes(layer_inputs, 0, 1).reshape(batch, bands, time, self.units)
+        return tuple(final_state), outputs
+
+    def _dropout_masks(
+        self, deterministic: bool, rows: int, features: int
+    ) -> list[tuple[jax.Array | None, jax.Array | None]]:
+        """One ``(input_mask, recurrent_mask)`` per layer, ``[rows, size]``, or Nones."""
+        rates = (self.dropout, self.recurrent_dropout)
+        if deterministic or not any(rates):
+            return [(None, None)] * self.num_layers
+        if not self.has_rng("dropout"):
+            raise ValueError(
+                "rngs: dropout is on (deterministic=False) but no 'dropout' rng was "
+                "given; pass rngs={'dropout': key} to apply"
+            )
+        keys = jax.random.split(self.make_rng("dropout"), (self.num_layers, 2))
+        masks = []
+        for layer in range(self.num_layers):
+            sizes = (features if layer == 0 else self.units, self.units)
+            masks.append(
+                tuple(
+                    jax.random.bernoulli(key, 1.0 - rate, (rows, size)) / (1.0 - rate)
+                    if rate
+                    else None
+                    for key, rate, size in zip(keys[layer], rates, sizes)
+                )
+            )
+        return masks

@@ -1,0 +1,28 @@
+"""The LSTM gate maths, written once for the whole package."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def lstm_gates(preactivations: jax.Array, cell: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Applies the LSTM non-linearities to the summed gate pre-activations.
+
+    With ``z = x @ kernel + h @ recurrent_kernel + bias`` split into the gates
+    ``i, f, g, o`` (Keras's and PyTorch's order)::
+
+        c' = sigmoid(f) * c + sigmoid(i) * tanh(g)
+        h' = sigmoid(o) * tanh(c')
+
+    Args:
+      preactivations: ``[..., 4 * units]``, the gates ``i, f, g, o`` side by side.
+      cell: ``[..., units]``, the previous cell state ``c``.
+
+    Returns:
+      ``(hidden, cell)``, each ``[..., units]``: the new ``h'`` and ``c'``.
+    """
+    i, f, g, o = jnp.split(preactivations, 4, axis=-1)
+    cell = jax.nn.sigmoid(f) * cell + jax.nn.sigmoid(i) * jnp.tanh(g)
+    hidden = jax.nn.sigmoid(o) * jnp.tanh(cell)
+    return hidden, cell

@@ -1,0 +1,33 @@
+"""Small shared helpers for the tests: random inputs from fixed keys."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from banded_rnn import BandedLSTM
+
+
+def random_inputs(seed: int, shape, dtype=np.float32) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def init_model(model: BandedLSTM, inputs, seed: int = 0, bias_scale: float = 0.5):
+    """Initialises ``model`` and gives the biases random values too, so that a
+    wrong gate order or bias slice shows up in the comparison."""
+    variables = model.init(jax.random.key(seed), None, inputs)
+    rng = np.random.default_rng(seed + 1000)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p + bias_scale * rng.standard_normal(p.shape).astype(p.dtype)
+        if path[-1].key == "bias"
+        else p,
+        variables,
+    )
+
+
+def random_state(model: BandedLSTM, batch: int, bands: int, seed: int):
+    rng = np.random.default_rng(seed)
+    return tuple(
+        type(s)(*(rng.standard_normal(a.shape).astype(np.float32) for a in s))
+        for s in model.initial_state(batch, bands)
+    )

@@ -1,0 +1,297 @@
+"""BandedLSTM against the float64 NumPy loop reference, and under jit/grad/vmap."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from banded_rnn import BandedLSTM, LSTMState
+from helpers import init_model, random_inputs, random_state
+from reference import lstm_reference, params_from_variables
+
+SHAPES = [
+    # batch, bands, time, features, units
+    (2, 3, 7, 4, 5),
+    (1, 1, 1, 1, 1),
+    (1, 3, 5, 4, 3),
+    (3, 1, 6, 2, 4),
+    (2, 5, 1, 3, 16),
+]
+
+
+def assert_matches_reference(model, variables, inputs, state, outputs, final, atol, seq_lengths=None):
+    ref_state = None if state is None else [tuple(s) for s in state]
+    expected_final, expected = lstm_reference(
+        params_from_variables(variables), inputs, ref_state, seq_lengths
+    )
+    np.testing.assert_allclose(np.asarray(outputs), expected, rtol=0, atol=atol)
+    assert len(final) == model.num_layers
+    for got, (hidden, cell) in zip(final, expected_final):
+        assert isinstance(got, LSTMState)
+        np.testing.assert_allclose(np.asarray(got.hidden), hidden, rtol=0, atol=atol)
+        np.testing.assert_allclose(np.asarray(got.cell), cell, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_matches_reference_float32(num_layers, shape, with_state):
+    batch, bands, time, features, units = shape
+    model = BandedLSTM(units, num_layers=num_layers)
+    x = random_inputs(1, (batch, bands, time, features))
+    variables = init_model(model, x)
+    state = random_state(model, batch, bands, seed=2) if with_state else None
+    final, y = model.apply(variables, state, x)
+    assert y.shape == (batch, bands, time, units) and y.dtype == jnp.float32
+    assert_matches_reference(model, variables, x, state, y, final, atol=1e-5)
+
+
+@pytest.mark.parametrize("lengths_shape", ["batch", "batch_bands"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_seq_lengths_match_reference(lengths_shape, num_layers):
+    batch, bands, time, features, units = 3, 4, 9, 3, 6
+    model = BandedLSTM(units, num_layers=num_layers)
+    x = random_inputs(3, (batch, bands, time, features))
+    variables = init_model(model, x)
+    state = random_state(model, batch, bands, seed=4)
+    rng = np.random.default_rng(5)
+    shape = (batch,) if lengths_shape == "batch" else (batch, bands)
+    lengths = rng.integers(0, time + 3, shape)  # 0, partial, full and longer than time
+    lengths.flat[0] = 0
+    final, y = model.apply(variables, state, x, seq_lengths=lengths)
+    assert_matches_reference(
+        model, variables, x, state, y, final, atol=1e-5, seq_lengths=lengths
+    )
+    # Steps past a sequence's length output exactly zero.
+    mask = np.arange(time) >= np.broadcast_to(lengths.reshape(batch, -1), (batch, bands))[..., None]
+    assert np.all(np.asarray(y)[mask] == 0)
+
+
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_matches_reference_float64(num_layers):
+    batch, bands, time, features, units = 2, 3, 8, 4, 5
+    with jax.enable_x64(True):
+        model = BandedLSTM(units, num_layers=num_layers, param_dtype=jnp.float64)
+        x = random_inputs(6, (batch, bands, time, features), np.float64)
+        variables = init_model(model, x)
+        state = random_state(model, batch, bands, seed=7)
+        state = jax.tree.map(lambda a: a.astype(np.float64), state)
+        final, y = model.apply(variables, state, x)
+        assert y.dtype == jnp.float64
+        assert_matches_reference(model, variables, x, state, y, final, atol=1e-10)
+
+
+def test_initializers_follow_keras():
+    model = BandedLSTM(6, num_layers=2)
+    variables = model.init(jax.random.key(3), None, jnp.zeros((1, 2, 3, 4)))
+    for layer, features in (("layer_0", 4), ("layer_1", 6)):
+        p = variables["params"][layer]
+        assert p["kernel"].shape == (features, 24)
+        assert p["recurrent_kernel"].shape == (6, 24)
+        expected_bias = np.zeros(24)
+        expected_bias[6:12] = 1.0  # unit_forget_bias: the forget gate's slice
+        np.testing.assert_array_equal(p["bias"], expected_bias)
+        # Orthogonal recurrent kernel: its rows are orthonormal.
+        u = np.asarray(p["recurrent_kernel"], np.float64)
+        np.testing.assert_allclose(u @ u.T, np.eye(6), atol=1e-5)
+        # Glorot uniform: bounded by sqrt(6 / (fan_in + fan_out)).
+        assert np.abs(p["kernel"]).max() <= np.sqrt(6 / (features + 24))
+    no_forget = BandedLSTM(6, unit_forget_bias=False).init(
+        jax.random.key(3), None, jnp.zeros((1, 2, 3, 4))
+    )
+    np.testing.assert_array_equal(no_forget["params"]["layer_0"]["bias"], np.zeros(24))
+
+
+def test_initial_state_needs_no_params():
+    state = BandedLSTM(7, num_layers=3).initial_state(2, 5, dtype=jnp.bfloat16)
+    assert len(state) == 3
+    for s in state:
+        assert s.hidden.shape == s.cell.shape == (2, 5, 7)
+        assert s.hidden.dtype == jnp.bfloat16
+        assert not np.any(np.asarray(s.hidden, np.float32))
+
+
+def test_none_state_equals_zero_state():
+    model = BandedLSTM(4, num_layers=2)
+    x = random_inputs(8, (2, 3, 5, 2))
+    variables = init_model(model, x)
+    _, y_none = model.apply(variables, None, x)
+    _, y_zero = model.apply(variables, model.initial_state(2, 3), x)
+    np.testing.assert_array_equal(y_none, y_zero)
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf, 1e30])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_bands_are_independent(bad_value, num_layers):
+    batch, bands, time = 2, 4, 6
+    model = BandedLSTM(5, num_layers=num_layers)
+    x = random_inputs(9, (batch, bands, time, 3))
+    variables = init_model(model, x)
+    state = random_state(model, batch, bands, seed=10)
+    final, y = model.apply(variables, state, x)
+    k = 2
+    x_bad = x.copy()
+    x_bad[:, k] = bad_value
+    final_bad, y_bad = model.apply(variables, state, x_bad)
+    others = [j for j in range(bands) if j != k]
+    np.testing.assert_array_equal(np.asarray(y_bad)[:, others], np.asarray(y)[:, others])
+    for s, s_bad in zip(final, final_bad):
+        np.testing.assert_array_equal(np.asarray(s_bad.cell)[:, others], np.asarray(s.cell)[:, others])
+    if not np.isfinite(bad_value):
+        assert not np.all(np.isfinite(np.asarray(y_bad)[:, k]))
+
+
+def test_gradient_never_crosses_bands():
+    batch, bands, time = 2, 3, 5
+    model = BandedLSTM(4, num_layers=2)
+    x = random_inputs(11, (batch, bands, time, 3))
+    variables = init_model(model, x)
+    state = random_state(model, batch, bands, seed=12)
+
+    for k in range(bands):
+
+        def loss(x, state):
+            _, y = model.apply(variables, state, x)
+            return jnp.sum(jnp.sin(y[:, k]))
+
+        grad_x, grad_state = jax.grad(loss, argnums=(0, 1))(x, state)
+        grad_x = np.asarray(grad_x)
+        assert np.any(grad_x[:, k] != 0)
+        for j in range(bands):
+            if j != k:
+                assert np.all(grad_x[:, j] == 0.0)
+                for s in grad_state:
+                    assert np.all(np.asarray(s.hidden)[:, j] == 0.0)
+                    assert np.all(np.asarray(s.cell)[:, j] == 0.0)
+
+
+def test_jit_traces_once_per_shape():
+    model = BandedLSTM(4)
+    x = random_inputs(13, (2, 3, 5, 2))
+    variables = init_model(model, x)
+    traces = []
+
+    @jax.jit
+    def run(variables, state, x):
+        traces.append(1)
+        return model.apply(variables, state, x)
+
+    state, y = run(variables, None, x)
+    for seed in range(3):
+        state, y = run(variables, state, random_inputs(seed, x.shape))
+    assert len(traces) == 2  # once with state=None, once with a state
+    _, eager = model.apply(variables, None, x)
+    _, jitted = run(variables, None, x)
+    np.testing.assert_allclose(jitted, eager, atol=1e-6)
+    assert len(traces) == 2
+
+
+def test_vmap_over_extra_leading_axis_equals_loop():
+    model = BandedLSTM(4, num_layers=2)
+    xs = random_inputs(14, (3, 2, 2, 5, 3))  # [extra, batch, bands, time, features]
+    variables = init_model(model, xs[0])
+    states, ys = jax.vmap(lambda x: model.apply(variables, None, x))(xs)
+    for e in range(xs.shape[0]):
+        state, y = model.apply(variables, None, xs[e])
+        np.testing.assert_allclose(ys[e], y, atol=1e-6)
+        np.testing.assert_allclose(states[1].cell[e], state[1].cell, atol=1e-6)
+
+
+def test_grad_matches_finite_differences_in_float64():
+    with jax.enable_x64(True):
+        model = BandedLSTM(3, num_layers=2, param_dtype=jnp.float64)
+        x = random_inputs(15, (1, 2, 4, 2), np.float64)
+        variables = init_model(model, x)
+
+        def loss(variables):
+            _, y = model.apply(variables, None, x)
+            return jnp.sum(y**2)
+
+        grads = jax.grad(loss)(variables)
+        kernel = np.asarray(variables["params"]["layer_0"]["kernel"])
+        eps = 1e-6
+        for index in [(0, 0), (1, 5), (0, 11)]:
+            plus, minus = kernel.copy(), kernel.copy()
+            plus[index] += eps
+            minus[index] -= eps
+
+            def with_kernel(k):
+                v = jax.tree.map(lambda a: a, variables)
+                v["params"]["layer_0"]["kernel"] = jnp.asarray(k)
+                return float(loss(v))
+
+            numeric = (with_kernel(plus) - with_kernel(minus)) / (2 * eps)
+            np.testing.assert_allclose(
+                grads["params"]["layer_0"]["kernel"][index], numeric, rtol=1e-6, atol=1e-9
+            )
+
+
+def test_bfloat16_inputs_keep_float32_state():
+    model = BandedLSTM(6, num_layers=2)
+    x = random_inputs(16, (2, 3, 5, 4))
+    variables = init_model(model, x)
+    x_bf16 = jnp.asarray(x, jnp.bfloat16)
+    final, y = model.apply(variables, None, x_bf16)
+    assert y.dtype == jnp.float32
+    assert all(s.hidden.dtype == s.cell.dtype == jnp.float32 for s in final)
+    # The reference sees the same rounded inputs, so only float32 arithmetic differs.
+    _, expected = lstm_reference(params_from_variables(variables), np.asarray(x_bf16, np.float64))
+    np.testing.assert_allclose(np.asarray(y), expected, atol=1e-5)
+
+
+def test_unroll_does_not_change_results():
+    x = random_inputs(17, (2, 3, 11, 3))
+    base = BandedLSTM(5, num_layers=2)
+    variables = init_model(base, x)
+    _, y = base.apply(variables, None, x)
+    for unroll in (2, 4, 16):
+        _, y_unrolled = BandedLSTM(5, num_layers=2, unroll=unroll).apply(variables, None, x)
+        np.testing.assert_allclose(y_unrolled, y, atol=1e-6)
+
+
+class TestDropout:
+    model = BandedLSTM(8, num_layers=2, dropout=0.3, recurrent_dropout=0.4)
+    x = random_inputs(18, (2, 3, 6, 4))
+
+    def variables(self):
+        return init_model(self.model, self.x)
+
+    def test_deterministic_ignores_dropout(self):
+        variables = self.variables()
+        _, y = self.model.apply(variables, None, self.x)
+        _, expected = lstm_reference(params_from_variables(variables), self.x)
+        np.testing.assert_allclose(np.asarray(y), expected, atol=1e-5)
+
+    def test_training_drops_and_is_reproducible(self):
+        variables = self.variables()
+        _, y = self.model.apply(variables, None, self.x)
+        run = lambda seed: self.model.apply(  # noqa: E731
+            variables, None, self.x, deterministic=False, rngs={"dropout": jax.random.key(seed)}
+        )[1]
+        np.testing.assert_array_equal(run(1), run(1))
+        assert np.abs(np.asarray(run(1)) - np.asarray(run(2))).max() > 1e-3
+        assert np.abs(np.asarray(run(1)) - np.asarray(y)).max() > 1e-3
+
+    def test_input_dropout_equals_reference_with_its_mask(self):
+        # One layer, input dropout only: each (sequence, band) keeps one mask
+        # over features for every step. Recover it from single-feature probes.
+        model = BandedLSTM(4, dropout=0.5)
+        x = random_inputs(19, (2, 3, 5, 6))
+        variables = init_model(model, x)
+        rngs = {"dropout": jax.random.key(7)}
+        _, y = model.apply(variables, None, x, deterministic=False, rngs=rngs)
+        params = params_from_variables(variables)
+        kept = np.zeros((2, 3, 6))
+        for f in range(6):
+            probe = np.zeros_like(x)
+            probe[..., f] = x[..., f]
+            _, y_probe = model.apply(variables, None, probe, deterministic=False, rngs=rngs)
+            _, zero = lstm_reference(params, np.zeros_like(x))
+            kept[..., f] = np.abs(np.asarray(y_probe) - zero).max(axis=(2, 3)) > 1e-7
+        assert 0 < kept.mean() < 1
+        _, expected = lstm_reference(params, x * kept[:, :, None, :] / 0.5)
+        np.testing.assert_allclose(np.asarray(y), expected, atol=1e-5)
+
+    def test_missing_rng_is_a_clear_error(self):
+        with pytest.raises(ValueError, match="'dropout' rng"):
+            self.model.apply(self.variables(), None, self.x, deterministic=False)

@@ -1,0 +1,94 @@
+"""Bad input is refused before XLA with a message naming the argument and shapes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from banded_rnn import BandedLSTM, LSTMState
+from helpers import random_inputs
+
+MODEL = BandedLSTM(5, num_layers=2)
+X = random_inputs(0, (2, 3, 4, 6))
+VARIABLES = MODEL.init(jax.random.key(0), None, X)
+
+
+def apply(state=None, inputs=X, **kw):
+    return MODEL.apply(VARIABLES, state, inputs, **kw)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 6), (2, 3, 4, 6, 1), (6,)])
+def test_inputs_of_wrong_rank(shape):
+    with pytest.raises(ValueError, match=r"inputs: expected rank 4.*received shape " + str(shape).replace("(", r"\(").replace(")", r"\)")):
+        apply(inputs=np.zeros(shape, np.float32))
+
+
+def test_features_differ_from_parameters():
+    with pytest.raises(ValueError, match=r"inputs: expected 6 features.*received 7"):
+        apply(inputs=np.zeros((2, 3, 4, 7), np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_, np.uint8])
+def test_non_float_inputs(dtype):
+    with pytest.raises(TypeError, match=r"inputs: expected a floating dtype"):
+        apply(inputs=np.zeros((2, 3, 4, 6), dtype))
+
+
+@pytest.mark.parametrize(
+    "batch, bands, units",
+    [(1, 3, 5), (2, 4, 5), (2, 3, 6)],
+    ids=["batch", "bands", "units"],
+)
+def test_state_shape_mismatch(batch, bands, units):
+    zeros = jnp.zeros((batch, bands, units))
+    state = (LSTMState(zeros, zeros),) * 2
+    with pytest.raises(ValueError, match=r"state\[0\]\.hidden: expected shape .*\(2, 3, 5\); received \(" + f"{batch}, {bands}, {units}"):
+        apply(state)
+
+
+def test_wrong_number_of_layer_states():
+    with pytest.raises(ValueError, match="state: expected 2 layer states; received 1"):
+        apply(MODEL.initial_state(2, 3)[:1])
+
+
+def test_bare_lstm_state_is_refused_with_a_hint():
+    with pytest.raises(TypeError, match=r"state: expected a tuple of 2 LSTMState"):
+        apply(MODEL.initial_state(2, 3)[0])
+
+
+def test_unnamed_pair_is_refused():
+    zeros = jnp.zeros((2, 3, 5))
+    with pytest.raises(TypeError, match=r"state\[1\]: expected an LSTMState"):
+        apply((LSTMState(zeros, zeros), (zeros, zeros)))
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 2), (2, 3, 1), ()])
+def test_seq_lengths_of_wrong_shape(shape):
+    with pytest.raises(ValueError, match=r"seq_lengths: expected shape \[batch\]"):
+        apply(seq_lengths=np.ones(shape, np.int32))
+
+
+def test_negative_seq_lengths():
+    with pytest.raises(ValueError, match="seq_lengths: expected lengths >= 0"):
+        apply(seq_lengths=np.array([3, -1]))
+
+
+def test_float_seq_lengths():
+    with pytest.raises(TypeError, match="seq_lengths: expected an integer dtype"):
+        apply(seq_lengths=np.array([3.0, 1.0]))
+
+
+def test_errors_are_raised_under_jit_before_xla():
+    run = jax.jit(lambda x: MODEL.apply(VARIABLES, None, x))
+    with pytest.raises(ValueError, match="inputs: expected 6 features"):
+        run(jnp.zeros((2, 3, 4, 2)))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"units": 0}, {"units": 3, "num_layers": 0}, {"units": 3, "dropout": 1.0},
+     {"units": 3, "recurrent_dropout": -0.1}, {"units": 3, "unroll": 0}],
+)
+def test_bad_constructor_arguments(kwargs):
+    with pytest.raises(ValueError, match=next(k for k in kwargs if k != "units" or len(kwargs) == 1)):
+        BandedLSTM(**kwargs)
