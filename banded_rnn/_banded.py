@@ -67,6 +67,45 @@ def _step(
     return (new_hidden, new_cell), jnp.where(valid, new_hidden, jnp.zeros_like(new_hidden))
 
 
+def _scan_layer(params, recurrent_mask, carry, inputs, valid, unroll):
+    """Scans one layer over ``inputs [time, rows, features]`` from ``carry``."""
+    kernel, recurrent_kernel, bias = params
+    # The input projection of every step is one large matmul, hoisted out of
+    # the recurrence: [time, rows, 4 * units].
+    input_part = inputs @ kernel + bias[None, None]
+    step = partial(_step, recurrent_kernel, recurrent_mask)
+    return jax.lax.scan(step, carry, (input_part, valid), unroll=unroll)
+
+
+def _run_layer(params, recurrent_mask, carry, inputs, valid, *, unroll, remat_chunk):
+    """``_scan_layer``, optionally rematerialised in chunks of ``remat_chunk`` steps.
+
+    With remat, the backward pass keeps only the inputs and the state at chunk
+    boundaries and recomputes each chunk (its input projection included), so a
+    training step's memory no longer grows with ``time * 4 * units``.
+    """
+    time = inputs.shape[0]
+    if remat_chunk is None or time <= remat_chunk:
+        return _scan_layer(params, recurrent_mask, carry, inputs, valid, unroll)
+    num_chunks = time // remat_chunk
+    split = num_chunks * remat_chunk
+
+    def chunks(a):
+        return None if a is None else a[:split].reshape(num_chunks, remat_chunk, *a.shape[1:])
+
+    @jax.checkpoint
+    def body(carry, xs):
+        return _scan_layer(params, recurrent_mask, carry, *xs, unroll)
+
+    carry, outputs = jax.lax.scan(body, carry, (chunks(inputs), chunks(valid)))
+    outputs = outputs.reshape(split, *outputs.shape[2:])
+    if split < time:
+        tail_valid = None if valid is None else valid[split:]
+        carry, tail = _scan_layer(params, recurrent_mask, carry, inputs[split:], tail_valid, unroll)
+        outputs = jnp.concatenate([outputs, tail], axis=0)
+    return carry, outputs
+
+
 class BandedLSTM(nn.Module):
     """A stack of LSTM layers shared by every band, with explicit per-band state.
 
@@ -110,6 +149,9 @@ class BandedLSTM(nn.Module):
         same masks however the sequence is chunked.
       unit_forget_bias: start the forget gate's bias at one (Keras's default).
       unroll: time steps per iteration of the scanned loop.
+      remat_chunk: if set, rematerialise the recurrence in chunks of this many
+        steps: the backward pass stores the state only at chunk boundaries and
+        recomputes the rest, trading compute for memory on long sequences.
       kernel_init, recurrent_kernel_init: initialisers; Keras's defaults
         (Glorot uniform, orthogonal).
       param_dtype: dtype of the parameters.
@@ -121,6 +163,7 @@ class BandedLSTM(nn.Module):
     recurrent_dropout: float = 0.0
     unit_forget_bias: bool = True
     unroll: int = 1
+    remat_chunk: int | None = None
     kernel_init: Initializer = nn.initializers.glorot_uniform()
     recurrent_kernel_init: Initializer = nn.initializers.orthogonal()
     param_dtype: Any = jnp.float32
@@ -130,6 +173,10 @@ class BandedLSTM(nn.Module):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected an integer >= 1; received {value!r}")
+        if self.remat_chunk is not None and (
+            not isinstance(self.remat_chunk, int) or self.remat_chunk < 1
+        ):
+            raise ValueError(f"remat_chunk: expected None or an integer >= 1; received {self.remat_chunk!r}")
         for name in ("dropout", "recurrent_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -207,20 +254,18 @@ class BandedLSTM(nn.Module):
             input_mask, recurrent_mask = masks[layer]
             if input_mask is not None:
                 layer_inputs = layer_inputs * input_mask.astype(dtype)[None]
-            # The input projection of every step is one large matmul, hoisted
-            # out of the recurrence: [time, rows, 4 * units].
-            input_part = layer_inputs @ kernel + bias[None, None]
             carry = (
                 layer_state.hidden.reshape(rows, self.units).astype(dtype),
                 layer_state.cell.reshape(rows, self.units).astype(dtype),
             )
-            step = partial(
-                _step,
-                recurrent_kernel,
+            (hidden, cell), layer_inputs = _run_layer(
+                (kernel, recurrent_kernel, bias),
                 None if recurrent_mask is None else recurrent_mask.astype(dtype),
-            )
-            (hidden, cell), layer_inputs = jax.lax.scan(
-                step, carry, (input_part, valid), unroll=self.unroll
+                carry,
+                layer_inputs,
+                valid,
+                unroll=self.unroll,
+                remat_chunk=self.remat_chunk,
             )
             final_state.append(
                 LSTMState(

@@ -295,3 +295,30 @@ class TestDropout:
     def test_missing_rng_is_a_clear_error(self):
         with pytest.raises(ValueError, match="'dropout' rng"):
             self.model.apply(self.variables(), None, self.x, deterministic=False)
+
+
+@pytest.mark.parametrize("remat_chunk", [1, 4, 5, 30])
+def test_remat_changes_neither_outputs_nor_gradients(remat_chunk):
+    x = random_inputs(20, (2, 3, 13, 3))
+    lengths = np.array([[13, 4, 0], [9, 13, 12]])
+    base = BandedLSTM(5, num_layers=2)
+    remat = BandedLSTM(5, num_layers=2, remat_chunk=remat_chunk)
+    variables = init_model(base, x)
+    state = random_state(base, 2, 3, seed=21)
+
+    def loss(model):
+        def f(variables, state, x):
+            final, y = model.apply(variables, state, x, seq_lengths=lengths)
+            return jnp.sum(jnp.sin(y)) + jnp.sum(final[1].cell ** 2)
+
+        return jax.value_and_grad(f, argnums=(0, 1, 2))
+
+    value, grads = loss(base)(variables, state, x)
+    value_remat, grads_remat = loss(remat)(variables, state, x)
+    np.testing.assert_allclose(value_remat, value, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_remat), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    _, expected = lstm_reference(
+        params_from_variables(variables), x, [tuple(s) for s in state], lengths
+    )
+    np.testing.assert_allclose(remat.apply(variables, state, x, seq_lengths=lengths)[1], expected, atol=1e-5)
