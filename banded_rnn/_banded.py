@@ -49,16 +49,25 @@ class _LayerParams(nn.Module):
 
 
 def _step(
-    recurrent_kernel: jax.Array,
+    weights: jax.Array,
+    bias: jax.Array,
     recurrent_mask: jax.Array | None,
     carry: tuple[jax.Array, jax.Array],
     xs: tuple[jax.Array, jax.Array | None],
 ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
-    """One time step for all rows (sequence, band) at once: ``[rows, ...]``."""
+    """One time step for all rows (sequence, band) at once: ``[rows, ...]``.
+
+    The input and the recurrent projections are one matmul,
+    ``[x_t, h] @ [kernel; recurrent_kernel]``. Under XLA:CPU this beats
+    hoisting ``x @ kernel`` out of the loop: a gate fusion that reads a
+    dynamic slice of the hoisted projection is compiled by the slow legacy
+    loop emitter (benchmarks/NOTES.md).
+    """
     hidden, cell = carry
-    input_part, valid = xs
+    inputs, valid = xs
     dropped = hidden if recurrent_mask is None else hidden * recurrent_mask
-    new_hidden, new_cell = lstm_gates(input_part + dropped @ recurrent_kernel, cell)
+    preactivations = jnp.concatenate([inputs, dropped], axis=-1) @ weights + bias[None]
+    new_hidden, new_cell = lstm_gates(preactivations, cell)
     if valid is None:
         return (new_hidden, new_cell), new_hidden
     valid = valid[:, None]
@@ -70,19 +79,17 @@ def _step(
 def _scan_layer(params, recurrent_mask, carry, inputs, valid, unroll):
     """Scans one layer over ``inputs [time, rows, features]`` from ``carry``."""
     kernel, recurrent_kernel, bias = params
-    # The input projection of every step is one large matmul, hoisted out of
-    # the recurrence: [time, rows, 4 * units].
-    input_part = inputs @ kernel + bias[None, None]
-    step = partial(_step, recurrent_kernel, recurrent_mask)
-    return jax.lax.scan(step, carry, (input_part, valid), unroll=unroll)
+    weights = jnp.concatenate([kernel, recurrent_kernel], axis=0)  # [features + units, 4 * units]
+    step = partial(_step, weights, bias, recurrent_mask)
+    return jax.lax.scan(step, carry, (inputs, valid), unroll=unroll)
 
 
 def _run_layer(params, recurrent_mask, carry, inputs, valid, *, unroll, remat_chunk):
     """``_scan_layer``, optionally rematerialised in chunks of ``remat_chunk`` steps.
 
     With remat, the backward pass keeps only the inputs and the state at chunk
-    boundaries and recomputes each chunk (its input projection included), so a
-    training step's memory no longer grows with ``time * 4 * units``.
+    boundaries and recomputes each chunk, so a training step's memory no
+    longer grows with ``time * 4 * units``.
     """
     time = inputs.shape[0]
     if remat_chunk is None or time <= remat_chunk:
@@ -188,8 +195,12 @@ class BandedLSTM(nn.Module):
     ) -> State:
         """Zeros for every layer: a tuple of ``num_layers`` LSTMState, each field
         ``[batch_size, num_bands, units]``. Needs no parameters."""
-        zeros = jnp.zeros((batch_size, num_bands, self.units), dtype)
-        return tuple(LSTMState(zeros, zeros) for _ in range(self.num_layers))
+        shape = (batch_size, num_bands, self.units)
+        # Distinct buffers for every leaf, so that the state can be donated.
+        return tuple(
+            LSTMState(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+            for _ in range(self.num_layers)
+        )
 
     @nn.compact
     def __call__(

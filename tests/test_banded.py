@@ -322,3 +322,14 @@ def test_remat_changes_neither_outputs_nor_gradients(remat_chunk):
         params_from_variables(variables), x, [tuple(s) for s in state], lengths
     )
     np.testing.assert_allclose(remat.apply(variables, state, x, seq_lengths=lengths)[1], expected, atol=1e-5)
+
+
+def test_initial_state_can_be_donated():
+    model = BandedLSTM(3, num_layers=2)
+    x = random_inputs(22, (1, 2, 1, 2))
+    variables = init_model(model, x)
+    step = jax.jit(model.apply, donate_argnums=1)
+    state, y = step(variables, model.initial_state(1, 2), x)
+    state, y = step(variables, state, x)
+    _, expected = lstm_reference(params_from_variables(variables), np.concatenate([x, x], axis=2))
+    np.testing.assert_allclose(y, expected[:, :, 1:], atol=1e-5)
