@@ -1,0 +1,130 @@
+"""export_stream_step: a serialised step that a process with only jax and numpy can run."""
+
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from helpers import init_model, random_inputs
+from reference import lstm_reference, params_from_variables
+
+from banded_rnn import BandedLSTM, export_stream_step
+
+BATCH, BANDS, FEATURES, UNITS, CHUNK = 2, 3, 4, 6, 3
+MODEL = BandedLSTM(UNITS, num_layers=2)
+X = random_inputs(0, (BATCH, BANDS, 4 * CHUNK, FEATURES))
+VARIABLES = init_model(MODEL, X)
+# A reset of sequence 1 before the third chunk.
+RESETS = np.zeros((4, BATCH, BANDS), bool)
+RESETS[2, 1] = True
+
+
+@pytest.fixture(scope="module")
+def blob():
+    return export_stream_step(MODEL, VARIABLES, BATCH, BANDS, CHUNK)
+
+
+def run_exported(exported):
+    state = tuple(np.zeros((BATCH, BANDS, UNITS), np.float32) for _ in range(2 * MODEL.num_layers))
+    outputs = []
+    for k in range(4):
+        state, y = exported.call(state, X[:, :, k * CHUNK : (k + 1) * CHUNK], RESETS[k])
+        outputs.append(np.asarray(y))
+    return np.concatenate(outputs, axis=2), [np.asarray(a) for a in state]
+
+
+def test_exported_step_matches_reference_and_model(blob):
+    outputs, state = run_exported(jax.export.deserialize(blob))
+    params = params_from_variables(VARIABLES)
+    reset_at = 2 * CHUNK
+    # Sequence 0 runs through; sequence 1 restarts from zeros at the third chunk.
+    final, expected = lstm_reference(params, X[:1])
+    np.testing.assert_allclose(outputs[:1], expected, atol=2e-5)
+    np.testing.assert_allclose(state[2][:1], final[1][0], atol=2e-5)  # hidden of layer 1
+    _, before = lstm_reference(params, X[1:, :, :reset_at])
+    _, after = lstm_reference(params, X[1:, :, reset_at:])
+    np.testing.assert_allclose(outputs[1:], np.concatenate([before, after], 2), atol=2e-5)
+    _, whole = MODEL.apply(VARIABLES, None, X[:1])
+    assert np.max(np.abs(outputs[:1] - np.asarray(whole))) <= 1e-6
+    _, fresh = MODEL.apply(VARIABLES, None, X[1:, :, reset_at:])
+    assert np.max(np.abs(outputs[1:, :, reset_at:] - np.asarray(fresh))) <= 1e-6
+
+
+def test_signature_is_flat_arrays(blob):
+    exported = jax.export.deserialize(blob)
+    shapes = [(a.shape, str(a.dtype)) for a in exported.in_avals]
+    assert shapes == [((BATCH, BANDS, UNITS), "float32")] * 4 + [
+        ((BATCH, BANDS, CHUNK, FEATURES), "float32"),
+        ((BATCH, BANDS), "bool"),
+    ]
+
+
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import sys
+    import jax
+    import numpy as np
+
+    with open(sys.argv[1], "rb") as file:
+        exported = jax.export.deserialize(file.read())
+    data = np.load(sys.argv[2])
+    inputs, resets, chunk = data["inputs"], data["resets"], int(data["chunk"])
+    state = tuple(np.zeros(a.shape, a.dtype) for a in exported.in_avals[:-2])
+    outputs = []
+    for k in range(len(resets)):
+        state, y = exported.call(state, inputs[:, :, k * chunk : (k + 1) * chunk], resets[k])
+        outputs.append(np.asarray(y))
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("flax", "banded_rnn", "optax"))
+    assert not loaded, loaded
+    np.savez(sys.argv[3], outputs=np.concatenate(outputs, axis=2),
+             state=np.stack([np.asarray(a) for a in state]))
+    """
+)
+
+
+def test_a_fresh_process_with_only_jax_and_numpy_reproduces_the_outputs_exactly(blob, tmp_path):
+    (tmp_path / "step.jax").write_bytes(blob)
+    np.savez(tmp_path / "data.npz", inputs=X, resets=RESETS, chunk=CHUNK)
+    (tmp_path / "run.py").write_text(FRESH_PROCESS)
+    subprocess.run(
+        [
+            sys.executable,
+            str(tmp_path / "run.py"),
+            str(tmp_path / "step.jax"),
+            str(tmp_path / "data.npz"),
+            str(tmp_path / "out.npz"),
+        ],
+        check=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    fresh = np.load(tmp_path / "out.npz")
+    outputs, state = run_exported(jax.export.deserialize(blob))
+    np.testing.assert_array_equal(fresh["outputs"], outputs)
+    np.testing.assert_array_equal(fresh["state"], np.stack(state))
+    _, whole = MODEL.apply(VARIABLES, None, X[:1])
+    assert np.max(np.abs(fresh["outputs"][:1] - np.asarray(whole))) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"chunk": 0}, ValueError, r"chunk: expected an integer >= 1; received 0"),
+        ({"batch_size": 2.5}, ValueError, r"batch_size: expected an integer >= 1"),
+        ({"dtype": np.int16}, TypeError, r"dtype: expected a floating dtype; received int16"),
+        ({"variables": {"params": {}}}, ValueError, r"variables: expected BandedLSTM variables"),
+        (
+            {"model": BandedLSTM(UNITS + 1, num_layers=2)},
+            ValueError,
+            r"variables: expected those of BandedLSTM\(units=7",
+        ),
+    ],
+)
+def test_bad_arguments(kwargs, error, message):
+    arguments = dict(
+        model=MODEL, variables=VARIABLES, batch_size=BATCH, num_bands=BANDS, chunk=CHUNK
+    )
+    with pytest.raises(error, match=message):
+        export_stream_step(**{**arguments, **kwargs})
