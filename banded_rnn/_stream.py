@@ -307,24 +307,54 @@ class Stream:
 
     def _check_chunk(self, chunk: Any) -> Any:
         """Returns ``chunk`` as an array of the stream's dtype, or raises."""
-        if not hasattr(chunk, "shape") or not hasattr(chunk, "dtype"):
+        shape = getattr(chunk, "shape", None)
+        if shape is None or not hasattr(chunk, "dtype"):
             chunk = np.asarray(chunk)
-        shape = tuple(chunk.shape)
-        expected = (self.batch_size, self.num_bands, self.features)
-        if len(shape) != 4 or (shape[0], shape[1], shape[3]) != expected:
+            shape = chunk.shape
+        if (
+            len(shape) != 4
+            or shape[0] != self.batch_size
+            or shape[1] != self.num_bands
+            or shape[3] != self.features
+        ):
             raise ValueError(
-                f"chunk: expected shape [batch, bands, time, features] = ({expected[0]}, "
-                f"{expected[1]}, time, {expected[2]}); received {shape}"
+                f"chunk: expected shape [batch, bands, time, features] = ({self.batch_size}, "
+                f"{self.num_bands}, time, {self.features}); received {tuple(shape)}"
             )
         if shape[2] < 1:
             raise ValueError(
-                f"chunk: expected at least one time step; received an empty chunk of shape {shape}"
+                "chunk: expected at least one time step; received an empty chunk of shape "
+                f"{tuple(shape)}"
             )
-        if not jnp.issubdtype(chunk.dtype, jnp.floating):
-            raise TypeError(f"chunk: expected a floating dtype; received {chunk.dtype}")
-        if isinstance(chunk, jax.Array) and chunk.dtype == self.dtype and shape[2] in self.buckets:
+        dtype = chunk.dtype
+        if dtype != self.dtype and not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"chunk: expected a floating dtype; received {dtype}")
+        if type(chunk) is np.ndarray:
+            return chunk if dtype == self.dtype else chunk.astype(self.dtype)
+        if isinstance(chunk, jax.Array) and dtype == self.dtype and shape[2] in self.buckets:
             return chunk  # already on the device, and no padding to do
         return np.asarray(chunk, self.dtype)
+
+    def _reset_mask(self, reset: Any) -> jax.Array:
+        """The pending resets and ``reset``, as a device mask ``[batch, bands]``."""
+        mask = self._pending
+        if reset is not None:
+            _check_reset(reset, self.batch_size, self.num_bands)
+            shape = (self.batch_size, self.num_bands)
+            given = np.broadcast_to(np.asarray(reset).reshape(self.batch_size, -1), shape)
+            mask = given if mask is None else mask | given
+        return self._no_reset if mask is None else jax.device_put(mask)
+
+    def _run(self, piece: Any, length: int, reset_mask: jax.Array) -> jax.Array:
+        """Runs one piece of ``length <= max_chunk`` steps; returns the padded outputs."""
+        bucket, lengths = self._plan[length]
+        if bucket != length:
+            padded = np.zeros((self.batch_size, self.num_bands, bucket, self.features), self.dtype)
+            padded[:, :, :length] = piece
+            piece = padded
+        self._state, out = self._step(self._variables, self._state, piece, reset_mask, lengths)
+        self._pending = None
+        return out
 
     def __call__(self, chunk: Any, reset: Any = None) -> np.ndarray:
         """Feeds ``chunk [batch, bands, time, features]`` and returns the outputs
@@ -332,33 +362,25 @@ class Stream:
         ``[batch]`` or ``[batch, bands]``, restarts those streams from zeros
         before the chunk. Bad input raises before the state is touched."""
         chunk = self._check_chunk(chunk)
-        reset_mask = self._pending
-        if reset is not None:
-            _check_reset(reset, self.batch_size, self.num_bands)
-            given = np.broadcast_to(
-                np.asarray(reset).reshape(self.batch_size, -1), (self.batch_size, self.num_bands)
-            )
-            reset_mask = given if reset_mask is None else reset_mask | given
-        reset_mask = self._no_reset if reset_mask is None else jax.device_put(reset_mask)
+        if reset is None and self._pending is None:
+            reset_mask = self._no_reset
+        else:
+            reset_mask = self._reset_mask(reset)
         time = chunk.shape[2]
-        outputs = []
-        with self._counting():
+        outer = getattr(_running, "stream", None)
+        _running.stream = self
+        try:
+            if time <= self.max_chunk:
+                return np.asarray(self._run(chunk, time, reset_mask))[:, :, :time]
+            pieces = []
             for start in range(0, time, self.max_chunk):
                 length = min(self.max_chunk, time - start)
-                bucket, lengths = self._plan[length]
-                piece = chunk if length == time else chunk[:, :, start : start + length]
-                if bucket != length:
-                    padded = np.zeros((*piece.shape[:2], bucket, self.features), self.dtype)
-                    padded[:, :, :length] = piece
-                    piece = padded
-                self._state, out = self._step(
-                    self._variables, self._state, piece, reset_mask, lengths
-                )
-                self._pending = None
+                out = self._run(chunk[:, :, start : start + length], length, reset_mask)
+                pieces.append((out, length))
                 reset_mask = self._no_reset
-                outputs.append((out, length))
-            outputs = [np.asarray(out)[:, :, :length] for out, length in outputs]
-        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=2)
+            return np.concatenate([np.asarray(out)[:, :, :n] for out, n in pieces], axis=2)
+        finally:
+            _running.stream = outer
 
     def reset(self, batch: Sequence[int] | None = None) -> None:
         """Restarts sequences from a zero state: all of them, or those at the
