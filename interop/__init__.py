@@ -1,0 +1,31 @@
+"""Keras 3 interop for ``banded_rnn``: a Keras layer, and weights to and from Keras and PyTorch.
+
+``BandedLSTMLayer`` is a ``keras.layers.Layer`` (JAX backend) whose call runs
+``banded_rnn.BandedLSTM`` on the layer's variables: one LSTM shared by every
+band of ``[batch, bands, time, features]``, every band with its own state. With
+``stateful=True`` that state lives in tracked non-trainable variables, so it
+persists across compiled ``predict``, ``evaluate`` and ``fit`` calls.
+
+Importing this package sets ``KERAS_BACKEND=jax`` unless it is already set; it
+must come before the first ``import keras`` of the process to take effect.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+from ._convert import from_keras_lstm as from_keras_lstm
+from ._convert import from_torch_lstm as from_torch_lstm
+from ._convert import to_keras_lstm as to_keras_lstm
+from ._convert import to_torch_lstm as to_torch_lstm
+from ._layer import BandedLSTMLayer as BandedLSTMLayer
+from ._layer import reset_states as reset_states
+
+__all__ = [
+    "BandedLSTMLayer",
+    "from_keras_lstm",
+    "from_torch_lstm",
+    "reset_states",
+    "to_keras_lstm",
+    "to_torch_lstm",
+]
