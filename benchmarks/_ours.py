@@ -1,0 +1,239 @@
+"""Our implementation of every configuration, through the public API only.
+
+* full sequence: ``jax.jit(model.apply)``;
+* streaming: ``banded_rnn.stream_step(model)`` where the package has it, else
+  ``jax.jit(model.apply, donate_argnums=1)`` (the state donated);
+* training: one optimiser step (forward, backward, ``optax.adam``, MSE on a
+  linear head ``units -> features``): ``banded_rnn.training.make_train_step``
+  where the package has it, else a jitted step of our own; the parameters and
+  the optimiser state are donated either way.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import banded_rnn
+from banded_rnn import BandedLSTM
+
+from ._configs import Config
+from ._harness import OURS, Impl, compile_seconds
+from ._weights import Weights, to_ours
+
+LEARNING_RATE = 1e-3
+PARITY_FRAMES = 10
+"""Frames streamed from a zero state for the parity check of a streaming configuration."""
+
+
+def _model(config: Config, remat_chunk: int | None = None) -> BandedLSTM:
+    return BandedLSTM(units=config.units, num_layers=config.layers, remat_chunk=remat_chunk)
+
+
+def build(config: Config, weights: Weights, inputs: np.ndarray, targets: np.ndarray) -> Impl:
+    """Our :class:`Impl` of ``config`` with ``weights``, on ``inputs`` (and ``targets``)."""
+    if config.mode == "inference":
+        return _inference(config, weights, inputs)
+    if config.mode == "stream":
+        return _stream(config, weights, inputs)
+    return _train(config, weights, inputs, targets)
+
+
+def _inference(config: Config, weights: Weights, inputs: np.ndarray) -> Impl:
+    model = _model(config)
+    variables = jax.device_put(to_ours(weights))
+    x = jnp.asarray(inputs)
+    apply = jax.jit(model.apply)
+
+    def outputs():
+        return {"outputs": apply(variables, None, x)[1]}
+
+    return Impl(
+        OURS,
+        outputs,
+        lambda: jax.block_until_ready(apply(variables, None, x)),
+        compile_seconds=compile_seconds(apply, variables, None, x),
+        note="jax.jit(model.apply)",
+    )
+
+
+def stream_step_of(model: BandedLSTM):
+    """``(step, note)``: the package's streaming step if it has one, else a
+    jitted ``model.apply`` with the state donated; both are called as
+    ``step(variables, state, chunk) -> (state, outputs)``."""
+    stream_step = getattr(banded_rnn, "stream_step", None)
+    if stream_step is not None:
+        return stream_step(model), "banded_rnn.stream_step(model)"
+    return jax.jit(model.apply, donate_argnums=1), "jax.jit(model.apply, donate_argnums=1)"
+
+
+def _stream(config: Config, weights: Weights, inputs: np.ndarray) -> Impl:
+    model = _model(config)
+    variables = jax.device_put(to_ours(weights))
+    frames = [jnp.asarray(inputs[:, :, t : t + 1]) for t in range(config.frames)]
+    step, note = stream_step_of(model)
+    state = [model.initial_state(config.batch, config.bands)]
+
+    def outputs():
+        carried = model.initial_state(config.batch, config.bands)
+        ys = []
+        for frame in frames[:PARITY_FRAMES]:
+            carried, y = step(variables, carried, frame)
+            ys.append(np.asarray(y)[:, :, 0])
+        return {"outputs": np.stack(ys)}
+
+    def run():
+        carried = state[0]
+        for frame in frames:
+            carried, y = step(variables, carried, frame)
+            y.block_until_ready()
+        state[0] = carried
+
+    return Impl(
+        OURS,
+        outputs,
+        run,
+        per_run=config.frames,
+        compile_seconds=compile_seconds(step, variables, state[0], frames[0]),
+        note=note,
+    )
+
+
+class WithHead(nn.Module):
+    """``BandedLSTM`` then a linear head ``units -> features``: the model the
+    ``train`` configuration fits, with ``BandedLSTM``'s call signature."""
+
+    units: int
+    num_layers: int
+    features: int
+    remat_chunk: int | None = None
+
+    @nn.compact
+    def __call__(self, state, inputs, *, deterministic: bool = True):
+        lstm = BandedLSTM(
+            units=self.units, num_layers=self.num_layers, remat_chunk=self.remat_chunk, name="lstm"
+        )
+        state, hidden = lstm(state, inputs, deterministic=deterministic)
+        return state, nn.Dense(self.features, name="head")(hidden)
+
+
+def _mse(outputs, targets):
+    return jnp.mean((outputs - targets) ** 2)
+
+
+def train_params(weights: Weights) -> dict:
+    """``WithHead``'s params: ``{"lstm": {"layer_{i}": ...}, "head": {kernel, bias}}``."""
+    kernel, bias = weights.head
+    return {"lstm": to_ours(weights)["params"], "head": {"kernel": kernel, "bias": bias}}
+
+
+class TrainRunner:
+    """One training step of ``WithHead`` with ``optax.adam``: the package's
+    ``banded_rnn.training.make_train_step`` where it exists, else a jitted
+    step of our own; the parameters and optimiser state are donated either way.
+
+    ``carry`` holds what the step updates; ``step(carry, x, y) -> (carry,
+    loss)``; ``lower(carry, x, y)`` lowers it (carry and data may be shapes);
+    ``loss_and_grad(params, x, y)`` is the jitted loss and gradient.
+    """
+
+    def __init__(self, config: Config, remat_chunk: int | None = None):
+        self.module = WithHead(config.units, config.layers, config.features, remat_chunk)
+        self.optimizer = optax.adam(LEARNING_RATE)
+
+        def loss(params, inputs, targets):
+            _, outputs = self.module.apply({"params": params}, None, inputs)
+            return _mse(outputs, targets)
+
+        self.loss_and_grad = jax.jit(jax.value_and_grad(loss))
+        try:
+            from banded_rnn.training import make_train_step
+        except ImportError:
+            make_train_step = None
+        if make_train_step is not None:
+            self.note = (
+                "banded_rnn.training.make_train_step(mse) on BandedLSTM + Dense head, optax.adam"
+            )
+            package_step = make_train_step(_mse)
+            self.lower = lambda carry, x, y: package_step.lower(carry, None, x, y)
+
+            def step(carry, x, y):
+                carry, _, metrics = package_step(carry, None, x, y)
+                return carry, metrics["loss"]
+
+            self.step = step
+            return
+        self.note = "jax.jit(step, donate_argnums=0): value_and_grad, optax.adam"
+
+        @partial(jax.jit, donate_argnums=0)
+        def own_step(carry, inputs, targets):
+            params, opt_state = carry
+            value, grads = jax.value_and_grad(loss)(params, inputs, targets)
+            updates, opt_state = self.optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), value
+
+        self.step = own_step
+        self.lower = own_step.lower
+
+    def carry(self, params):
+        """The step's initial carry from ``params`` (made of fresh buffers)."""
+        params = jax.tree_util.tree_map(jnp.array, params)
+        if self.note.startswith("banded_rnn"):
+            from flax.training.train_state import TrainState
+
+            return TrainState.create(apply_fn=self.module.apply, params=params, tx=self.optimizer)
+        return params, self.optimizer.init(params)
+
+
+def _train(config: Config, weights: Weights, inputs: np.ndarray, targets: np.ndarray) -> Impl:
+    runner = TrainRunner(config)
+    x, y = jnp.asarray(inputs), jnp.asarray(targets)
+    params = jax.device_put(train_params(weights))
+    held = [runner.carry(params)]
+    start = time.perf_counter()
+    runner.lower(held[0], x, y).compile()
+    compile_s = time.perf_counter() - start
+
+    def outputs():
+        loss, grads = runner.loss_and_grad(params, x, y)
+        _, step_loss = runner.step(runner.carry(params), x, y)
+        flat = {"loss": loss, "step_loss": step_loss}
+        flat["head/kernel"], flat["head/bias"] = grads["head"]["kernel"], grads["head"]["bias"]
+        for layer, leaves in grads["lstm"].items():
+            for name, grad in leaves.items():
+                flat[f"{layer}/{name}"] = grad
+        return flat
+
+    def run():
+        held[0], loss = runner.step(held[0], x, y)
+        loss.block_until_ready()
+
+    return Impl(OURS, outputs, run, compile_seconds=compile_s, note=runner.note)
+
+
+def train_memory(
+    config: Config, weights: Weights, steps: int, remat_chunk: int | None
+) -> dict[str, int]:
+    """Compiled memory of our training step on ``steps`` time steps: the byte sizes
+    of XLA's temporaries, arguments and outputs, and their sum (``peak``)."""
+    runner = TrainRunner(config, remat_chunk)
+    shape = jax.ShapeDtypeStruct((config.batch, config.bands, steps, config.features), jnp.float32)
+    params = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), train_params(weights)
+    )
+    carry = jax.eval_shape(runner.carry, params)
+    stats = runner.lower(carry, shape, shape).compile().memory_analysis()
+    sizes = {
+        "temp": int(stats.temp_size_in_bytes),
+        "argument": int(stats.argument_size_in_bytes),
+        "output": int(stats.output_size_in_bytes),
+        "alias": int(stats.alias_size_in_bytes),
+    }
+    sizes["peak"] = sizes["temp"] + sizes["argument"] + sizes["output"]
+    return sizes

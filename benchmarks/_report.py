@@ -1,0 +1,261 @@
+"""The markdown report: machine, versions, the summary, the detail and memory tables."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+
+from ._configs import MEMORY_TIME, Config
+from ._harness import OURS, Result, Row
+
+BASELINES = ("torch", "keras", "flax")
+LABELS = {
+    OURS: "ours",
+    "torch": "(a) torch",
+    "keras": "(b) Keras-JAX",
+    "flax": "(c) Flax",
+    "floor": "(d) floor",
+}
+SPEEDUP = 1.5
+"""Speed-up over torch that ``seed``, ``seed-stream``, ``train``, ``subband-stream`` must reach."""
+FLOOR_SLACK = 1.15
+"""How far above the floor the two sub-band configurations may be."""
+
+
+def machine() -> dict[str, str]:
+    """CPU model, core count, Python and library versions, and the date."""
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu
+            )
+    except OSError:
+        pass
+    info = {
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "cpu": f"{cpu}, {os.cpu_count()} cores",
+        "python": platform.python_version(),
+    }
+    for package in ("jax", "jaxlib", "flax", "keras", "optax", "torch", "numpy"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            info[package] = "not installed"
+    if os.environ.get("XLA_FLAGS"):
+        info["XLA_FLAGS"] = os.environ["XLA_FLAGS"]
+    return info
+
+
+def seconds(value: float | None) -> str:
+    """``1.23 ms``-style, three significant digits."""
+    if value is None:
+        return "–"
+    for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value / 1e-9:.3g} ns"
+
+
+def _per(config: Config) -> str:
+    return {"inference": "call", "stream": "frame", "train": "step"}[config.mode]
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}x"
+
+
+def floor_seconds(config: Config, rate: float) -> float:
+    """The floor (d): the configuration's FLOPs at the machine's SGEMM rate."""
+    return config.flops() / rate
+
+
+def speedups(result: Result) -> dict[str, float | None]:
+    """``baseline median / ours median`` for every baseline that was timed."""
+    ours = result.row(OURS)
+    out = {}
+    for name in BASELINES:
+        row = result.row(name)
+        ok = ours is not None and ours.ok and row is not None and row.ok
+        out[name] = row.median / ours.median if ok else None
+    return out
+
+
+def targets(result: Result, rate: float) -> list[str]:
+    """The goals of BENCHMARKS.md this configuration misses (empty: all met)."""
+    config, ours = result.config, result.row(OURS)
+    if ours is None or not ours.ok:
+        return ["not measured"]
+    misses = []
+    ratios = speedups(result)
+    for name, ratio in ratios.items():
+        if ratio is not None and ratio <= 1.0:
+            misses.append(f"slower than {name}")
+    torch = ratios.get("torch")
+    needs_speedup = config.name in ("seed", "seed-stream", "train", "subband-stream")
+    if needs_speedup and torch is not None and torch < SPEEDUP:
+        misses.append(f"< {SPEEDUP}x torch")
+    floor = floor_seconds(config, rate)
+    if config.name.startswith("subband") and ours.median > FLOOR_SLACK * floor:
+        misses.append(f"> {FLOOR_SLACK}x floor")
+    if config.mode == "stream" and ours.recompiles:
+        misses.append(f"{ours.recompiles} recompiles")
+    return misses
+
+
+def _median_cell(config: Config, row: Row) -> str:
+    cell = f"{seconds(row.median)} / {_per(config)}"
+    if config.realtime_frame:
+        cell += f" (RTF {row.median / config.realtime_frame:.2f})"
+    return cell
+
+
+def summary_table(results: list[Result], rate: float) -> list[str]:
+    lines = [
+        "| config | ours (median) | vs (a) torch | vs (b) Keras-JAX | vs (c) Flax "
+        "| floor / ours | goals missed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        ours = result.row(OURS)
+        ratios = speedups(result)
+        if ours is None or not ours.ok:
+            median, floor = (ours.error if ours else "not run"), "–"
+        else:
+            median = _median_cell(result.config, ours)
+            floor = f"{floor_seconds(result.config, rate) / ours.median:.2f}"
+        misses = targets(result, rate)
+        lines.append(
+            f"| `{result.config.name}` | {median} | {_ratio(ratios['torch'])} "
+            f"| {_ratio(ratios['keras'])} | {_ratio(ratios['flax'])} | {floor} "
+            f"| {'; '.join(misses) if misses else 'none'} |"
+        )
+    return lines
+
+
+def detail_table(results: list[Result], rate: float) -> list[str]:
+    lines = [
+        "| config | implementation | median | p90 | this / ours | GFLOP/s | of floor "
+        "| compile | compiles after warm-up | diff vs ours |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        config = result.config
+        flops = config.flops()
+        ours = result.row(OURS)
+        for row in result.rows:
+            label = LABELS.get(row.name, row.name)
+            if not row.ok:
+                error = (row.error or "not timed").replace("|", "/")
+                error = error if len(error) < 160 else error[:157] + "..."
+                lines.append(
+                    f"| `{config.name}` | {label} | **{error}** | – | – | – | – | – | – | – |"
+                )
+                continue
+            ratio = row.median / ours.median if ours is not None and ours.ok else None
+            of_floor = floor_seconds(config, rate) / row.median
+            parity = row.parity or "–"
+            lines.append(
+                f"| `{config.name}` | {label} | {_median_cell(config, row)} | {seconds(row.p90)} "
+                f"| {_ratio(ratio)} | {flops / row.median / 1e9:.1f} "
+                f"| {of_floor:.2f} | {seconds(row.compile_seconds)} "
+                f"| {'–' if row.recompiles is None else row.recompiles} | {parity} |"
+            )
+        floor = floor_seconds(config, rate)
+        ratio = floor / ours.median if ours is not None and ours.ok else None
+        lines.append(
+            f"| `{config.name}` | {LABELS['floor']} | {seconds(floor)} / {_per(config)} | – "
+            f"| {_ratio(ratio)} | {rate / 1e9:.1f} | 1.00 | – | – | – |"
+        )
+    return lines
+
+
+def memory_table(memory: dict[str, dict[str, int]]) -> list[str]:
+    mib = 2.0**20
+    lines = [
+        f"| `train` step at {MEMORY_TIME:,} time steps | temporaries | arguments | outputs "
+        "| of which aliased (donated) | peak (temporaries + arguments + outputs) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, sizes in memory.items():
+        if "error" in sizes:
+            lines.append(f"| {label} | **{sizes['error']}** | – | – | – | – |")
+            continue
+        lines.append(
+            f"| {label} | {sizes['temp'] / mib:,.1f} MiB | {sizes['argument'] / mib:,.1f} MiB "
+            f"| {sizes['output'] / mib:,.1f} MiB | {sizes['alias'] / mib:,.1f} MiB "
+            f"| {sizes['peak'] / mib:,.1f} MiB |"
+        )
+    return lines
+
+
+def render(
+    results: list[Result],
+    rates: dict[str, float],
+    memory: dict[str, dict[str, int]],
+    *,
+    quick: bool,
+    repeats: int,
+    elapsed: float,
+    info: dict[str, str],
+    sgemm_size: int,
+) -> str:
+    """The whole report as markdown."""
+    rate = max(rates.values())
+    mode = "`--quick`" if quick else "full"
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Run: {mode}, {repeats} interleaved repeats per row, {elapsed:.0f} s in all, "
+        f"{info['date']}.",
+        f"Machine: {info['cpu']}.",
+        "Versions: "
+        + ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("date", "cpu", "XLA_FLAGS"))
+        + ".",
+    ]
+    if "XLA_FLAGS" in info:
+        lines.append(f"XLA_FLAGS: `{info['XLA_FLAGS']}`.")
+    lines += [
+        f"Large SGEMM ({sgemm_size} x {sgemm_size} float32, same run): "
+        + ", ".join(f"{name} {value / 1e9:.1f} GFLOP/s" for name, value in rates.items())
+        + f"; the floor (d) uses {rate / 1e9:.1f} GFLOP/s.",
+        "",
+        "Ratios are baseline time / our time in this run (above 1: ours is faster); "
+        "floor / ours is the fraction of the machine's SGEMM rate that we reach.",
+        "",
+        *summary_table(results, rate),
+        "",
+        "## Every row",
+        "",
+        "Median and p90 over the repeats; streaming rows are per frame (RTF: time per "
+        "frame / 16 ms). Compile: lowering and compiling the jitted function ahead of "
+        "time. Compiles after warm-up: XLA compilations counted during the timed runs.",
+        "",
+        *detail_table(results, rate),
+        "",
+    ]
+    if memory:
+        lines += [
+            "## Memory of a training step",
+            "",
+            "Ours, from `jax.jit(step).lower(...).compile().memory_analysis()` "
+            "(the `train` configuration with time stretched; parameters and "
+            "optimiser state are donated, so arguments and outputs share buffers).",
+            "",
+            *memory_table(memory),
+            "",
+        ]
+    notes = {}
+    for result in results:
+        for row in result.rows:
+            if row.note:
+                notes.setdefault(LABELS.get(row.name, row.name), []).append(
+                    f"`{result.config.name}`: {row.note}"
+                )
+    lines += ["## What runs", ""]
+    for label, items in notes.items():
+        lines.append(f"* {label}: " + "; ".join(items))
+    lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,159 @@
+"""Runs every benchmark configuration against the baselines and writes the table.
+
+    python -m benchmarks.run [--quick] [--only CONFIG ...] [--out benchmarks/RESULTS.md]
+
+Per configuration: identical weights go into ours and every baseline, outputs
+(or, for training, the loss and the gradients) are checked to agree with ours
+to 1e-5 before anything is timed, then every row is timed round-robin in this
+one process. The exit status is 1 if any row failed its parity check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "jax")  # before anything imports keras
+
+from . import _baselines, _ours  # noqa: E402
+from ._configs import CONFIGS, MEMORY_REMAT_CHUNK, MEMORY_TIME, Config  # noqa: E402
+from ._harness import Impl, Result, Row, benchmark, sgemm_rates  # noqa: E402
+from ._report import machine, render  # noqa: E402
+from ._weights import random_data, random_weights  # noqa: E402
+
+SGEMM_SIZE = 2048
+FULL_REPEATS = 20
+QUICK_REPEATS = {"subband-offline": 3, "train": 5}
+"""Repeats per configuration in ``--quick`` mode (others: ``QUICK_DEFAULT``)."""
+QUICK_DEFAULT = 7
+
+
+def build_impls(
+    config: Config, baselines: list[str], seed: int = 0
+) -> tuple[list[Impl], list[Row]]:
+    """Ours and the named baselines for ``config``, all with the same weights
+    and inputs; a baseline that cannot be built becomes a failed row."""
+    weights = random_weights(config, seed)
+    inputs, targets = random_data(config, seed + 1)
+    impls = [_ours.build(config, weights, inputs, targets)]
+    failed = []
+    for name in baselines:
+        try:
+            impls.append(_baselines.BUILDERS[name](config, weights, inputs, targets))
+        except Exception as error:
+            message = f"error: {type(error).__name__}: {error}"
+            print(f"{config.name}/{name}: could not be built: {message}", file=sys.stderr)
+            failed.append(Row(name, error=message))
+    return impls, failed
+
+
+def run_config(config: Config, baselines: list[str], repeats: int, warmup: int) -> Result:
+    impls, failed = build_impls(config, baselines)
+    result = benchmark(config, impls, repeats=repeats, warmup=warmup)
+    result.rows.extend(failed)
+    return result
+
+
+def measure_memory(config: Config) -> dict[str, dict[str, int]]:
+    weights = random_weights(config)
+    memory = {}
+    for label, chunk in (
+        ("no remat", None),
+        (f"`remat_chunk={MEMORY_REMAT_CHUNK}`", MEMORY_REMAT_CHUNK),
+    ):
+        try:
+            memory[label] = _ours.train_memory(config, weights, MEMORY_TIME, chunk)
+        except Exception as error:
+            memory[label] = {"error": f"{type(error).__name__}: {error}"}
+    return memory
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (under two minutes)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(CONFIGS),
+        metavar="CONFIG",
+        help=f"run only these configurations: {', '.join(CONFIGS)}",
+    )
+    parser.add_argument(
+        "--baselines",
+        nargs="+",
+        choices=list(_baselines.BUILDERS),
+        default=list(_baselines.BUILDERS),
+        help="baselines to run (default: all)",
+    )
+    parser.add_argument("--repeats", type=int, help="timed repeats per row (overrides the mode)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory table")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).parent / "RESULTS.md",
+        help="markdown file to write (default: benchmarks/RESULTS.md)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    names = args.only or list(CONFIGS)
+    sgemm_repeats = 5 if args.quick else 10
+    rates = sgemm_rates(SGEMM_SIZE, repeats=sgemm_repeats)
+    print("SGEMM: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in rates.items()), flush=True)
+    results = []
+    for name in names:
+        if args.repeats is not None:
+            repeats = args.repeats
+        elif args.quick:
+            repeats = QUICK_REPEATS.get(name, QUICK_DEFAULT)
+        else:
+            repeats = FULL_REPEATS
+        began = time.perf_counter()
+        result = run_config(CONFIGS[name], args.baselines, repeats, warmup=1 if args.quick else 2)
+        summary = ", ".join(
+            f"{row.name} {row.median * 1e3:.3f} ms" if row.ok else f"{row.name} {row.error}"
+            for row in result.rows
+        )
+        print(f"{name} ({time.perf_counter() - began:.0f} s): {summary}", flush=True)
+        results.append(result)
+    memory = {}
+    if not args.no_memory and "train" in names:
+        memory = measure_memory(CONFIGS["train"])
+    repeats_label = (
+        args.repeats if args.repeats is not None else ("3-7" if args.quick else FULL_REPEATS)
+    )
+    report = render(
+        results,
+        rates,
+        memory,
+        quick=args.quick,
+        repeats=repeats_label,
+        elapsed=time.perf_counter() - start,
+        info=machine(),
+        sgemm_size=SGEMM_SIZE,
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    print(report)
+    failed = [
+        f"{r.config.name}/{row.name}"
+        for r in results
+        for row in r.rows
+        if row.error and "PARITY" in row.error
+    ]
+    if failed:
+        print(f"PARITY FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
