@@ -90,7 +90,8 @@ def stream_step(model: BandedLSTM) -> StepFn:
 
     The state's buffers are donated: XLA updates them in place, and the arrays
     passed as ``state`` are deleted by the call. Keep only the returned state,
-    and give every field its own buffer (``None`` starts from zeros). Shapes
+    and give every field its own buffer, as ``model.initial_state`` does
+    (``None`` also starts from zeros, as one more compilation). Shapes
     and dtypes are checked while tracing, so bad input raises ``ValueError`` or
     ``TypeError`` before anything is donated. Each distinct set of shapes and
     dtypes, and ``reset``/``seq_lengths`` given or ``None``, is one compilation.
@@ -100,7 +101,7 @@ def stream_step(model: BandedLSTM) -> StepFn:
     >>> chunk = np.ones((2, 3, 1, 4), np.float32)      # [batch, bands, time, features]
     >>> variables = model.init(jax.random.key(0), None, chunk)
     >>> step = stream_step(model)
-    >>> state, y = step(variables, None, chunk)
+    >>> state, y = step(variables, model.initial_state(2, 3), chunk)
     >>> state, y = step(variables, state, chunk, np.array([True, False]))  # restart stream 0
     >>> y.shape                                        # [batch, bands, time, units]
     (2, 3, 1, 8)

@@ -80,6 +80,11 @@ def test_stream_step_donates_the_state():
     new_state, _ = step(VARIABLES, state, X[:, :, :2])
     assert all(a.is_deleted() for a in jax.tree.leaves(state))
     assert not any(a.is_deleted() for a in jax.tree.leaves(new_state))
+    # The model's own zero state has a buffer per field, so it can be donated too.
+    state = MODEL.initial_state(BATCH, BANDS)
+    new_state, y = step(VARIABLES, state, X[:, :, :2])
+    assert all(a.is_deleted() for a in jax.tree.leaves(state))
+    np.testing.assert_allclose(y, reference(X[:, :, :2])[0], atol=2e-5)
 
 
 @pytest.mark.parametrize("mask_shape", ["batch", "batch_bands"])
