@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import pytest
 from helpers import init_model, random_inputs, random_state
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from reference import lstm_reference, params_from_variables
 
 from banded_rnn import BandedLSTM, Stream, stream_step
@@ -159,6 +161,35 @@ def test_random_chunk_lengths_equal_one_whole_call(seed, max_chunk):
     for layer, (hidden, cell) in enumerate(expected_state):
         np.testing.assert_allclose(stream.state[layer].hidden, hidden, atol=2e-5)
         np.testing.assert_allclose(stream.state[layer].cell, cell, atol=2e-5)
+
+
+PROPERTY_STREAM = Stream(MODEL, VARIABLES, BATCH, BANDS, max_chunk=4)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 13), min_size=1, max_size=6),
+    reset_at=st.integers(0, 5),
+    reset_entry=st.integers(0, BATCH - 1),
+)
+def test_property_any_chunking_and_reset_match_the_reference(lengths, reset_at, reset_entry):
+    stream = PROPERTY_STREAM
+    stream.reset()
+    inputs = X[:, :, : sum(lengths)]
+    outputs, start, restart = [], 0, None
+    for index, t in enumerate(lengths):
+        if index == reset_at:
+            stream.reset(batch=[reset_entry])
+            restart = start
+        outputs.append(stream(inputs[:, :, start : start + t]))
+        start += t
+    outputs = np.concatenate(outputs, axis=2)
+    expected, _ = reference(inputs)
+    if restart is not None:
+        expected[reset_entry, :, restart:] = reference(
+            inputs[reset_entry : reset_entry + 1, :, restart:]
+        )[0][0]
+    np.testing.assert_allclose(outputs, expected, atol=2e-5)
 
 
 def test_device_resident_chunks_stream_like_host_chunks(stream):
