@@ -75,7 +75,13 @@ def test_user_experiment_halves_equal_whole_unlike_shared_keras_lstm():
     x = random_inputs(0, (1, 3, 50, 4))
     inputs = keras.Input(batch_shape=(1, 3, None, 4))
 
-    shared = keras.layers.LSTM(3, stateful=True, return_sequences=True)
+    shared = keras.layers.LSTM(
+        3,
+        stateful=True,
+        return_sequences=True,
+        kernel_initializer=keras.initializers.GlorotUniform(seed=1),
+        recurrent_initializer=keras.initializers.Orthogonal(seed=2),
+    )
     stacked = keras.ops.stack([shared(inputs[:, band]) for band in range(3)], axis=1)
     shared_model = keras.Model(inputs, stacked)
     whole, halves = _whole_vs_halves(shared_model, shared.reset_state, x)
