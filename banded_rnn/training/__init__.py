@@ -1,0 +1,36 @@
+"""Training a banded model: truncated back-propagation through time with threaded state.
+
+``make_train_step`` builds a jitted, buffer-donating optax step that carries the
+per-band state from chunk to chunk; ``ChunkStream`` and ``fit`` cut long
+sequences into chunks and run the loop (per-entry resets, evaluation, a
+progress bar, orbax checkpoints through ``Checkpointer``); ``make_mesh``
+splits the batch (and the bands) over devices.
+"""
+
+from ._checkpoint import Checkpointer as Checkpointer
+from ._checkpoint import Restored as Restored
+from ._loop import Chunk as Chunk
+from ._loop import ChunkStream as ChunkStream
+from ._loop import FitResult as FitResult
+from ._loop import evaluate as evaluate
+from ._loop import fit as fit
+from ._mesh import make_mesh as make_mesh
+from ._step import EvalStep as EvalStep
+from ._step import TrainStep as TrainStep
+from ._step import make_eval_step as make_eval_step
+from ._step import make_train_step as make_train_step
+
+__all__ = [
+    "Checkpointer",
+    "Chunk",
+    "ChunkStream",
+    "EvalStep",
+    "FitResult",
+    "Restored",
+    "TrainStep",
+    "evaluate",
+    "fit",
+    "make_eval_step",
+    "make_mesh",
+    "make_train_step",
+]

@@ -1,0 +1,374 @@
+"""The training loop: long sequences cut into chunks, state carried, reset, evaluated, saved."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.training.train_state import TrainState
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ._checkpoint import Checkpointer
+from ._step import EvalStep, TrainStep, _apply, _needs_rng, make_eval_step
+
+
+class Chunk(NamedTuple):
+    """One training window, as :class:`ChunkStream` deals it.
+
+    Attributes:
+      inputs: ``[batch, bands, chunk_length, features]``.
+      targets: ``[batch, bands, chunk_length, ...]``.
+      reset: ``[batch]`` bools: the entry starts a new sequence with this chunk,
+        so its state must start from zeros.
+      sequence: ``[batch]`` integers: the running number of the sequence each
+        entry is playing, unique over the whole stream (the loop derives each
+        sequence's dropout key from it).
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    reset: np.ndarray
+    sequence: np.ndarray
+
+
+def _as_sequences(arrays: Any, name: str, rank: int | None) -> list[np.ndarray]:
+    sequences = [np.asarray(a) for a in arrays]
+    if not sequences:
+        raise ValueError(f"{name}: expected at least one sequence; received none")
+    for index, seq in enumerate(sequences):
+        if (rank is not None and seq.ndim != rank) or seq.ndim < 2:
+            expected = "[bands, time, features]" if rank == 3 else "[bands, time, ...]"
+            raise ValueError(
+                f"{name}[{index}]: expected a sequence {expected}; received shape {seq.shape}"
+            )
+    return sequences
+
+
+class ChunkStream:
+    """Deals chunks of long sequences to the entries of a batch, endlessly.
+
+    Every batch entry plays one sequence after another, ``chunk_length`` steps
+    per call, so its state can be carried from chunk to chunk. When an entry's
+    sequence ends it takes the next sequence of a shuffled order (shuffled
+    anew every epoch, from ``seed``) and its ``reset`` flag is set for that
+    chunk. Sequences may have different lengths, so entries start new
+    sequences at different times.
+
+    The stream is a pure function of ``seed`` and its :meth:`position`, which
+    a checkpoint saves and :meth:`set_position` restores.
+
+    Args:
+      inputs: sequences ``[bands, time_i, features]``: a list, or an array
+        ``[sequences, bands, time, features]``.
+      targets: the matching ``[bands, time_i, ...]``.
+      batch_size: entries per chunk.
+      chunk_length: time steps per chunk; every ``time_i`` must be a multiple.
+      seed: the shuffling seed.
+      shuffle: if False, sequences are played in order, epoch after epoch.
+    """
+
+    def __init__(
+        self,
+        inputs: Sequence[np.ndarray] | np.ndarray,
+        targets: Sequence[np.ndarray] | np.ndarray,
+        *,
+        batch_size: int,
+        chunk_length: int,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        for name, value in (("batch_size", batch_size), ("chunk_length", chunk_length)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected an integer >= 1; received {value!r}")
+        self.inputs = _as_sequences(inputs, "inputs", 3)
+        self.targets = _as_sequences(targets, "targets", None)
+        if len(self.targets) != len(self.inputs):
+            raise ValueError(
+                f"targets: expected {len(self.inputs)} sequences (one per input sequence); "
+                f"received {len(self.targets)}"
+            )
+        bands, _, features = self.inputs[0].shape
+        for index, (x, y) in enumerate(zip(self.inputs, self.targets, strict=True)):
+            if x.shape[0] != bands or x.shape[2] != features:
+                raise ValueError(
+                    f"inputs[{index}]: expected [bands, time, features] = ({bands}, time, "
+                    f"{features}) like inputs[0]; received {x.shape}"
+                )
+            if y.shape[:2] != x.shape[:2] or y.shape[2:] != self.targets[0].shape[2:]:
+                raise ValueError(
+                    f"targets[{index}]: expected [bands, time, ...] = "
+                    f"{x.shape[:2] + self.targets[0].shape[2:]}; received {y.shape}"
+                )
+            if x.shape[1] % chunk_length or x.shape[1] == 0:
+                raise ValueError(
+                    f"inputs[{index}]: expected a length that is a positive multiple of "
+                    f"chunk_length={chunk_length}; received time {x.shape[1]}"
+                )
+        self.batch_size = batch_size
+        self.chunk_length = chunk_length
+        self.seed = seed
+        self.shuffle = shuffle
+        self._chunks = np.array([x.shape[1] // chunk_length for x in self.inputs])
+        self._order_epoch = -1
+        self._order = np.arange(len(self.inputs))
+        self.set_position(
+            {
+                "next_sequence": np.zeros((), np.int64),
+                "entry_sequence": np.full(batch_size, -1, np.int64),
+                "entry_chunk": np.zeros(batch_size, np.int64),
+            }
+        )
+
+    @property
+    def num_bands(self) -> int:
+        return self.inputs[0].shape[0]
+
+    @property
+    def num_features(self) -> int:
+        return self.inputs[0].shape[2]
+
+    def position(self) -> dict[str, np.ndarray]:
+        """Where the stream is: ``next_sequence`` (a counter), and per entry the
+        running number of its sequence (``entry_sequence``, -1 before the first)
+        and the index of its next chunk (``entry_chunk``)."""
+        return {k: v.copy() for k, v in self._position.items()}
+
+    def set_position(self, position: dict[str, Any]) -> None:
+        self._position = {k: np.array(v, np.int64) for k, v in position.items()}
+
+    def _sequence_index(self, number: int) -> int:
+        """The index into ``inputs`` of the stream's ``number``-th sequence."""
+        epoch, offset = divmod(number, len(self.inputs))
+        if self.shuffle and epoch != self._order_epoch:
+            self._order = np.random.default_rng((self.seed, epoch)).permutation(len(self.inputs))
+            self._order_epoch = epoch
+        return int(self._order[offset])
+
+    def __iter__(self) -> ChunkStream:
+        return self
+
+    def __next__(self) -> Chunk:
+        pos = self._position
+        reset = np.zeros(self.batch_size, bool)
+        inputs, targets = [], []
+        for entry in range(self.batch_size):
+            number = pos["entry_sequence"][entry]
+            if (
+                number < 0
+                or pos["entry_chunk"][entry] >= self._chunks[self._sequence_index(number)]
+            ):
+                pos["entry_sequence"][entry] = pos["next_sequence"]
+                pos["next_sequence"] += 1
+                pos["entry_chunk"][entry] = 0
+                reset[entry] = True
+            index = self._sequence_index(int(pos["entry_sequence"][entry]))
+            start = int(pos["entry_chunk"][entry]) * self.chunk_length
+            window = slice(start, start + self.chunk_length)
+            inputs.append(self.inputs[index][:, window])
+            targets.append(self.targets[index][:, window])
+            pos["entry_chunk"][entry] += 1
+        return Chunk(np.stack(inputs), np.stack(targets), reset, pos["entry_sequence"].copy())
+
+
+class FitResult(NamedTuple):
+    """What :func:`fit` returns.
+
+    Attributes:
+      train_state: the trained ``TrainState``.
+      state: the carried state after the last step.
+      history: NumPy arrays: ``step``, ``loss`` and ``grad_norm`` for every step
+        run by this call, and ``eval_step``, ``eval_loss`` for every evaluation.
+    """
+
+    train_state: TrainState
+    state: Any
+    history: dict[str, np.ndarray]
+
+
+@jax.jit
+def _prepare(state, reset, rng, sequence):
+    """Zeros the state of the entries in ``reset``; one dropout key per entry's sequence."""
+
+    def zero(a):
+        mask = reset.reshape(reset.shape + (1,) * (a.ndim - 1))
+        return jnp.where(mask, jnp.zeros_like(a), a)
+
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, sequence)
+    return jax.tree.map(zero, state), keys
+
+
+def _zero_state(train_state: TrainState, batch: int, bands: int, features: int) -> Any:
+    """The model's state of zeros for a batch, from its shapes alone."""
+    inputs = jax.ShapeDtypeStruct((batch, bands, 1, features), jnp.float32)
+    final_state, _ = jax.eval_shape(
+        lambda p, x: _apply(train_state.apply_fn, p, None, x, None, False, deterministic=True),
+        train_state.params,
+        inputs,
+    )
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), final_state)
+
+
+def evaluate(
+    eval_step: EvalStep,
+    train_state: TrainState,
+    inputs: Sequence[np.ndarray] | np.ndarray,
+    targets: Sequence[np.ndarray] | np.ndarray,
+    *,
+    batch_size: int,
+    chunk_length: int,
+) -> float:
+    """The loss on held-out sequences, each run once from zeros in chunks, state carried.
+
+    Sequences of equal length are batched together (up to ``batch_size``). The
+    result averages the chunks' losses weighted by the number of (sequence,
+    time step) pairs each covers: for a loss that is a mean over its elements,
+    the mean over every held-out step.
+    """
+    inputs = _as_sequences(inputs, "inputs", 3)
+    targets = _as_sequences(targets, "targets", None)
+    if len(inputs) != len(targets):
+        raise ValueError(f"targets: expected {len(inputs)} sequences; received {len(targets)}")
+    by_length: dict[int, list[int]] = {}
+    for index, x in enumerate(inputs):
+        by_length.setdefault(x.shape[1], []).append(index)
+    total, weight = 0.0, 0
+    for time, indices in sorted(by_length.items()):
+        for start in range(0, len(indices), batch_size):
+            group = indices[start : start + batch_size]
+            x = np.stack([inputs[i] for i in group])
+            y = np.stack([targets[i] for i in group])
+            state = None
+            losses = []
+            for t in range(0, time, chunk_length):
+                window = slice(t, t + chunk_length)
+                state, metrics = eval_step(train_state, state, x[:, :, window], y[:, :, window])
+                losses.append((metrics["loss"], len(group) * (min(t + chunk_length, time) - t)))
+            for loss, count in losses:
+                total += float(loss) * count
+                weight += count
+    return total / weight
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        # Not Jupyter's widget (it needs ipywidgets): plain text outside a terminal.
+        console=Console(force_jupyter=False),
+        disable=not enabled,
+    )
+
+
+def fit(
+    train_step: TrainStep,
+    train_state: TrainState,
+    stream: ChunkStream,
+    *,
+    num_steps: int,
+    rng: jax.Array,
+    carry_state: bool = True,
+    eval_data: tuple[Any, Any] | None = None,
+    eval_every: int | None = None,
+    eval_step: EvalStep | None = None,
+    checkpointer: Checkpointer | None = None,
+    checkpoint_every: int | None = None,
+    progress: bool = True,
+    log_every: int = 10,
+) -> FitResult:
+    """Trains until ``train_state.step == num_steps`` on the chunks of ``stream``.
+
+    Every step takes the next :class:`Chunk`, zeros the state of the entries
+    that start a new sequence (of every entry if ``carry_state`` is False, the
+    baseline that forgets everything at every chunk), and calls ``train_step``
+    with the state carried from the previous step. The dropout key of an entry
+    is ``jax.random.fold_in(rng, sequence number)``: the same for all the
+    chunks of one sequence, so its masks are those of the sequence run whole.
+    (A model without dropout gets no keys, and runs the batch in one piece.)
+
+    With a ``checkpointer`` that already holds a checkpoint, training resumes
+    from its newest one (training state, carried state, rng and the stream's
+    position): the losses are then those of the uninterrupted run. A checkpoint
+    is saved every ``checkpoint_every`` steps and at the end.
+
+    Args:
+      train_step: from :func:`make_train_step`.
+      train_state: the ``TrainState`` to start from (donated to the step).
+      stream: the training chunks.
+      num_steps: the step count to reach, counting steps already in ``train_state``.
+      rng: the base dropout key.
+      carry_state: carry each entry's state from chunk to chunk (truncated BPTT).
+      eval_data: held-out ``(inputs, targets)`` sequences, as for :func:`evaluate`,
+        evaluated every ``eval_every`` steps (if set) and at the end.
+      eval_step: default ``make_eval_step(train_step.loss_fn)``.
+      checkpointer: a :class:`Checkpointer` to save to and resume from.
+      checkpoint_every: steps between checkpoints (default: only at the end).
+      progress: show a progress bar (rich).
+      log_every: steps between updates of the loss shown on the progress bar.
+
+    Returns:
+      A :class:`FitResult` ``(train_state, state, history)``.
+    """
+    if not isinstance(stream, ChunkStream):
+        raise TypeError(f"stream: expected a ChunkStream; received {type(stream).__name__}")
+    if eval_data is not None and eval_step is None:
+        eval_step = make_eval_step(train_step.loss_fn)
+    state = _zero_state(train_state, stream.batch_size, stream.num_bands, stream.num_features)
+    if checkpointer is not None and checkpointer.latest_step() is not None:
+        restored = checkpointer.restore(train_state, state, rng, stream.position())
+        train_state, state, rng = restored.train_state, restored.state, restored.rng
+        stream.set_position(restored.stream)
+    # Without dropout no keys are needed, and the step runs the batch in one piece.
+    inputs_spec = jax.ShapeDtypeStruct(
+        (stream.batch_size, stream.num_bands, stream.chunk_length, stream.num_features),
+        jnp.float32,
+    )
+    per_entry_keys = _needs_rng(train_state.apply_fn, train_state.params, inputs_spec)
+    step = int(train_state.step)
+    history: dict[str, list[Any]] = {k: [] for k in ("step", "loss", "grad_norm")}
+    evaluations: dict[str, list[Any]] = {"eval_step": [], "eval_loss": []}
+
+    def run_eval() -> None:
+        loss = evaluate(
+            eval_step, train_state, *eval_data,
+            batch_size=stream.batch_size, chunk_length=stream.chunk_length,
+        )  # fmt: skip
+        evaluations["eval_step"].append(step)
+        evaluations["eval_loss"].append(loss)
+
+    with _progress(progress) as bar:
+        task = bar.add_task("training", total=num_steps, completed=step, status="")
+        while step < num_steps:
+            chunk = next(stream)
+            reset = chunk.reset if carry_state else np.ones_like(chunk.reset)
+            state, keys = _prepare(state, reset, rng, chunk.sequence)
+            train_state, state, metrics = train_step(
+                train_state, state, chunk.inputs, chunk.targets, keys if per_entry_keys else None
+            )
+            step += 1
+            history["step"].append(step)
+            history["loss"].append(metrics["loss"])
+            history["grad_norm"].append(metrics["grad_norm"])
+            if eval_data is not None and eval_every and step % eval_every == 0:
+                run_eval()
+            if checkpointer is not None and checkpoint_every and step % checkpoint_every == 0:
+                checkpointer.save(train_state, state, rng, stream.position())
+            if step % log_every == 0 or step == num_steps:
+                bar.update(task, completed=step, status=f"loss {float(metrics['loss']):.4g}")
+            else:
+                bar.update(task, completed=step)
+    if eval_data is not None and (
+        not evaluations["eval_step"] or evaluations["eval_step"][-1] != step
+    ):
+        run_eval()
+    if checkpointer is not None and checkpointer.latest_step() != step:
+        checkpointer.save(train_state, state, rng, stream.position())
+    result = {k: np.asarray(jax.device_get(v)) for k, v in history.items()}
+    result.update({k: np.asarray(v) for k, v in evaluations.items()})
+    return FitResult(train_state, state, result)

@@ -1,0 +1,373 @@
+"""Jitted training and evaluation steps for truncated back-propagation through time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.errors
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training.train_state import TrainState
+from jax.sharding import Mesh
+
+from .. import _validate
+from . import _mesh
+
+LossFn = Callable[[jax.Array, Any], jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(np.shape(x))
+
+
+def _is_typed_key(rng: Any) -> bool:
+    return jax.dtypes.issubdtype(getattr(rng, "dtype", None), jax.dtypes.prng_key)
+
+
+def _check_rng(rng: Any, batch: int) -> bool:
+    """Validates ``rng``; returns True for one key per batch entry, False for one key."""
+    if _is_typed_key(rng):
+        shape = _shape(rng)
+        if shape in ((), (batch,)):
+            return shape == (batch,)
+        raise ValueError(
+            f"rng: expected one key (shape ()) or one per batch entry (shape ({batch},)); "
+            f"received keys of shape {shape}"
+        )
+    dtype = getattr(rng, "dtype", None)
+    if dtype != np.uint32:
+        raise TypeError(
+            f"rng: expected a key from jax.random.key (or uint32 key data); "
+            f"received {type(rng).__name__} of dtype {dtype}"
+        )
+    shape = _shape(rng)
+    if len(shape) == 1 or (len(shape) == 2 and shape[0] == batch):
+        return len(shape) == 2
+    raise ValueError(
+        f"rng: expected uint32 key data [key] or one per batch entry [batch, key] "
+        f"= ({batch}, key); received shape {shape}"
+    )
+
+
+def _per_entry(rng: Any, batch: int) -> bool:
+    """True for one key per batch entry (a validated ``rng``), False for one key or None."""
+    if rng is None:
+        return False
+    return _shape(rng) == (batch,) if _is_typed_key(rng) else len(_shape(rng)) == 2
+
+
+def _apply(apply_fn, params, state, inputs, rng, per_entry, deterministic):
+    """One call of ``apply_fn``; with per-entry keys, one call per batch entry under vmap."""
+    variables = {"params": params}
+    if rng is None:
+        return apply_fn(variables, state, inputs, deterministic=deterministic)
+    if not _is_typed_key(rng):
+        rng = jax.random.wrap_key_data(rng)
+    if not per_entry:
+        return apply_fn(
+            variables, state, inputs, deterministic=deterministic, rngs={"dropout": rng}
+        )
+
+    def one_entry(entry_state, entry_inputs, key):
+        # Each entry runs as a batch of one, with its own dropout key.
+        entry_state = jax.tree.map(lambda a: a[None], entry_state)
+        entry_state, outputs = apply_fn(
+            variables, entry_state, entry_inputs[None], deterministic=deterministic,
+            rngs={"dropout": key},
+        )  # fmt: skip
+        return jax.tree.map(lambda a: a[0], entry_state), outputs[0]
+
+    return jax.vmap(one_entry)(state, inputs, rng)
+
+
+def _needs_rng(apply_fn, params, inputs) -> bool:
+    """Whether the model asks for a 'dropout' rng in training, from shapes alone."""
+    try:
+        jax.eval_shape(
+            lambda p, x: _apply(apply_fn, p, None, x, None, False, deterministic=False),
+            params, inputs,
+        )  # fmt: skip
+    except (ValueError, flax.errors.InvalidRngError):
+        return True
+    return False
+
+
+def _run_window(apply_fn, params, state, inputs, rng, per_entry, *, chunk, truncate):
+    """Runs ``inputs [batch, bands, time, features]`` in chunks of ``chunk`` steps.
+
+    The state is carried from chunk to chunk; with ``truncate`` its gradient is
+    stopped at every chunk boundary. Returns ``(final_state, outputs)`` with the
+    chunks' outputs joined on the time axis (axis 2).
+    """
+
+    def run(state, x):
+        if truncate and state is not None:
+            state = jax.lax.stop_gradient(state)
+        return _apply(apply_fn, params, state, x, rng, per_entry, deterministic=False)
+
+    time = inputs.shape[2]
+    if chunk is None or time <= chunk:
+        return run(state, inputs)
+    batch, bands, _, features = inputs.shape
+    num_chunks = time // chunk
+    split = num_chunks * chunk
+    # [chunks, batch, bands, chunk, features], scanned over the leading axis.
+    chunks = jnp.moveaxis(
+        inputs[:, :, :split].reshape(batch, bands, num_chunks, chunk, features), 2, 0
+    )
+    if state is None:
+        state, first = run(None, chunks[0])
+        chunks = chunks[1:]
+    else:
+        first = None
+    state, outputs = jax.lax.scan(run, state, chunks)
+    outputs = jnp.moveaxis(outputs, 0, 2)
+    outputs = outputs.reshape(batch, bands, outputs.shape[2] * chunk, *outputs.shape[4:])
+    pieces = [outputs] if first is None else [first, outputs]
+    if split < time:
+        state, tail = run(state, inputs[:, :, split:])
+        pieces.append(tail)
+    return state, jnp.concatenate(pieces, axis=2) if len(pieces) > 1 else pieces[0]
+
+
+class _Step:
+    """Shared validation, placement and lowering for the training and evaluation steps."""
+
+    training: bool
+
+    def __init__(self, loss_fn: LossFn, mesh: Mesh | None) -> None:
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a callable; received {type(loss_fn).__name__}")
+        self.loss_fn = loss_fn
+        self.mesh = None if mesh is None else _mesh.check_mesh(mesh)
+        self._checked: set[Any] = set()
+
+    # -- validation -------------------------------------------------------------------
+    def check(self, train_state, state, inputs, targets, rng=None) -> None:
+        """Raises ValueError/TypeError for inputs the step cannot take.
+
+        Runs nothing: shapes come from ``jax.eval_shape``. Each signature of
+        shapes and dtypes is checked once, then remembered.
+        """
+        if not isinstance(train_state, TrainState):
+            raise TypeError(
+                "train_state: expected a flax.training.train_state.TrainState; "
+                f"received {type(train_state).__name__}"
+            )
+        leaves, treedef = jax.tree.flatten((train_state.params, state, inputs, targets, rng))
+        signature = (
+            treedef,
+            train_state.apply_fn,
+            tuple((_shape(a), getattr(a, "dtype", type(a))) for a in leaves),
+        )
+        if signature in self._checked:
+            return
+        self._check(train_state, state, inputs, targets, rng)
+        self._checked.add(signature)
+
+    def _check(self, train_state, state, inputs, targets, rng) -> None:
+        inputs = _validate.check_inputs(inputs)
+        batch, bands, time, _ = inputs.shape
+        if rng is not None:
+            _check_rng(rng, batch)
+        if self.mesh is not None:
+            _mesh.check_divisible(self.mesh, batch, bands)
+        apply_fn, params = train_state.apply_fn, train_state.params
+        # Shape errors (a state that does not match the batch, wrong features)
+        # come from the model itself, traced abstractly.
+        final_state, outputs = jax.eval_shape(
+            lambda p, s, x: _apply(apply_fn, p, s, x, None, False, deterministic=True),
+            params, state, inputs,
+        )  # fmt: skip
+        if self.training and rng is None and _needs_rng(apply_fn, params, inputs):
+            raise ValueError(
+                "rng: the model has dropout on (it needs a 'dropout' rng in training) "
+                "but rng is None; pass jax.random.key(...), one key per batch entry "
+                f"[batch] = ({batch},), or build the model without dropout"
+            )
+        if state is not None and jax.tree.structure(state) != jax.tree.structure(final_state):
+            raise ValueError(
+                "state: expected the structure of the model's final state, "
+                f"{jax.tree.structure(final_state)}; received {jax.tree.structure(state)}"
+            )
+        self._check_targets(outputs, targets, batch, bands, time)
+
+    def _check_targets(self, outputs, targets, batch, bands, time) -> None:
+        out_shape, target_shape = tuple(outputs.shape), _shape(targets)
+        lead = (batch, bands, time)
+        if target_shape[:3] != lead or (
+            len(target_shape) == len(out_shape) and target_shape != out_shape
+        ):
+            expected = f"{out_shape}" if len(out_shape) > 3 else f"[batch, bands, time] = {lead}"
+            raise ValueError(
+                f"targets: expected shape [batch, bands, time, ...] matching the outputs "
+                f"{expected} (the outputs' shape when of the same rank); received {target_shape}"
+            )
+        loss = jax.eval_shape(self.loss_fn, outputs, targets)
+        if not hasattr(loss, "shape") or loss.shape != ():
+            raise ValueError(
+                f"loss_fn: expected a scalar loss; received {getattr(loss, 'shape', loss)!r}"
+            )
+
+    # -- placement ----------------------------------------------------------------------
+    def _place(self, train_state, state, inputs, targets, rng):
+        if self.mesh is None:
+            return train_state, state, inputs, targets, rng
+        data = _mesh.data_sharding(self.mesh)
+        per_entry = _per_entry(rng, _shape(inputs)[0])
+        keys = _mesh.key_sharding(self.mesh) if per_entry else _mesh.replicated(self.mesh)
+        return (
+            jax.device_put(train_state, _mesh.replicated(self.mesh)),
+            None if state is None else jax.device_put(state, data),
+            jax.device_put(inputs, data),
+            jax.device_put(targets, data),
+            None if rng is None else jax.device_put(rng, keys),
+        )
+
+
+class TrainStep(_Step):
+    """``(train_state, state, inputs, targets, rng) -> (train_state, state, metrics)``.
+
+    Made by :func:`make_train_step`; see there. ``lower(...)`` takes the same
+    arguments and returns the jitted step's ``jax.stages.Lowered`` (for
+    ``.compile().memory_analysis()``); ``check(...)`` validates without running.
+    """
+
+    training = True
+
+    def __init__(self, loss_fn, *, truncate: bool, chunk: int | None, mesh: Mesh | None):
+        super().__init__(loss_fn, mesh)
+        if chunk is not None and (
+            not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1
+        ):
+            raise ValueError(f"chunk: expected None or an integer >= 1; received {chunk!r}")
+        self.truncate = bool(truncate)
+        self.chunk = chunk
+        kwargs: dict[str, Any] = {"donate_argnums": 0}
+        if self.mesh is not None:
+            replicated = _mesh.replicated(self.mesh)
+            kwargs["out_shardings"] = (replicated, _mesh.data_sharding(self.mesh), replicated)
+        self._jitted = jax.jit(self._step, **kwargs)
+
+    def _step(self, train_state, state, inputs, targets, rng):
+        per_entry = _per_entry(rng, inputs.shape[0])
+
+        def loss_of(params):
+            final_state, outputs = _run_window(
+                train_state.apply_fn, params, state, inputs, rng, per_entry,
+                chunk=self.chunk, truncate=self.truncate,
+            )  # fmt: skip
+            return self.loss_fn(outputs, targets), final_state
+
+        (loss, final_state), grads = jax.value_and_grad(loss_of, has_aux=True)(train_state.params)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return train_state.apply_gradients(grads=grads), final_state, metrics
+
+    def __call__(self, train_state, state, inputs, targets, rng=None):
+        self.check(train_state, state, inputs, targets, rng)
+        return self._jitted(*self._place(train_state, state, inputs, targets, rng))
+
+    def lower(self, train_state, state, inputs, targets, rng=None) -> jax.stages.Lowered:
+        self.check(train_state, state, inputs, targets, rng)
+        return self._jitted.lower(*self._place(train_state, state, inputs, targets, rng))
+
+
+class EvalStep(_Step):
+    """``(train_state, state, inputs, targets) -> (state, metrics)``, dropout off.
+
+    Made by :func:`make_eval_step`; nothing is donated.
+    """
+
+    training = False
+
+    def __init__(self, loss_fn, *, mesh: Mesh | None):
+        super().__init__(loss_fn, mesh)
+        kwargs: dict[str, Any] = {}
+        if self.mesh is not None:
+            replicated = _mesh.replicated(self.mesh)
+            kwargs["out_shardings"] = (_mesh.data_sharding(self.mesh), replicated)
+        self._jitted = jax.jit(self._step, **kwargs)
+
+    def _step(self, train_state, state, inputs, targets):
+        final_state, outputs = _apply(
+            train_state.apply_fn, train_state.params, state, inputs, None, False, deterministic=True
+        )
+        return final_state, {"loss": self.loss_fn(outputs, targets)}
+
+    def __call__(self, train_state, state, inputs, targets):
+        self.check(train_state, state, inputs, targets)
+        return self._jitted(*self._place(train_state, state, inputs, targets, None)[:4])
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    *,
+    truncate: bool = True,
+    mesh: Mesh | None = None,
+    chunk: int | None = None,
+) -> TrainStep:
+    """Builds a jitted training step for truncated back-propagation through time.
+
+    The step is ``(train_state, state, inputs, targets, rng) -> (train_state,
+    state, metrics)``: it runs the model on ``inputs [batch, bands, time,
+    features]`` from the carried ``state``, computes ``loss_fn(outputs,
+    targets)``, applies one optimiser update, and returns the updated training
+    state, the final state to carry into the next call, and ``metrics``
+    (``{"loss", "grad_norm"}``, scalars of the window before the update).
+
+    What the step relies on:
+
+    * ``train_state`` is a ``flax.training.train_state.TrainState`` whose
+      ``apply_fn`` is called as ``apply_fn({"params": params}, state, inputs,
+      deterministic=..., rngs={"dropout": key}) -> (final_state, outputs)``:
+      ``BandedLSTM.apply``, or the ``apply`` of any Flax module wrapping it (a
+      head, say) with that signature. ``state=None`` must mean zeros, and
+      ``outputs`` must be ``[batch, bands, time, ...]``. Its buffers are donated:
+      use the returned one.
+    * ``state`` is the model's state (for ``BandedLSTM``, a tuple of
+      ``LSTMState``, each field ``[batch, bands, units]``), or None for zeros.
+      Gradients never flow into it: the step is a boundary of the truncation.
+    * ``targets`` is ``[batch, bands, time, ...]``; if it has the outputs' rank
+      it must have the outputs' shape.
+    * ``rng`` is the dropout key. The model draws one dropout mask per
+      (sequence, band) and keeps it for every time step, so to train a sequence
+      chunk by chunk exactly as if it ran whole, pass the **same** key for all
+      the chunks of a sequence. Give one key (shape ``()``) for the whole batch,
+      or one key per batch entry (``[batch]``, one per sequence: entries can
+      then start new sequences independently; the model then runs under
+      ``vmap`` over the entries). ``None`` is allowed when the model has no
+      dropout.
+
+    Everything is validated before the donated jitted call (once per
+    signature of shapes), so a bad call raises ``ValueError`` or ``TypeError``
+    and leaves the caller's buffers intact.
+
+    Args:
+      loss_fn: ``loss_fn(outputs, targets) -> scalar``.
+      truncate: with ``chunk``, stop the state's gradient at the boundaries of
+        the chunks inside the step (truncated BPTT); False back-propagates
+        through the whole window, exactly as if it ran in one piece.
+      mesh: a mesh with the axes ``"batch"`` (and optionally ``"bands"``), as
+        :func:`make_mesh` builds: inputs, targets, state and per-entry keys are
+        split along them and the parameters and optimiser state replicated.
+      chunk: if set, the step runs its window in chunks of this many steps
+        inside the one jitted call, carrying the state from chunk to chunk (a
+        shorter last chunk takes the remainder). None runs the window whole.
+
+    For long windows, build the model with ``BandedLSTM(..., remat_chunk=K)``:
+    the backward pass then keeps the state only every ``K`` steps and
+    recomputes the rest, cutting the step's memory at the same gradients.
+    """
+    return TrainStep(loss_fn, truncate=truncate, chunk=chunk, mesh=mesh)
+
+
+def make_eval_step(loss_fn: LossFn, *, mesh: Mesh | None = None) -> EvalStep:
+    """Builds a jitted evaluation step ``(train_state, state, inputs, targets) ->
+    (state, metrics)``: the model runs with dropout off from ``state``, and
+    ``metrics`` is ``{"loss": loss_fn(outputs, targets)}``. Arguments and the
+    ``apply_fn`` contract are those of :func:`make_train_step`."""
+    return EvalStep(loss_fn, mesh=mesh)
