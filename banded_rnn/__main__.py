@@ -10,7 +10,9 @@ from ._demo import run_demo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m banded_rnn")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("demo", help="the three-band experiment: whole vs halves, band independence")
+    commands.add_parser(
+        "demo", help="the three-band experiment: whole vs halves, band independence"
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         run_demo()

@@ -183,16 +183,16 @@ class BandedLSTM(nn.Module):
         if self.remat_chunk is not None and (
             not isinstance(self.remat_chunk, int) or self.remat_chunk < 1
         ):
-            raise ValueError(f"remat_chunk: expected None or an integer >= 1; received {self.remat_chunk!r}")
+            raise ValueError(
+                f"remat_chunk: expected None or an integer >= 1; received {self.remat_chunk!r}"
+            )
         for name in ("dropout", "recurrent_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name}: expected a rate in [0, 1); received {value!r}")
         super().__post_init__()
 
-    def initial_state(
-        self, batch_size: int, num_bands: int, dtype: Any = jnp.float32
-    ) -> State:
+    def initial_state(self, batch_size: int, num_bands: int, dtype: Any = jnp.float32) -> State:
         """Zeros for every layer: a tuple of ``num_layers`` LSTMState, each field
         ``[batch_size, num_bands, units]``. Needs no parameters."""
         shape = (batch_size, num_bands, self.units)
@@ -308,7 +308,7 @@ class BandedLSTM(nn.Module):
                     jax.random.bernoulli(key, 1.0 - rate, (rows, size)) / (1.0 - rate)
                     if rate
                     else None
-                    for key, rate, size in zip(keys[layer], rates, sizes)
+                    for key, rate, size in zip(keys[layer], rates, sizes, strict=True)
                 )
             )
         return masks

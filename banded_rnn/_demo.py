@@ -9,7 +9,9 @@ import numpy as np
 from ._banded import BandedLSTM
 
 
-def run_demo(batch: int = 1, bands: int = 3, time: int = 50, features: int = 4, units: int = 3) -> dict[str, float]:
+def run_demo(
+    batch: int = 1, bands: int = 3, time: int = 50, features: int = 4, units: int = 3
+) -> dict[str, float]:
     """Predicts a sequence whole and in two halves, threading the state, and
     perturbs one band. Returns the measured differences and prints them."""
     model = BandedLSTM(units)
@@ -35,9 +37,16 @@ def run_demo(batch: int = 1, bands: int = 3, time: int = 50, features: int = 4, 
             np.max(np.abs(np.asarray(perturbed)[:, others] - np.asarray(whole)[:, others]))
         ),
     }
-    print(f"banded_rnn.BandedLSTM({units}) on inputs {tuple(x.shape)} [batch, bands, time, features]")
-    print(f"  whole vs two halves with the state threaded: summed |diff| = "
-          f"{results['whole_vs_halves_sum_abs']:.3g}, max |diff| = {results['whole_vs_halves_max_abs']:.3g}")
-    print(f"  band {changed_band} set to NaN: max |diff| on bands {others} = "
-          f"{results['other_bands_max_abs_after_nan']:.3g}")
+    print(
+        f"banded_rnn.BandedLSTM({units}) on inputs {tuple(x.shape)} [batch, bands, time, features]"
+    )
+    print(
+        "  whole vs two halves with the state threaded: summed |diff| = "
+        f"{results['whole_vs_halves_sum_abs']:.3g}, "
+        f"max |diff| = {results['whole_vs_halves_max_abs']:.3g}"
+    )
+    print(
+        f"  band {changed_band} set to NaN: max |diff| on bands {others} = "
+        f"{results['other_bands_max_abs_after_nan']:.3g}"
+    )
     return results

@@ -48,9 +48,7 @@ def check_state(
             f"as model.initial_state returns); received {type(state).__name__}"
         )
     if len(state) != num_layers:
-        raise ValueError(
-            f"{name}: expected {num_layers} layer states; received {len(state)}"
-        )
+        raise ValueError(f"{name}: expected {num_layers} layer states; received {len(state)}")
     expected = (batch, bands, units)
     for layer, layer_state in enumerate(state):
         if not isinstance(layer_state, LSTMState):
@@ -58,7 +56,7 @@ def check_state(
                 f"{name}[{layer}]: expected an LSTMState(hidden, cell); "
                 f"received {type(layer_state).__name__}"
             )
-        for field, value in zip(LSTMState._fields, layer_state):
+        for field, value in zip(LSTMState._fields, layer_state, strict=True):
             if _shape(value) != expected:
                 raise ValueError(
                     f"{name}[{layer}].{field}: expected shape [batch, bands, units] = "

@@ -1,3 +1,8 @@
+import os
+
+# Keras reads its backend at first import; the interop tests need JAX.
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
 import jax
 import pytest
 

@@ -18,9 +18,11 @@ def init_model(model: BandedLSTM, inputs, seed: int = 0, bias_scale: float = 0.5
     variables = model.init(jax.random.key(seed), None, inputs)
     rng = np.random.default_rng(seed + 1000)
     return jax.tree_util.tree_map_with_path(
-        lambda path, p: p + bias_scale * rng.standard_normal(p.shape).astype(p.dtype)
-        if path[-1].key == "bias"
-        else p,
+        lambda path, p: (
+            p + bias_scale * rng.standard_normal(p.shape).astype(p.dtype)
+            if path[-1].key == "bias"
+            else p
+        ),
         variables,
     )
 

@@ -44,14 +44,9 @@ def lstm_reference(params, inputs, state=None, seq_lengths=None):
     units = params[0][1].shape[0]
     lengths = np.full((batch, bands), time)
     if seq_lengths is not None:
-        lengths = np.broadcast_to(
-            np.asarray(seq_lengths).reshape(batch, -1), (batch, bands)
-        )
+        lengths = np.broadcast_to(np.asarray(seq_lengths).reshape(batch, -1), (batch, bands))
     outputs = np.zeros((batch, bands, time, units))
-    final = [
-        (np.zeros((batch, bands, units)), np.zeros((batch, bands, units)))
-        for _ in params
-    ]
+    final = [(np.zeros((batch, bands, units)), np.zeros((batch, bands, units))) for _ in params]
     for b in range(batch):
         for n in range(bands):
             sequence = x[b, n]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from banded_rnn import BandedLSTM, LSTMState
+
 from helpers import init_model, random_inputs, random_state
 from reference import lstm_reference, params_from_variables
 
@@ -19,14 +20,16 @@ SHAPES = [
 ]
 
 
-def assert_matches_reference(model, variables, inputs, state, outputs, final, atol, seq_lengths=None):
+def assert_matches_reference(
+    model, variables, inputs, state, outputs, final, atol, seq_lengths=None
+):
     ref_state = None if state is None else [tuple(s) for s in state]
     expected_final, expected = lstm_reference(
         params_from_variables(variables), inputs, ref_state, seq_lengths
     )
     np.testing.assert_allclose(np.asarray(outputs), expected, rtol=0, atol=atol)
     assert len(final) == model.num_layers
-    for got, (hidden, cell) in zip(final, expected_final):
+    for got, (hidden, cell) in zip(final, expected_final, strict=True):
         assert isinstance(got, LSTMState)
         np.testing.assert_allclose(np.asarray(got.hidden), hidden, rtol=0, atol=atol)
         np.testing.assert_allclose(np.asarray(got.cell), cell, rtol=0, atol=atol)
@@ -59,9 +62,7 @@ def test_seq_lengths_match_reference(lengths_shape, num_layers):
     lengths = rng.integers(0, time + 3, shape)  # 0, partial, full and longer than time
     lengths.flat[0] = 0
     final, y = model.apply(variables, state, x, seq_lengths=lengths)
-    assert_matches_reference(
-        model, variables, x, state, y, final, atol=1e-5, seq_lengths=lengths
-    )
+    assert_matches_reference(model, variables, x, state, y, final, atol=1e-5, seq_lengths=lengths)
     # Steps past a sequence's length output exactly zero.
     mask = np.arange(time) >= np.broadcast_to(lengths.reshape(batch, -1), (batch, bands))[..., None]
     assert np.all(np.asarray(y)[mask] == 0)
@@ -135,8 +136,10 @@ def test_bands_are_independent(bad_value, num_layers):
     final_bad, y_bad = model.apply(variables, state, x_bad)
     others = [j for j in range(bands) if j != k]
     np.testing.assert_array_equal(np.asarray(y_bad)[:, others], np.asarray(y)[:, others])
-    for s, s_bad in zip(final, final_bad):
-        np.testing.assert_array_equal(np.asarray(s_bad.cell)[:, others], np.asarray(s.cell)[:, others])
+    for s, s_bad in zip(final, final_bad, strict=True):
+        np.testing.assert_array_equal(
+            np.asarray(s_bad.cell)[:, others], np.asarray(s.cell)[:, others]
+        )
     if not np.isfinite(bad_value):
         assert not np.all(np.isfinite(np.asarray(y_bad)[:, k]))
 
@@ -150,7 +153,7 @@ def test_gradient_never_crosses_bands():
 
     for k in range(bands):
 
-        def loss(x, state):
+        def loss(x, state, k=k):
             _, y = model.apply(variables, state, x)
             return jnp.sum(jnp.sin(y[:, k]))
 
@@ -316,12 +319,14 @@ def test_remat_changes_neither_outputs_nor_gradients(remat_chunk):
     value, grads = loss(base)(variables, state, x)
     value_remat, grads_remat = loss(remat)(variables, state, x)
     np.testing.assert_allclose(value_remat, value, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(grads_remat), jax.tree.leaves(grads)):
+    for a, b in zip(jax.tree.leaves(grads_remat), jax.tree.leaves(grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     _, expected = lstm_reference(
         params_from_variables(variables), x, [tuple(s) for s in state], lengths
     )
-    np.testing.assert_allclose(remat.apply(variables, state, x, seq_lengths=lengths)[1], expected, atol=1e-5)
+    np.testing.assert_allclose(
+        remat.apply(variables, state, x, seq_lengths=lengths)[1], expected, atol=1e-5
+    )
 
 
 def test_initial_state_can_be_donated():

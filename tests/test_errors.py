@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from banded_rnn import BandedLSTM, LSTMState
+
 from helpers import random_inputs
 
 MODEL = BandedLSTM(5, num_layers=2)
@@ -19,7 +20,11 @@ def apply(state=None, inputs=X, **kw):
 
 @pytest.mark.parametrize("shape", [(3, 4, 6), (2, 3, 4, 6, 1), (6,)])
 def test_inputs_of_wrong_rank(shape):
-    with pytest.raises(ValueError, match=r"inputs: expected rank 4.*received shape " + str(shape).replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        ValueError,
+        match=r"inputs: expected rank 4.*received shape "
+        + str(shape).replace("(", r"\(").replace(")", r"\)"),
+    ):
         apply(inputs=np.zeros(shape, np.float32))
 
 
@@ -42,7 +47,11 @@ def test_non_float_inputs(dtype):
 def test_state_shape_mismatch(batch, bands, units):
     zeros = jnp.zeros((batch, bands, units))
     state = (LSTMState(zeros, zeros),) * 2
-    with pytest.raises(ValueError, match=r"state\[0\]\.hidden: expected shape .*\(2, 3, 5\); received \(" + f"{batch}, {bands}, {units}"):
+    with pytest.raises(
+        ValueError,
+        match=r"state\[0\]\.hidden: expected shape .*\(2, 3, 5\); received \("
+        + f"{batch}, {bands}, {units}",
+    ):
         apply(state)
 
 
@@ -86,9 +95,16 @@ def test_errors_are_raised_under_jit_before_xla():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"units": 0}, {"units": 3, "num_layers": 0}, {"units": 3, "dropout": 1.0},
-     {"units": 3, "recurrent_dropout": -0.1}, {"units": 3, "unroll": 0}],
+    [
+        {"units": 0},
+        {"units": 3, "num_layers": 0},
+        {"units": 3, "dropout": 1.0},
+        {"units": 3, "recurrent_dropout": -0.1},
+        {"units": 3, "unroll": 0},
+    ],
 )
 def test_bad_constructor_arguments(kwargs):
-    with pytest.raises(ValueError, match=next(k for k in kwargs if k != "units" or len(kwargs) == 1)):
+    with pytest.raises(
+        ValueError, match=next(k for k in kwargs if k != "units" or len(kwargs) == 1)
+    ):
         BandedLSTM(**kwargs)

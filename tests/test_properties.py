@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from banded_rnn import BandedLSTM
+
 from helpers import init_model, random_inputs
 
 BATCH, BANDS, TIME, FEATURES = 2, 3, 24, 3
@@ -61,7 +62,7 @@ def test_chunked_equals_whole(cuts, lengths, dropout, seed):
     whole_state, whole = apply(None, X, lengths)
     chunk_state, chunked = run_chunked(apply, X, cuts, lengths)
     np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(chunk_state), jax.tree.leaves(whole_state)):
+    for a, b in zip(jax.tree.leaves(chunk_state), jax.tree.leaves(whole_state), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
