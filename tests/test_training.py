@@ -10,11 +10,12 @@ import numpy as np
 import optax
 import pytest
 from flax.training.train_state import TrainState
-from helpers import random_inputs, random_state
-from reference import lstm_reference, params_from_variables
 
 from banded_rnn import BandedLSTM, LSTMState
 from banded_rnn.training import make_eval_step, make_train_step
+
+from helpers import random_inputs, random_state
+from reference import lstm_reference, params_from_variables
 
 
 def mse(outputs, targets):
