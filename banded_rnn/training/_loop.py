@@ -113,8 +113,7 @@ class ChunkStream:
         self.seed = seed
         self.shuffle = shuffle
         self._chunks = np.array([x.shape[1] // chunk_length for x in self.inputs])
-        self._order_epoch = -1
-        self._order = np.arange(len(self.inputs))
+        self._orders: dict[int, np.ndarray] = {}
         self.set_position(
             {
                 "next_sequence": np.zeros((), np.int64),
@@ -143,10 +142,16 @@ class ChunkStream:
     def _sequence_index(self, number: int) -> int:
         """The index into ``inputs`` of the stream's ``number``-th sequence."""
         epoch, offset = divmod(number, len(self.inputs))
-        if self.shuffle and epoch != self._order_epoch:
-            self._order = np.random.default_rng((self.seed, epoch)).permutation(len(self.inputs))
-            self._order_epoch = epoch
-        return int(self._order[offset])
+        if not self.shuffle:
+            return offset
+        if epoch not in self._orders:
+            # Entries can straddle a few epochs at once; keep only recent orders.
+            for old in [e for e in self._orders if e < epoch - 2]:
+                del self._orders[old]
+            self._orders[epoch] = np.random.default_rng((self.seed, epoch)).permutation(
+                len(self.inputs)
+            )
+        return int(self._orders[epoch][offset])
 
     def __iter__(self) -> ChunkStream:
         return self
@@ -315,6 +320,8 @@ def fit(
     Returns:
       A :class:`FitResult` ``(train_state, state, history)``.
     """
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 0:
+        raise ValueError(f"num_steps: expected an integer >= 0; received {num_steps!r}")
     if not isinstance(stream, ChunkStream):
         raise TypeError(f"stream: expected a ChunkStream; received {type(stream).__name__}")
     if eval_data is not None and eval_step is None:

@@ -18,6 +18,7 @@ from . import _mesh
 
 LossFn = Callable[[jax.Array, Any], jax.Array]
 Metrics = dict[str, jax.Array]
+Rng = jax.Array | None
 
 
 def _shape(x: Any) -> tuple[int, ...]:
@@ -119,19 +120,15 @@ def _run_window(apply_fn, params, state, inputs, rng, per_entry, *, chunk, trunc
     chunks = jnp.moveaxis(
         inputs[:, :, :split].reshape(batch, bands, num_chunks, chunk, features), 2, 0
     )
-    if state is None:
-        state, first = run(None, chunks[0])
-        chunks = chunks[1:]
-    else:
-        first = None
+    if state is None:  # the model's zeros, as a concrete carry for the scan
+        shapes = jax.eval_shape(lambda x: run(None, x)[0], chunks[0])
+        state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     state, outputs = jax.lax.scan(run, state, chunks)
-    outputs = jnp.moveaxis(outputs, 0, 2)
-    outputs = outputs.reshape(batch, bands, outputs.shape[2] * chunk, *outputs.shape[4:])
-    pieces = [outputs] if first is None else [first, outputs]
+    outputs = jnp.moveaxis(outputs, 0, 2).reshape(batch, bands, split, *outputs.shape[4:])
     if split < time:
         state, tail = run(state, inputs[:, :, split:])
-        pieces.append(tail)
-    return state, jnp.concatenate(pieces, axis=2) if len(pieces) > 1 else pieces[0]
+        outputs = jnp.concatenate([outputs, tail], axis=2)
+    return state, outputs
 
 
 class _Step:
@@ -147,7 +144,9 @@ class _Step:
         self._checked: set[Any] = set()
 
     # -- validation -------------------------------------------------------------------
-    def check(self, train_state, state, inputs, targets, rng=None) -> None:
+    def check(
+        self, train_state: TrainState, state: Any, inputs: Any, targets: Any, rng: Rng = None
+    ) -> None:
         """Raises ValueError/TypeError for inputs the step cannot take.
 
         Runs nothing: shapes come from ``jax.eval_shape``. Each signature of
@@ -159,9 +158,14 @@ class _Step:
                 f"received {type(train_state).__name__}"
             )
         leaves, treedef = jax.tree.flatten((train_state.params, state, inputs, targets, rng))
+        apply_fn = train_state.apply_fn
+        try:
+            hash(apply_fn)
+        except TypeError:
+            apply_fn = id(apply_fn)
         signature = (
             treedef,
-            train_state.apply_fn,
+            apply_fn,
             tuple((_shape(a), getattr(a, "dtype", type(a))) for a in leaves),
         )
         if signature in self._checked:
@@ -267,11 +271,15 @@ class TrainStep(_Step):
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return train_state.apply_gradients(grads=grads), final_state, metrics
 
-    def __call__(self, train_state, state, inputs, targets, rng=None):
+    def __call__(
+        self, train_state: TrainState, state: Any, inputs: Any, targets: Any, rng: Rng = None
+    ) -> tuple[TrainState, Any, Metrics]:
         self.check(train_state, state, inputs, targets, rng)
         return self._jitted(*self._place(train_state, state, inputs, targets, rng))
 
-    def lower(self, train_state, state, inputs, targets, rng=None) -> jax.stages.Lowered:
+    def lower(
+        self, train_state: TrainState, state: Any, inputs: Any, targets: Any, rng: Rng = None
+    ) -> jax.stages.Lowered:
         self.check(train_state, state, inputs, targets, rng)
         return self._jitted.lower(*self._place(train_state, state, inputs, targets, rng))
 
@@ -298,7 +306,9 @@ class EvalStep(_Step):
         )
         return final_state, {"loss": self.loss_fn(outputs, targets)}
 
-    def __call__(self, train_state, state, inputs, targets):
+    def __call__(
+        self, train_state: TrainState, state: Any, inputs: Any, targets: Any
+    ) -> tuple[Any, Metrics]:
         self.check(train_state, state, inputs, targets)
         return self._jitted(*self._place(train_state, state, inputs, targets, None)[:4])
 
@@ -361,6 +371,23 @@ def make_train_step(
     For long windows, build the model with ``BandedLSTM(..., remat_chunk=K)``:
     the backward pass then keeps the state only every ``K`` steps and
     recomputes the rest, cutting the step's memory at the same gradients.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from flax.training.train_state import TrainState
+    >>> from banded_rnn import BandedLSTM
+    >>> model = BandedLSTM(units=8)
+    >>> x = jnp.ones((2, 3, 16, 4))                    # [batch, bands, time, features]
+    >>> y = jnp.zeros((2, 3, 16, 8))                   # [batch, bands, time, units]
+    >>> params = model.init(jax.random.key(0), None, x)["params"]
+    >>> train_state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-3))
+    >>> step = make_train_step(lambda out, target: jnp.mean((out - target) ** 2))
+    >>> state = model.initial_state(2, 3)
+    >>> for chunk in range(2):                         # two chunks of 8 steps, state carried
+    ...     window = slice(8 * chunk, 8 * chunk + 8)
+    ...     train_state, state, metrics = step(
+    ...         train_state, state, x[:, :, window], y[:, :, window], jax.random.key(1))
+    >>> int(train_state.step), state[0].hidden.shape   # per layer: [batch, bands, units]
+    (2, (2, 3, 8))
     """
     return TrainStep(loss_fn, truncate=truncate, chunk=chunk, mesh=mesh)
 
