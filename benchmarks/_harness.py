@@ -46,6 +46,9 @@ class Impl:
       compile_seconds: compilation time measured ahead of time, or None.
       uses_jax: whether compilations during ``run`` are counted.
       note: what exactly runs (shown under the table).
+      checked: whether the row takes part in the parity check; False for the
+        SGEMM runs that measure the floor in the same rounds.
+      flops: FLOPs per unit of an SGEMM row (its rate is ``flops / median``).
     """
 
     name: str
@@ -55,6 +58,8 @@ class Impl:
     compile_seconds: float | None = None
     uses_jax: bool = True
     note: str = ""
+    checked: bool = True
+    flops: float | None = None
 
 
 @dataclasses.dataclass
@@ -73,6 +78,8 @@ class Row:
     parity: str | None = None
     error: str | None = None
     note: str = ""
+    checked: bool = True
+    flops: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -89,10 +96,15 @@ class Row:
 
 @dataclasses.dataclass
 class Result:
-    """All rows of one configuration, ours first."""
+    """All rows of one configuration, ours first.
+
+    ``rate`` is the large-SGEMM rate (FLOP/s) timed in the same rounds, the
+    floor's denominator; None if no SGEMM row was timed.
+    """
 
     config: Config
     rows: list[Row]
+    rate: float | None = None
 
     def row(self, name: str) -> Row | None:
         return next((row for row in self.rows if row.name == name), None)
@@ -173,6 +185,8 @@ def _shout(message: str) -> None:
 def check_parity(config: Config, impls: list[Impl], rows: list[Row], tolerance: float) -> None:
     """Compares every implementation's outputs with ours; marks the rows that
     disagree as failed (and ours too if it agrees with no baseline)."""
+    pairs = [(impl, row) for impl, row in zip(impls, rows, strict=True) if impl.checked]
+    impls, rows = [impl for impl, _ in pairs], [row for _, row in pairs]
     outputs = {}
     for impl, row in zip(impls, rows, strict=True):
         try:
@@ -258,44 +272,72 @@ def benchmark(
     """Checks parity (ours must come first in ``impls``), then times the rows that agree."""
     if not impls or impls[0].name != OURS:
         raise ValueError(f"impls: expected ours first; received {[i.name for i in impls]}")
-    rows = [Row(impl.name, compile_seconds=impl.compile_seconds, note=impl.note) for impl in impls]
+    rows = [
+        Row(
+            impl.name,
+            compile_seconds=impl.compile_seconds,
+            note=impl.note,
+            checked=impl.checked,
+            flops=impl.flops,
+        )
+        for impl in impls
+    ]
     compilations()  # start listening before anything compiles
     check_parity(config, impls, rows, tolerance)
     time_interleaved(impls, rows, repeats, warmup)
-    return Result(config, rows)
+    rates = [row.flops / row.median for row in rows if not row.checked and row.ok and row.flops]
+    return Result(config, [row for row in rows if row.checked], max(rates, default=None))
 
 
 # --- the machine's SGEMM rate ----------------------------------------------------
 
 
-def sgemm_rates(size: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """FLOP/s of a ``size x size @ size x size`` float32 matmul in JAX (jitted)
-    and torch (2 threads), timed interleaved: ``{"jax": ..., "torch": ...}``."""
+def sgemm_impls(size: int = 2048) -> list[Impl]:
+    """Unchecked rows that time a ``size x size @ size x size`` float32 matmul,
+    in JAX (jitted) and in torch (2 threads, if installed)."""
     import jax
     import jax.numpy as jnp
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((size, size)).astype(np.float32)
     b = rng.standard_normal((size, size)).astype(np.float32)
-    runners = {}
+    flops = 2.0 * size**3
     matmul = jax.jit(jnp.matmul)
     ja, jb = jnp.asarray(a), jnp.asarray(b)
-    runners["jax"] = lambda: matmul(ja, jb).block_until_ready()
+    impls = [
+        Impl(
+            "sgemm-jax",
+            dict,
+            lambda: matmul(ja, jb).block_until_ready(),
+            checked=False,
+            flops=flops,
+        )
+    ]
     try:
         import torch
-
-        torch.set_num_threads(2)
-        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        runners["torch"] = lambda: torch.mm(ta, tb)
     except ImportError:
-        pass
-    for run in runners.values():
-        run()
-    times = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    flops = 2.0 * size**3
-    return {name: flops / float(np.median(t)) for name, t in times.items()}
+        return impls
+    torch.set_num_threads(2)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    impls.append(
+        Impl(
+            "sgemm-torch",
+            dict,
+            lambda: torch.mm(ta, tb),
+            uses_jax=False,
+            checked=False,
+            flops=flops,
+        )
+    )
+    return impls
+
+
+def sgemm_rates(size: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """FLOP/s of :func:`sgemm_impls`, timed round-robin: ``{"jax": ..., "torch": ...}``."""
+    impls = sgemm_impls(size)
+    rows = [Row(impl.name) for impl in impls]
+    time_interleaved(impls, rows, repeats, warmup=1)
+    return {
+        impl.name.removeprefix("sgemm-"): impl.flops / row.median
+        for impl, row in zip(impls, rows, strict=True)
+    }

@@ -85,7 +85,7 @@ def speedups(result: Result) -> dict[str, float | None]:
 
 def targets(result: Result, rate: float) -> list[str]:
     """The goals of BENCHMARKS.md this configuration misses (empty: all met)."""
-    config, ours = result.config, result.row(OURS)
+    config, ours, rate = result.config, result.row(OURS), result.rate or rate
     if ours is None or not ours.ok:
         return ["not measured"]
     misses = []
@@ -125,7 +125,7 @@ def summary_table(results: list[Result], rate: float) -> list[str]:
             median, floor = (ours.error if ours else "not run"), "–"
         else:
             median = _median_cell(result.config, ours)
-            floor = f"{floor_seconds(result.config, rate) / ours.median:.2f}"
+            floor = f"{floor_seconds(result.config, result.rate or rate) / ours.median:.2f}"
         misses = targets(result, rate)
         lines.append(
             f"| `{result.config.name}` | {median} | {_ratio(ratios['torch'])} "
@@ -135,14 +135,14 @@ def summary_table(results: list[Result], rate: float) -> list[str]:
     return lines
 
 
-def detail_table(results: list[Result], rate: float) -> list[str]:
+def detail_table(results: list[Result], default_rate: float) -> list[str]:
     lines = [
         "| config | implementation | median | p90 | this / ours | GFLOP/s | of floor "
         "| compile | compiles after warm-up | diff vs ours |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
-        config = result.config
+        config, rate = result.config, result.rate or default_rate
         flops = config.flops()
         ours = result.row(OURS)
         for row in result.rows:
@@ -197,7 +197,7 @@ def render(
     memory: dict[str, dict[str, int]],
     *,
     quick: bool,
-    repeats: int,
+    repeats: int | str,
     elapsed: float,
     info: dict[str, str],
     sgemm_size: int,
@@ -218,9 +218,10 @@ def render(
     if "XLA_FLAGS" in info:
         lines.append(f"XLA_FLAGS: `{info['XLA_FLAGS']}`.")
     lines += [
-        f"Large SGEMM ({sgemm_size} x {sgemm_size} float32, same run): "
+        f"Large SGEMM ({sgemm_size} x {sgemm_size} float32) at the start of the run: "
         + ", ".join(f"{name} {value / 1e9:.1f} GFLOP/s" for name, value in rates.items())
-        + f"; the floor (d) uses {rate / 1e9:.1f} GFLOP/s.",
+        + ". The floor (d) of each configuration uses the larger of the two rates "
+        "timed in that configuration's own rounds (its row shows the rate).",
         "",
         "Ratios are baseline time / our time in this run (above 1: ours is faster); "
         "floor / ours is the fraction of the machine's SGEMM rate that we reach.",
