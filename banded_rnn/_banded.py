@@ -48,26 +48,24 @@ class _LayerParams(nn.Module):
         return kernel, recurrent_kernel, bias
 
 
+_FUSED_MATMUL_MIN_STEPS = 4
+"""From this many time steps on, a layer concatenates ``[kernel; recurrent_kernel]``
+once per call and does one matmul per step; below it, two matmuls per step. On
+XLA:CPU the concatenation of the 2-layer, 384-unit weights costs as much as
+three or four steps of the difference (benchmarks/NOTES.md)."""
+
+
 def _step(
-    weights: jax.Array,
-    bias: jax.Array,
+    project: Callable[[jax.Array, jax.Array], jax.Array],
     recurrent_mask: jax.Array | None,
     carry: tuple[jax.Array, jax.Array],
     xs: tuple[jax.Array, jax.Array | None],
 ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
-    """One time step for all rows (sequence, band) at once: ``[rows, ...]``.
-
-    The input and the recurrent projections are one matmul,
-    ``[x_t, h] @ [kernel; recurrent_kernel]``. Under XLA:CPU this beats
-    hoisting ``x @ kernel`` out of the loop: a gate fusion that reads a
-    dynamic slice of the hoisted projection is compiled by the slow legacy
-    loop emitter (benchmarks/NOTES.md).
-    """
+    """One time step for all rows (sequence, band) at once: ``[rows, ...]``."""
     hidden, cell = carry
     inputs, valid = xs
     dropped = hidden if recurrent_mask is None else hidden * recurrent_mask
-    preactivations = jnp.concatenate([inputs, dropped], axis=-1) @ weights + bias[None]
-    new_hidden, new_cell = lstm_gates(preactivations, cell)
+    new_hidden, new_cell = lstm_gates(project(inputs, dropped), cell)
     if valid is None:
         return (new_hidden, new_cell), new_hidden
     valid = valid[:, None]
@@ -77,10 +75,26 @@ def _step(
 
 
 def _scan_layer(params, recurrent_mask, carry, inputs, valid, unroll):
-    """Scans one layer over ``inputs [time, rows, features]`` from ``carry``."""
+    """Scans one layer over ``inputs [time, rows, features]`` from ``carry``.
+
+    The input projection stays inside the loop. Hoisting ``x @ kernel`` out of
+    it as one large matmul is slower under XLA:CPU: the gate fusion that then
+    reads a dynamic slice of the hoisted ``[time, rows, 4 * units]`` array is
+    compiled by the legacy loop emitter, about 5x slower than the new one
+    (benchmarks/NOTES.md).
+    """
     kernel, recurrent_kernel, bias = params
-    weights = jnp.concatenate([kernel, recurrent_kernel], axis=0)  # [features + units, 4 * units]
-    step = partial(_step, weights, bias, recurrent_mask)
+    if inputs.shape[0] >= _FUSED_MATMUL_MIN_STEPS:
+        weights = jnp.concatenate([kernel, recurrent_kernel], axis=0)  # [features + units, 4u]
+
+        def project(x, h):
+            return jnp.concatenate([x, h], axis=-1) @ weights + bias[None]
+    else:
+
+        def project(x, h):
+            return x @ kernel + h @ recurrent_kernel + bias[None]
+
+    step = partial(_step, project, recurrent_mask)
     return jax.lax.scan(step, carry, (inputs, valid), unroll=unroll)
 
 
