@@ -25,8 +25,8 @@ import numpy as np
 import optax
 
 from ._configs import Config
-from ._harness import Impl, compile_seconds
-from ._ours import LEARNING_RATE, PARITY_FRAMES
+from ._harness import PARITY_FRAMES, Impl, compile_seconds, jax_stream_impl
+from ._ours import LEARNING_RATE
 from ._weights import (
     Weights,
     check_same_tree,
@@ -250,29 +250,13 @@ def build_keras(config: Config, weights: Weights, inputs: np.ndarray, targets: n
             zero = jnp.zeros((rows, units), jnp.float32)
             return [(zero, zero) for _ in layers]
 
-        state = [zeros()]
-
-        def outputs():
-            carried, ys = zeros(), []
-            for frame in frames[:PARITY_FRAMES]:
-                carried, y = step(trainable, carried, frame)
-                ys.append(np.asarray(y)[:, :, 0])
-            return {"outputs": np.stack(ys)}
-
-        def run():
-            carried = state[0]
-            for frame in frames:
-                carried, y = step(trainable, carried, frame)
-                y.block_until_ready()
-            state[0] = carried
-
-        return Impl(
+        return jax_stream_impl(
             "keras",
-            outputs,
-            run,
-            per_run=config.frames,
-            compile_seconds=compile_seconds(step, trainable, state[0], frames[0]),
-            note="keras.layers.LSTM (JAX backend, return_state, initial_state), bands folded, "
+            step,
+            trainable,
+            zeros,
+            frames,
+            "keras.layers.LSTM (JAX backend, return_state, initial_state), bands folded, "
             "one frame per jax.jit(stateless_call)",
         )
 
@@ -380,29 +364,13 @@ def build_flax(config: Config, weights: Weights, inputs: np.ndarray, targets: np
             zero = jnp.zeros((config.batch, config.bands, units), jnp.float32)
             return [(zero, zero) for _ in range(config.layers)]
 
-        state = [zeros()]
-
-        def outputs():
-            carried, ys = zeros(), []
-            for frame in frames[:PARITY_FRAMES]:
-                carried, y = step(cell_params, carried, frame)
-                ys.append(np.asarray(y)[:, :, 0])
-            return {"outputs": np.stack(ys)}
-
-        def run():
-            carried = state[0]
-            for frame in frames:
-                carried, y = step(cell_params, carried, frame)
-                y.block_until_ready()
-            state[0] = carried
-
-        return Impl(
+        return jax_stream_impl(
             "flax",
-            outputs,
-            run,
-            per_run=config.frames,
-            compile_seconds=compile_seconds(step, cell_params, state[0], frames[0]),
-            note="nn.OptimizedLSTMCell per layer, one frame per jitted call",
+            step,
+            cell_params,
+            zeros,
+            frames,
+            "nn.OptimizedLSTMCell per layer, one frame per jitted call",
         )
 
     train = config.mode == "train"

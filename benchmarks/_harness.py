@@ -62,6 +62,47 @@ class Impl:
     flops: float | None = None
 
 
+PARITY_FRAMES = 10
+"""Frames streamed from a zero state for the parity check of a streaming configuration."""
+
+
+def jax_stream_impl(
+    name: str,
+    step: Callable,
+    params,
+    zeros: Callable[[], object],
+    frames: list,
+    note: str,
+) -> Impl:
+    """The :class:`Impl` of a jitted streaming step ``step(params, state, frame)
+    -> (state, outputs [batch, bands, 1, units])`` over ``frames``, starting
+    from ``zeros()`` and carrying its state from one timed run to the next."""
+    state = [zeros()]
+
+    def outputs():
+        carried, ys = zeros(), []
+        for frame in frames[:PARITY_FRAMES]:
+            carried, y = step(params, carried, frame)
+            ys.append(np.asarray(y)[:, :, 0])
+        return {"outputs": np.stack(ys)}
+
+    def run():
+        carried = state[0]
+        for frame in frames:
+            carried, y = step(params, carried, frame)
+            y.block_until_ready()
+        state[0] = carried
+
+    return Impl(
+        name,
+        outputs,
+        run,
+        per_run=len(frames),
+        compile_seconds=compile_seconds(step, params, state[0], frames[0]),
+        note=note,
+    )
+
+
 @dataclasses.dataclass
 class Row:
     """The measurements of one implementation of one configuration.

@@ -24,12 +24,10 @@ import banded_rnn
 from banded_rnn import BandedLSTM
 
 from ._configs import Config
-from ._harness import OURS, Impl, compile_seconds
+from ._harness import OURS, Impl, compile_seconds, jax_stream_impl
 from ._weights import Weights, to_ours
 
 LEARNING_RATE = 1e-3
-PARITY_FRAMES = 10
-"""Frames streamed from a zero state for the parity check of a streaming configuration."""
 
 
 def _model(config: Config, remat_chunk: int | None = None) -> BandedLSTM:
@@ -78,30 +76,13 @@ def _stream(config: Config, weights: Weights, inputs: np.ndarray) -> Impl:
     variables = jax.device_put(to_ours(weights))
     frames = [jnp.asarray(inputs[:, :, t : t + 1]) for t in range(config.frames)]
     step, note = stream_step_of(model)
-    state = [model.initial_state(config.batch, config.bands)]
-
-    def outputs():
-        carried = model.initial_state(config.batch, config.bands)
-        ys = []
-        for frame in frames[:PARITY_FRAMES]:
-            carried, y = step(variables, carried, frame)
-            ys.append(np.asarray(y)[:, :, 0])
-        return {"outputs": np.stack(ys)}
-
-    def run():
-        carried = state[0]
-        for frame in frames:
-            carried, y = step(variables, carried, frame)
-            y.block_until_ready()
-        state[0] = carried
-
-    return Impl(
+    return jax_stream_impl(
         OURS,
-        outputs,
-        run,
-        per_run=config.frames,
-        compile_seconds=compile_seconds(step, variables, state[0], frames[0]),
-        note=note,
+        step,
+        variables,
+        lambda: model.initial_state(config.batch, config.bands),
+        frames,
+        note,
     )
 
 
