@@ -58,33 +58,23 @@ three or four steps of the difference (benchmarks/NOTES.md)."""
 def _step(
     project: Callable[[jax.Array, jax.Array], jax.Array],
     recurrent_mask: jax.Array | None,
-    residuals: bool,
     carry: tuple[jax.Array, jax.Array],
     xs: tuple[jax.Array, jax.Array | None],
-) -> tuple[tuple[jax.Array, jax.Array], Any]:
-    """One time step for all rows (sequence, band) at once: ``[rows, ...]``.
-
-    With ``residuals``, also returns what ``_layer_bwd`` needs of the step: the
-    dropped hidden state that met the recurrent kernel, the pre-activations
-    and the previous cell.
-    """
+) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+    """One time step for all rows (sequence, band) at once: ``[rows, ...]``."""
     hidden, cell = carry
     inputs, valid = xs
     dropped = hidden if recurrent_mask is None else hidden * recurrent_mask
-    preactivations = project(inputs, dropped)
-    new_hidden, new_cell = lstm_gates(preactivations, cell)
+    new_hidden, new_cell = lstm_gates(project(inputs, dropped), cell)
     if valid is None:
-        new_carry, output = (new_hidden, new_cell), new_hidden
-    else:
-        valid = valid[:, None]
-        output = jnp.where(valid, new_hidden, jnp.zeros_like(new_hidden))
-        new_carry = (jnp.where(valid, new_hidden, hidden), jnp.where(valid, new_cell, cell))
-    if residuals:
-        return new_carry, (output, (dropped, preactivations, cell))
-    return new_carry, output
+        return (new_hidden, new_cell), new_hidden
+    valid = valid[:, None]
+    new_hidden = jnp.where(valid, new_hidden, hidden)
+    new_cell = jnp.where(valid, new_cell, cell)
+    return (new_hidden, new_cell), jnp.where(valid, new_hidden, jnp.zeros_like(new_hidden))
 
 
-def _scan_layer(params, recurrent_mask, carry, inputs, valid, unroll, residuals=False):
+def _scan_layer(params, recurrent_mask, carry, inputs, valid, unroll):
     """Scans one layer over ``inputs [time, rows, features]`` from ``carry``.
 
     The input projection stays inside the loop. Hoisting ``x @ kernel`` out of
@@ -104,85 +94,8 @@ def _scan_layer(params, recurrent_mask, carry, inputs, valid, unroll, residuals=
         def project(x, h):
             return x @ kernel + h @ recurrent_kernel + bias[None]
 
-    step = partial(_step, project, recurrent_mask, residuals)
+    step = partial(_step, project, recurrent_mask)
     return jax.lax.scan(step, carry, (inputs, valid), unroll=unroll)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _layer(unroll, params, recurrent_mask, carry, inputs, valid):
-    """``_scan_layer`` with a backward pass that keeps the weight gradient out of the loop.
-
-    JAX's own transpose of the scan computes ``[x_t, h]^T @ dz`` for the
-    weights at every step and stores about 12 ``[rows, units]`` residuals per
-    step. ``_layer_bwd`` instead runs a reversed scan that carries only
-    ``(dh, dc)`` and does one ``dz @ recurrent_kernel^T`` per step, then forms
-    the kernel, recurrent kernel, bias and input gradients from the stacked
-    ``dz [time, rows, 4 * units]`` as large GEMMs and a sum after the loop.
-    """
-    return _scan_layer(params, recurrent_mask, carry, inputs, valid, unroll)
-
-
-def _layer_fwd(unroll, params, recurrent_mask, carry, inputs, valid):
-    carry, (outputs, (dropped, preactivations, cells)) = _scan_layer(
-        params, recurrent_mask, carry, inputs, valid, unroll, residuals=True
-    )
-    residuals = (params, recurrent_mask, inputs, valid, dropped, preactivations, cells)
-    return (carry, outputs), residuals
-
-
-def _layer_bwd(unroll, residuals, cotangents):
-    params, recurrent_mask, inputs, valid, dropped, preactivations, cells = residuals
-    kernel, recurrent_kernel, bias = params
-    (d_hidden, d_cell), d_outputs = cotangents
-
-    def step(carry, xs):
-        d_hidden, d_cell = carry
-        d_output, preactivation, cell, valid = xs
-        d_new_hidden, d_new_cell = d_hidden + d_output, d_cell
-        if valid is not None:
-            # Invalid steps output zeros and pass the state through unchanged.
-            valid = valid[:, None]
-            d_new_hidden = jnp.where(valid, d_new_hidden, jnp.zeros_like(d_new_hidden))
-            d_new_cell = jnp.where(valid, d_new_cell, jnp.zeros_like(d_new_cell))
-        _, gates_vjp = jax.vjp(lstm_gates, preactivation, cell)
-        d_preactivation, d_prev_cell = gates_vjp((d_new_hidden, d_new_cell))
-        d_prev_hidden = d_preactivation @ recurrent_kernel.T
-        if recurrent_mask is not None:
-            d_prev_hidden = d_prev_hidden * recurrent_mask
-        if valid is not None:
-            d_prev_hidden = d_prev_hidden + jnp.where(valid, jnp.zeros_like(d_hidden), d_hidden)
-            d_prev_cell = d_prev_cell + jnp.where(valid, jnp.zeros_like(d_cell), d_cell)
-        return (d_prev_hidden, d_prev_cell), d_preactivation
-
-    d_carry, d_preactivations = jax.lax.scan(
-        step,
-        (d_hidden, d_cell),
-        (d_outputs, preactivations, cells, valid),
-        reverse=True,
-        unroll=unroll,
-    )
-    # [time * rows, ...] views, contracted over their leading axis: XLA:CPU runs
-    # this form of the weight-gradient GEMM about 2x faster than the einsum
-    # "trf,trg->fg", which it lowers to an explicit transpose to [f, time * rows]
-    # followed by the dot (benchmarks/NOTES.md).
-    d_flat = d_preactivations.reshape(-1, d_preactivations.shape[-1])
-
-    def weight_gradient(a):
-        return jax.lax.dot_general(a.reshape(-1, a.shape[-1]), d_flat, (((0,), (0,)), ((), ())))
-
-    d_params = (
-        weight_gradient(inputs),
-        weight_gradient(dropped),
-        d_flat.sum(axis=0),
-    )
-    d_inputs = (d_flat @ kernel.T).reshape(inputs.shape)
-    # The recurrent mask is drawn from the dropout rng: a constant for every
-    # parameter, so its cotangent is given as zeros rather than computed.
-    d_mask = None if recurrent_mask is None else jnp.zeros_like(recurrent_mask)
-    return d_params, d_mask, d_carry, d_inputs, None
-
-
-_layer.defvjp(_layer_fwd, _layer_bwd)
 
 
 def _run_layer(params, recurrent_mask, carry, inputs, valid, *, unroll, remat_chunk):
@@ -194,7 +107,7 @@ def _run_layer(params, recurrent_mask, carry, inputs, valid, *, unroll, remat_ch
     """
     time = inputs.shape[0]
     if remat_chunk is None or time <= remat_chunk:
-        return _layer(unroll, params, recurrent_mask, carry, inputs, valid)
+        return _scan_layer(params, recurrent_mask, carry, inputs, valid, unroll)
     num_chunks = time // remat_chunk
     split = num_chunks * remat_chunk
 
@@ -203,13 +116,13 @@ def _run_layer(params, recurrent_mask, carry, inputs, valid, *, unroll, remat_ch
 
     @jax.checkpoint
     def body(carry, xs):
-        return _layer(unroll, params, recurrent_mask, carry, *xs)
+        return _scan_layer(params, recurrent_mask, carry, *xs, unroll)
 
     carry, outputs = jax.lax.scan(body, carry, (chunks(inputs), chunks(valid)))
     outputs = outputs.reshape(split, *outputs.shape[2:])
     if split < time:
         tail_valid = None if valid is None else valid[split:]
-        carry, tail = _layer(unroll, params, recurrent_mask, carry, inputs[split:], tail_valid)
+        carry, tail = _scan_layer(params, recurrent_mask, carry, inputs[split:], tail_valid, unroll)
         outputs = jnp.concatenate([outputs, tail], axis=0)
     return carry, outputs
 

@@ -338,3 +338,21 @@ def test_initial_state_can_be_donated():
     state, y = step(variables, state, x)
     _, expected = lstm_reference(params_from_variables(variables), np.concatenate([x, x], axis=2))
     np.testing.assert_allclose(y, expected[:, :, 1:], atol=1e-5)
+
+
+def test_forward_mode_matches_finite_differences():
+    # Research users differentiate both ways: jvp must work through the scan.
+    with jax.enable_x64(True):
+        model = BandedLSTM(3, num_layers=2, param_dtype=jnp.float64)
+        x = random_inputs(23, (1, 2, 5, 2), np.float64)
+        variables = init_model(model, x)
+        direction = random_inputs(24, x.shape, np.float64)
+
+        def f(x):
+            return model.apply(variables, None, x)[1]
+
+        _, tangent = jax.jvp(f, (x,), (direction,))
+        eps = 1e-6
+        _, plus = lstm_reference(params_from_variables(variables), x + eps * direction)
+        _, minus = lstm_reference(params_from_variables(variables), x - eps * direction)
+        np.testing.assert_allclose(tangent, (plus - minus) / (2 * eps), rtol=1e-6, atol=1e-8)
