@@ -7,10 +7,11 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from helpers import init_model, random_inputs
-from reference import lstm_reference, params_from_variables
 
 from banded_rnn import BandedLSTM, export_stream_step
+
+from helpers import init_model, random_inputs
+from reference import lstm_reference, params_from_variables
 
 BATCH, BANDS, FEATURES, UNITS, CHUNK = 2, 3, 4, 6, 3
 MODEL = BandedLSTM(UNITS, num_layers=2)

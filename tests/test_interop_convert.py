@@ -13,11 +13,12 @@ import jax
 import keras
 import numpy as np
 import pytest
-from helpers import init_model, random_inputs
 
 import interop
 from banded_rnn import BandedLSTM
 from interop import BandedLSTMLayer
+
+from helpers import init_model, random_inputs
 
 torch = pytest.importorskip("torch")
 

@@ -14,12 +14,13 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 import pytest
-from helpers import init_model, random_inputs
-from reference import lstm_reference, params_from_variables
 
 import interop
 from banded_rnn import BandedLSTM, LSTMState
 from interop import BandedLSTMLayer
+
+from helpers import init_model, random_inputs
+from reference import lstm_reference, params_from_variables
 
 ATOL = 1e-5
 

@@ -11,12 +11,13 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import init_model, random_inputs, random_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import lstm_reference, params_from_variables
 
 from banded_rnn import BandedLSTM, Stream, stream_step
+
+from helpers import init_model, random_inputs, random_state
+from reference import lstm_reference, params_from_variables
 
 BATCH, BANDS, FEATURES, UNITS = 3, 4, 6, 5
 MODEL = BandedLSTM(UNITS, num_layers=2)
