@@ -223,6 +223,7 @@ class BandedLSTM(nn.Module):
         inputs: jax.Array,
         *,
         seq_lengths: jax.Array | None = None,
+        mask: jax.Array | None = None,
         deterministic: bool = True,
     ) -> tuple[State, jax.Array]:
         """Runs the stack over ``inputs`` from ``state``.
@@ -251,10 +252,15 @@ class BandedLSTM(nn.Module):
             state = self.initial_state(batch, bands)
         else:
             state = _validate.check_state(state, self.num_layers, batch, bands, self.units)
-        valid = None
+        valid = None  # [time, rows] booleans: which steps update the state
+        if seq_lengths is not None and mask is not None:
+            raise ValueError("seq_lengths, mask: give one or the other, not both")
         if seq_lengths is not None:
             lengths = _validate.check_seq_lengths(seq_lengths, batch, bands)
             valid = jnp.arange(time)[:, None] < lengths.reshape(1, batch * bands)
+        if mask is not None:
+            steps = _validate.check_mask(mask, batch, bands, time)
+            valid = jnp.swapaxes(steps.reshape(batch * bands, time), 0, 1)
         masks = self._dropout_masks(deterministic, batch * bands, features)
 
         dtype = jnp.promote_types(jnp.promote_types(inputs.dtype, self.param_dtype), jnp.float32)

@@ -90,3 +90,19 @@ def check_seq_lengths(
     if seq_lengths.ndim == 1:
         seq_lengths = seq_lengths[:, None]
     return jnp.broadcast_to(seq_lengths, (batch, bands))
+
+
+def check_mask(mask: Any, batch: int, bands: int, time: int, name: str = "mask") -> jax.Array:
+    """Returns ``mask`` broadcast to ``[batch, bands, time]``, or raises."""
+    shape = _shape(mask)
+    if shape not in ((batch, time), (batch, bands, time)):
+        raise ValueError(
+            f"{name}: expected shape [batch, time] = ({batch}, {time}) or "
+            f"[batch, bands, time] = ({batch}, {bands}, {time}); received {shape}"
+        )
+    if jnp.result_type(mask) != jnp.bool_:
+        raise TypeError(f"{name}: expected a bool dtype; received {jnp.result_type(mask)}")
+    mask = jnp.asarray(mask)
+    if mask.ndim == 2:
+        mask = mask[:, None, :]
+    return jnp.broadcast_to(mask, (batch, bands, time))

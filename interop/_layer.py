@@ -88,11 +88,10 @@ class BandedLSTMLayer(keras.layers.Layer):
 
     Masks: a Keras mask (from ``keras.layers.Masking``, which gives ``[batch,
     bands, time]``, or ``mask=`` of shape ``[batch, time]`` or ``[batch, bands,
-    time]``) is read as right padding: a sequence ends at its first masked step.
-    From there on its state is frozen and its outputs are zeros (Keras's
-    ``zero_output_for_mask=True``). A masked step followed by valid ones
-    therefore ends the sequence early, unlike ``keras.layers.LSTM``, which skips
-    it and carries on; pad at the end.
+    time]``) is applied step by step, as ``keras.layers.LSTM`` does: a masked
+    step leaves that sequence's state unchanged and outputs zeros (Keras's
+    ``zero_output_for_mask=True``), wherever it is, and the next valid step
+    carries on from the frozen state.
 
     >>> import numpy as np
     >>> layer = BandedLSTMLayer(8, num_layers=2)
@@ -405,8 +404,8 @@ class BandedLSTMLayer(keras.layers.Layer):
           initial_state: optional tuple of ``num_layers`` ``LSTMState``, each
             field ``[batch, bands, units]``; by default zeros, or the stored
             state of a stateful layer.
-          mask: optional booleans ``[batch, time]`` or ``[batch, bands, time]``,
-            read as right padding (see the class docstring).
+          mask: optional booleans ``[batch, time]`` or ``[batch, bands, time]``;
+            a masked step freezes the state and outputs zeros.
           training: apply dropout.
 
         Returns:
@@ -423,12 +422,9 @@ class BandedLSTMLayer(keras.layers.Layer):
             state = tuple(LSTMState(v.hidden.value, v.cell.value) for v in self._stack)
         else:
             state = None
-        seq_lengths = None
         if mask is not None:
             self._check_mask(mask, shape)
-            # A sequence ends at its first masked step: the length is the run
-            # of leading valid steps.
-            seq_lengths = jnp.sum(jnp.cumprod(jnp.asarray(mask).astype(jnp.int32), axis=-1), -1)
+            mask = jnp.asarray(mask).astype(bool)
         deterministic = not training or not (self.dropout or self.recurrent_dropout)
         rngs = None
         if not deterministic:
@@ -437,7 +433,7 @@ class BandedLSTMLayer(keras.layers.Layer):
             self._variables_from(lambda v: v.value),
             state,
             inputs,
-            seq_lengths=seq_lengths,
+            mask=mask,
             deterministic=deterministic,
             rngs=rngs,
         )

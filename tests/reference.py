@@ -26,7 +26,7 @@ def params_from_variables(variables) -> list[tuple[np.ndarray, np.ndarray, np.nd
     ]
 
 
-def lstm_reference(params, inputs, state=None, seq_lengths=None):
+def lstm_reference(params, inputs, state=None, seq_lengths=None, mask=None):
     """Runs a stacked LSTM on every (sequence, band) separately.
 
     Args:
@@ -34,6 +34,8 @@ def lstm_reference(params, inputs, state=None, seq_lengths=None):
       inputs: ``[batch, bands, time, features]``.
       state: optional list, per layer, of ``(hidden, cell)`` each ``[batch, bands, units]``.
       seq_lengths: optional ``[batch]`` or ``[batch, bands]`` integers.
+      mask: optional booleans ``[batch, time]`` or ``[batch, bands, time]``:
+        a masked step leaves the state unchanged and outputs zeros.
 
     Returns:
       ``(final_state, outputs)``: list per layer of ``(hidden, cell)``, and
@@ -45,6 +47,10 @@ def lstm_reference(params, inputs, state=None, seq_lengths=None):
     lengths = np.full((batch, bands), time)
     if seq_lengths is not None:
         lengths = np.broadcast_to(np.asarray(seq_lengths).reshape(batch, -1), (batch, bands))
+    valid = np.ones((batch, bands, time), bool)
+    if mask is not None:
+        mask = np.asarray(mask, bool)
+        valid = np.broadcast_to(mask.reshape(batch, -1, time), (batch, bands, time))
     outputs = np.zeros((batch, bands, time, units))
     final = [(np.zeros((batch, bands, units)), np.zeros((batch, bands, units))) for _ in params]
     for b in range(batch):
@@ -59,7 +65,7 @@ def lstm_reference(params, inputs, state=None, seq_lengths=None):
                     c = np.array(state[layer][1][b, n], np.float64)
                 layer_out = np.zeros((time, units))
                 for t in range(time):
-                    if t >= lengths[b, n]:
+                    if t >= lengths[b, n] or not valid[b, n, t]:
                         continue
                     z = sequence[t] @ kernel + h @ recurrent_kernel + bias
                     i = _sigmoid(z[:units])

@@ -356,3 +356,24 @@ def test_forward_mode_matches_finite_differences():
         _, plus = lstm_reference(params_from_variables(variables), x + eps * direction)
         _, minus = lstm_reference(params_from_variables(variables), x - eps * direction)
         np.testing.assert_allclose(tangent, (plus - minus) / (2 * eps), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("mask_shape", ["batch_time", "batch_bands_time"])
+def test_mask_with_gaps_matches_reference(mask_shape):
+    batch, bands, time, features, units = 2, 3, 9, 3, 4
+    model = BandedLSTM(units, num_layers=2)
+    x = random_inputs(25, (batch, bands, time, features))
+    variables = init_model(model, x)
+    state = random_state(model, batch, bands, seed=26)
+    shape = (batch, time) if mask_shape == "batch_time" else (batch, bands, time)
+    mask = np.random.default_rng(27).random(shape) < 0.6  # gaps anywhere, leading ones too
+    mask.flat[0] = False
+    final, y = model.apply(variables, state, x, mask=mask)
+    ref_state = [tuple(s) for s in state]
+    expected_final, expected = lstm_reference(
+        params_from_variables(variables), x, ref_state, mask=mask
+    )
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=0, atol=1e-5)
+    for got, (hidden, cell) in zip(final, expected_final, strict=True):
+        np.testing.assert_allclose(np.asarray(got.hidden), hidden, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(got.cell), cell, rtol=0, atol=1e-5)

@@ -108,3 +108,19 @@ def test_bad_constructor_arguments(kwargs):
         ValueError, match=next(k for k in kwargs if k != "units" or len(kwargs) == 1)
     ):
         BandedLSTM(**kwargs)
+
+
+@pytest.mark.parametrize("shape", [(2, 5), (3, 4), (2, 2, 4), (2, 3, 4, 1)])
+def test_mask_of_wrong_shape(shape):
+    with pytest.raises(ValueError, match=r"mask: expected shape \[batch, time\] = \(2, 4\)"):
+        apply(mask=np.ones(shape, bool))
+
+
+def test_mask_of_wrong_dtype():
+    with pytest.raises(TypeError, match="mask: expected a bool dtype"):
+        apply(mask=np.ones((2, 4), np.int32))
+
+
+def test_mask_and_seq_lengths_together():
+    with pytest.raises(ValueError, match="seq_lengths, mask: give one or the other"):
+        apply(mask=np.ones((2, 4), bool), seq_lengths=np.array([1, 2]))

@@ -247,18 +247,23 @@ def test_masking_layer_freezes_state_like_the_reference_and_keras_lstm():
         np.testing.assert_allclose(keras_c, cell[:, band], atol=ATOL)
 
 
-def test_mask_argument_ends_each_sequence_at_its_first_masked_step():
+def test_mask_argument_skips_masked_steps_like_keras_lstm():
     x = random_inputs(10, (2, 3, 7, 4))
-    layer, params = _built_layer(x, 4, 2, return_sequences=False)
+    layer, params = _built_layer(x, 4, 1, return_sequences=False)
     # Batch 0 is right-padded after 5 steps; batch 1 has a hole at step 2.
     mask = np.array([[1, 1, 1, 1, 1, 0, 0], [1, 1, 0, 1, 1, 1, 1]], bool)
     y = layer(x, mask=mask)
-    state, _ = lstm_reference(params, x, seq_lengths=np.array([5, 2]))
+    state, _ = lstm_reference(params, x, mask=mask)
     np.testing.assert_allclose(y, state[-1][0], atol=ATOL)
 
-    per_band = np.array([[7, 0, 3], [1, 7, 6]])
-    band_mask = np.arange(7)[None, None] < per_band[..., None]
-    state, _ = lstm_reference(params, x, seq_lengths=per_band)
+    lstm = keras.layers.LSTM(4)
+    lstm.build((None, None, 4))
+    lstm.set_weights(interop.to_keras_lstm(layer.get_flax_variables())[0])
+    for band in range(3):
+        np.testing.assert_allclose(lstm(x[:, band], mask=mask), y[:, band], atol=ATOL)
+
+    band_mask = np.random.default_rng(11).random((2, 3, 7)) < 0.6
+    state, _ = lstm_reference(params, x, mask=band_mask)
     np.testing.assert_allclose(layer(x, mask=band_mask), state[-1][0], atol=ATOL)
 
 
