@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -33,3 +34,17 @@ def random_state(model: BandedLSTM, batch: int, bands: int, seed: int):
         type(s)(*(rng.standard_normal(a.shape).astype(np.float32) for a in s))
         for s in model.initial_state(batch, bands)
     )
+
+
+class WithHead(nn.Module):
+    """A banded LSTM followed by a linear head ``units -> 1``, with BandedLSTM's
+    call signature (what ``make_train_step`` expects of ``apply_fn``)."""
+
+    units: int
+
+    @nn.compact
+    def __call__(self, state, inputs, *, deterministic=True):
+        state, hidden = BandedLSTM(self.units, name="lstm")(
+            state, inputs, deterministic=deterministic
+        )
+        return state, nn.Dense(1, name="head")(hidden)

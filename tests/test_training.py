@@ -3,7 +3,6 @@ bands that never exchange gradients, chunked == whole in training, remat, bad in
 
 from functools import partial
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +13,7 @@ from flax.training.train_state import TrainState
 from banded_rnn import BandedLSTM, LSTMState
 from banded_rnn.training import make_eval_step, make_train_step
 
-from helpers import random_inputs, random_state
+from helpers import WithHead, random_inputs, random_state
 from reference import lstm_reference, params_from_variables
 
 
@@ -187,19 +186,6 @@ def test_eval_step_matches_reference():
     )
     np.testing.assert_allclose(float(metrics["loss"]), np.mean((outputs - y) ** 2), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(final[0].hidden), expected_final[0][0], atol=1e-5)
-
-
-class WithHead(nn.Module):
-    """A banded LSTM followed by a linear head, with BandedLSTM's call signature."""
-
-    units: int
-
-    @nn.compact
-    def __call__(self, state, inputs, *, deterministic=True):
-        state, hidden = BandedLSTM(self.units, name="lstm")(
-            state, inputs, deterministic=deterministic
-        )
-        return state, nn.Dense(1, name="head")(hidden)
 
 
 def test_model_with_a_head():

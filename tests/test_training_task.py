@@ -1,14 +1,14 @@
 """The task of notebooks/training.ipynb: carrying the state beats resetting it at every chunk."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training.train_state import TrainState
 
-from banded_rnn import BandedLSTM
 from banded_rnn.training import ChunkStream, fit, make_train_step
+
+from helpers import WithHead
 
 BANDS, LENGTH, CHUNK, UNITS, BATCH, STEPS = 4, 64, 8, 16, 16, 800
 
@@ -26,24 +26,13 @@ def cue_recall(num_sequences, seed):
     return inputs, targets.astype(np.float32)
 
 
-class Recall(nn.Module):
-    units: int
-
-    @nn.compact
-    def __call__(self, state, inputs, *, deterministic=True):
-        state, hidden = BandedLSTM(self.units, name="lstm")(
-            state, inputs, deterministic=deterministic
-        )
-        return state, nn.Dense(1, name="head")(hidden)
-
-
 def mse(outputs, targets):
     return jnp.mean((outputs - targets) ** 2)
 
 
 def test_carried_state_beats_reset_state():
     train_x, train_y = cue_recall(256, seed=0)
-    model = Recall(UNITS)
+    model = WithHead(UNITS)
     variables = model.init(jax.random.key(0), None, train_x[:1, :, :CHUNK])
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
     step = make_train_step(mse)
