@@ -61,21 +61,21 @@ def _step(
     carry: tuple[jax.Array, jax.Array],
     xs: tuple[jax.Array, jax.Array | None],
 ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
-    """One time step for all rows (sequence, band) at once: ``[rows, ...]``."""
+    """One time step for every (sequence, band) at once: ``[batch, bands, ...]``."""
     hidden, cell = carry
     inputs, valid = xs
     dropped = hidden if recurrent_mask is None else hidden * recurrent_mask
     new_hidden, new_cell = lstm_gates(project(inputs, dropped), cell)
     if valid is None:
         return (new_hidden, new_cell), new_hidden
-    valid = valid[:, None]
+    valid = valid[..., None]
     new_hidden = jnp.where(valid, new_hidden, hidden)
     new_cell = jnp.where(valid, new_cell, cell)
     return (new_hidden, new_cell), jnp.where(valid, new_hidden, jnp.zeros_like(new_hidden))
 
 
 def _scan_layer(params, recurrent_mask, carry, inputs, valid, unroll):
-    """Scans one layer over ``inputs [time, rows, features]`` from ``carry``.
+    """Scans one layer over ``inputs [time, batch, bands, features]`` from ``carry``.
 
     The input projection stays inside the loop. Hoisting ``x @ kernel`` out of
     it as one large matmul is slower under XLA:CPU: the gate fusion that then
@@ -84,15 +84,16 @@ def _scan_layer(params, recurrent_mask, carry, inputs, valid, unroll):
     (benchmarks/NOTES.md).
     """
     kernel, recurrent_kernel, bias = params
+    bias = bias.reshape((1,) * (inputs.ndim - 2) + bias.shape)
     if inputs.shape[0] >= _FUSED_MATMUL_MIN_STEPS:
         weights = jnp.concatenate([kernel, recurrent_kernel], axis=0)  # [features + units, 4u]
 
         def project(x, h):
-            return jnp.concatenate([x, h], axis=-1) @ weights + bias[None]
+            return jnp.concatenate([x, h], axis=-1) @ weights + bias
     else:
 
         def project(x, h):
-            return x @ kernel + h @ recurrent_kernel + bias[None]
+            return x @ kernel + h @ recurrent_kernel + bias
 
     step = partial(_step, project, recurrent_mask)
     return jax.lax.scan(step, carry, (inputs, valid), unroll=unroll)
@@ -252,23 +253,26 @@ class BandedLSTM(nn.Module):
             state = self.initial_state(batch, bands)
         else:
             state = _validate.check_state(state, self.num_layers, batch, bands, self.units)
-        valid = None  # [time, rows] booleans: which steps update the state
+        valid = None  # [time, batch, bands] booleans: which steps update the state
         if seq_lengths is not None and mask is not None:
             raise ValueError("seq_lengths, mask: give one or the other, not both")
         if seq_lengths is not None:
             lengths = _validate.check_seq_lengths(seq_lengths, batch, bands)
-            valid = jnp.arange(time)[:, None] < lengths.reshape(1, batch * bands)
+            valid = jnp.arange(time)[:, None, None] < lengths.reshape(1, batch, bands)
         if mask is not None:
             steps = _validate.check_mask(mask, batch, bands, time)
-            valid = jnp.swapaxes(steps.reshape(batch * bands, time), 0, 1)
-        masks = self._dropout_masks(deterministic, batch * bands, features)
+            valid = jnp.moveaxis(steps.reshape(batch, bands, time), 2, 0)
+        masks = self._dropout_masks(deterministic, (batch, bands), features)
 
         dtype = jnp.promote_types(jnp.promote_types(inputs.dtype, self.param_dtype), jnp.float32)
-        rows = batch * bands
-        # Bands are folded into the batch: one row per (sequence, band). Rows
-        # never mix in a matmul, so this is vmap over bands with shared weights.
         # Time-major from here on, so that layers chain without transposes.
-        layer_inputs = jnp.swapaxes(inputs.reshape(rows, time, features), 0, 1).astype(dtype)
+        # Every (sequence, band) pair is one row of each step's matmul: bands
+        # are folded into the batch, and rows never mix, so this is vmap over
+        # bands with shared weights. The [batch, bands] axes are kept rather
+        # than flattened: the state then goes out in the shape it came in, and
+        # XLA:CPU fuses the gate maths into two loops per step instead of
+        # materialising each gate (benchmarks/NOTES.md).
+        layer_inputs = jnp.moveaxis(inputs, 2, 0).astype(dtype)
         final_state = []
         for layer, layer_state in enumerate(state):
             kernel, recurrent_kernel, bias = (
@@ -285,10 +289,7 @@ class BandedLSTM(nn.Module):
             input_mask, recurrent_mask = masks[layer]
             if input_mask is not None:
                 layer_inputs = layer_inputs * input_mask.astype(dtype)[None]
-            carry = (
-                layer_state.hidden.reshape(rows, self.units).astype(dtype),
-                layer_state.cell.reshape(rows, self.units).astype(dtype),
-            )
+            carry = (layer_state.hidden.astype(dtype), layer_state.cell.astype(dtype))
             (hidden, cell), layer_inputs = _run_layer(
                 (kernel, recurrent_kernel, bias),
                 None if recurrent_mask is None else recurrent_mask.astype(dtype),
@@ -298,19 +299,14 @@ class BandedLSTM(nn.Module):
                 unroll=self.unroll,
                 remat_chunk=self.remat_chunk,
             )
-            final_state.append(
-                LSTMState(
-                    hidden.reshape(batch, bands, self.units),
-                    cell.reshape(batch, bands, self.units),
-                )
-            )
-        outputs = jnp.swapaxes(layer_inputs, 0, 1).reshape(batch, bands, time, self.units)
+            final_state.append(LSTMState(hidden, cell))
+        outputs = jnp.moveaxis(layer_inputs, 0, 2)
         return tuple(final_state), outputs
 
     def _dropout_masks(
-        self, deterministic: bool, rows: int, features: int
+        self, deterministic: bool, rows: tuple[int, int], features: int
     ) -> list[tuple[jax.Array | None, jax.Array | None]]:
-        """One ``(input_mask, recurrent_mask)`` per layer, ``[rows, size]``, or Nones."""
+        """One ``(input_mask, recurrent_mask)`` per layer, ``[batch, bands, size]``, or Nones."""
         rates = (self.dropout, self.recurrent_dropout)
         if deterministic or not any(rates):
             return [(None, None)] * self.num_layers
@@ -325,7 +321,7 @@ class BandedLSTM(nn.Module):
             sizes = (features if layer == 0 else self.units, self.units)
             masks.append(
                 tuple(
-                    jax.random.bernoulli(key, 1.0 - rate, (rows, size)) / (1.0 - rate)
+                    jax.random.bernoulli(key, 1.0 - rate, (*rows, size)) / (1.0 - rate)
                     if rate
                     else None
                     for key, rate, size in zip(keys[layer], rates, sizes, strict=True)
