@@ -74,6 +74,18 @@ def _step(
     return (new_hidden, new_cell), jnp.where(valid, new_hidden, jnp.zeros_like(new_hidden))
 
 
+def _vary_like(x: jax.Array, like: jax.Array) -> jax.Array:
+    """``x``, varying over the same ``shard_map`` axes as ``like``.
+
+    Inside ``shard_map`` a scan's carry must vary over the axes its update
+    varies over; a zero state made with ``jnp.zeros``, or one passed in
+    replicated, varies over none while sharded inputs make the update vary.
+    Adding zeros made from ``like`` gives ``x`` the inputs' axes; outside
+    ``shard_map`` XLA folds the addition away.
+    """
+    return x + jnp.zeros_like(like, shape=x.shape, dtype=x.dtype)
+
+
 def _scan_layer(params, recurrent_mask, carry, inputs, valid, unroll):
     """Scans one layer over ``inputs [time, batch, bands, features]`` from ``carry``.
 
@@ -289,7 +301,7 @@ class BandedLSTM(nn.Module):
             input_mask, recurrent_mask = masks[layer]
             if input_mask is not None:
                 layer_inputs = layer_inputs * input_mask.astype(dtype)[None]
-            carry = (layer_state.hidden.astype(dtype), layer_state.cell.astype(dtype))
+            carry = tuple(_vary_like(c.astype(dtype), layer_inputs) for c in layer_state)
             (hidden, cell), layer_inputs = _run_layer(
                 (kernel, recurrent_kernel, bias),
                 None if recurrent_mask is None else recurrent_mask.astype(dtype),

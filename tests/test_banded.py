@@ -377,3 +377,30 @@ def test_mask_with_gaps_matches_reference(mask_shape):
     for got, (hidden, cell) in zip(final, expected_final, strict=True):
         np.testing.assert_allclose(np.asarray(got.hidden), hidden, rtol=0, atol=1e-5)
         np.testing.assert_allclose(np.asarray(got.cell), cell, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("spec", ["batch", "bands"])
+def test_runs_inside_shard_map(with_state, spec):
+    """Sequences or bands split over a mesh with ``shard_map``: the zero
+    state made inside the model must vary like the sharded inputs."""
+    model = BandedLSTM(units=5, num_layers=2)
+    inputs = random_inputs(40, (2, 3, 6, 4))
+    variables = init_model(model, inputs)
+    state = random_state(model, 2, 3, seed=41) if with_state else None
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), (spec,))
+    split = jax.sharding.PartitionSpec(*([None] if spec == "bands" else []), spec)
+
+    def apply(variables, state, inputs):
+        return model.apply(variables, state, inputs)
+
+    sharded = jax.jit(
+        jax.shard_map(
+            apply,
+            mesh=mesh,
+            in_specs=(jax.sharding.PartitionSpec(), split, split),
+            out_specs=(split, split),
+        )
+    )
+    final, outputs = sharded(variables, state, inputs)
+    assert_matches_reference(model, variables, inputs, state, outputs, final, atol=1e-5)
