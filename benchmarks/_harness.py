@@ -26,6 +26,8 @@ GRAD_TOLERANCE = 1e-4
 """Largest gradient difference, relative to the gradient's largest entry, that still agrees."""
 
 OURS = "ours"
+OURS_SHARDED = "ours-sharded"
+"""Ours with the batch split over several CPU devices, where that applies."""
 
 
 class ParityError(AssertionError):

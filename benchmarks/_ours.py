@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from functools import partial
 
@@ -24,7 +25,7 @@ import banded_rnn
 from banded_rnn import BandedLSTM
 
 from ._configs import Config
-from ._harness import OURS, Impl, compile_seconds, jax_stream_impl
+from ._harness import OURS, OURS_SHARDED, Impl, compile_seconds, jax_stream_impl
 from ._weights import Weights, to_ours
 
 LEARNING_RATE = 1e-3
@@ -43,10 +44,42 @@ def build(config: Config, weights: Weights, inputs: np.ndarray, targets: np.ndar
     return _train(config, weights, inputs, targets)
 
 
-def _inference(config: Config, weights: Weights, inputs: np.ndarray) -> Impl:
+SHARDED_CONFIGS = ("seed", "train")
+"""Configurations also run with the batch split over the CPU devices: the
+small-matmul ones, whose per-step matmul cannot keep two threads busy (the
+others measured slower on two devices: benchmarks/NOTES.md)."""
+
+
+def build_sharded(
+    config: Config, weights: Weights, inputs: np.ndarray, targets: np.ndarray
+) -> Impl | None:
+    """Ours with the batch split over every CPU device (:data:`OURS_SHARDED`),
+    through ``banded_rnn.training.make_mesh``; None if this process has one
+    device or the batch does not divide evenly."""
+    devices = jax.devices()
+    if config.name not in SHARDED_CONFIGS or len(devices) < 2 or config.batch % len(devices):
+        return None
+    from banded_rnn.training import make_mesh
+
+    mesh = make_mesh()
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    where = f"batch split over {len(devices)} CPU devices (make_mesh)"
+    if config.mode == "inference":
+        impl = _inference(config, weights, inputs, split)
+    else:
+        impl = _train(config, weights, inputs, targets, mesh)
+    return dataclasses.replace(impl, name=OURS_SHARDED, note=f"{impl.note}, {where}")
+
+
+def _inference(
+    config: Config,
+    weights: Weights,
+    inputs: np.ndarray,
+    sharding: jax.sharding.Sharding | None = None,
+) -> Impl:
     model = _model(config)
     variables = jax.device_put(to_ours(weights))
-    x = jnp.asarray(inputs)
+    x = jax.device_put(inputs, sharding)
     apply = jax.jit(model.apply)
 
     def outputs():
@@ -124,7 +157,7 @@ class TrainRunner:
     ``loss_and_grad(params, x, y)`` is the jitted loss and gradient.
     """
 
-    def __init__(self, config: Config, remat_chunk: int | None = None):
+    def __init__(self, config: Config, remat_chunk: int | None = None, mesh=None):
         self.module = WithHead(config.units, config.layers, config.features, remat_chunk)
         self.optimizer = optax.adam(LEARNING_RATE)
 
@@ -141,7 +174,7 @@ class TrainRunner:
             self.note = (
                 "banded_rnn.training.make_train_step(mse) on BandedLSTM + Dense head, optax.adam"
             )
-            package_step = make_train_step(_mse)
+            package_step = make_train_step(_mse, mesh=mesh)
             self.lower = lambda carry, x, y: package_step.lower(carry, None, x, y)
 
             def step(carry, x, y):
@@ -150,6 +183,8 @@ class TrainRunner:
 
             self.step = step
             return
+        if mesh is not None:
+            raise ValueError("mesh: needs banded_rnn.training.make_train_step")
         self.note = "jax.jit(step, donate_argnums=0): value_and_grad, optax.adam"
 
         @partial(jax.jit, donate_argnums=0)
@@ -172,9 +207,14 @@ class TrainRunner:
         return params, self.optimizer.init(params)
 
 
-def _train(config: Config, weights: Weights, inputs: np.ndarray, targets: np.ndarray) -> Impl:
-    runner = TrainRunner(config)
-    x, y = jnp.asarray(inputs), jnp.asarray(targets)
+def _train(
+    config: Config, weights: Weights, inputs: np.ndarray, targets: np.ndarray, mesh=None
+) -> Impl:
+    runner = TrainRunner(config, mesh=mesh)
+    split = None
+    if mesh is not None:
+        split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    x, y = jax.device_put(inputs, split), jax.device_put(targets, split)
     params = jax.device_put(train_params(weights))
     held = [runner.carry(params)]
     start = time.perf_counter()

@@ -8,11 +8,12 @@ import os
 import platform
 
 from ._configs import MEMORY_TIME, Config
-from ._harness import OURS, Result, Row
+from ._harness import OURS, OURS_SHARDED, Result, Row
 
 BASELINES = ("torch", "keras", "flax")
 LABELS = {
     OURS: "ours",
+    OURS_SHARDED: "ours, batch over the CPU devices",
     "torch": "(a) torch",
     "keras": "(b) Keras-JAX",
     "flax": "(c) Flax",
@@ -72,9 +73,9 @@ def floor_seconds(config: Config, rate: float) -> float:
     return config.flops() / rate
 
 
-def speedups(result: Result) -> dict[str, float | None]:
+def speedups(result: Result, ours_name: str = OURS) -> dict[str, float | None]:
     """``baseline median / ours median`` for every baseline that was timed."""
-    ours = result.row(OURS)
+    ours = result.row(ours_name)
     out = {}
     for name in BASELINES:
         row = result.row(name)
@@ -83,13 +84,13 @@ def speedups(result: Result) -> dict[str, float | None]:
     return out
 
 
-def targets(result: Result, rate: float) -> list[str]:
+def targets(result: Result, rate: float, ours_name: str = OURS) -> list[str]:
     """The goals of BENCHMARKS.md this configuration misses (empty: all met)."""
-    config, ours, rate = result.config, result.row(OURS), result.rate or rate
+    config, ours, rate = result.config, result.row(ours_name), result.rate or rate
     if ours is None or not ours.ok:
         return ["not measured"]
     misses = []
-    ratios = speedups(result)
+    ratios = speedups(result, ours_name)
     for name, ratio in ratios.items():
         if ratio is not None and ratio <= 1.0:
             misses.append(f"slower than {name}")
@@ -119,20 +120,31 @@ def summary_table(results: list[Result], rate: float) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for result in results:
-        ours = result.row(OURS)
-        ratios = speedups(result)
-        if ours is None or not ours.ok:
-            median, floor = (ours.error if ours else "not run"), "–"
-        else:
-            median = _median_cell(result.config, ours)
-            floor = f"{floor_seconds(result.config, result.rate or rate) / ours.median:.2f}"
-        misses = targets(result, rate)
-        lines.append(
-            f"| `{result.config.name}` | {median} | {_ratio(ratios['torch'])} "
-            f"| {_ratio(ratios['keras'])} | {_ratio(ratios['flax'])} | {floor} "
-            f"| {'; '.join(misses) if misses else 'none'} |"
-        )
+        for name in (OURS, OURS_SHARDED):
+            ours = result.row(name)
+            if name != OURS and ours is None:
+                continue
+            lines.append(_summary_line(result, name, rate))
     return lines
+
+
+def _summary_line(result: Result, ours_name: str, rate: float) -> str:
+    ours = result.row(ours_name)
+    ratios = speedups(result, ours_name)
+    if ours is None or not ours.ok:
+        median, floor = (ours.error if ours else "not run"), "–"
+    else:
+        median = _median_cell(result.config, ours)
+        floor = f"{floor_seconds(result.config, result.rate or rate) / ours.median:.2f}"
+    misses = targets(result, rate, ours_name)
+    config = f"`{result.config.name}`"
+    if ours_name == OURS_SHARDED:
+        config += ", batch over the CPU devices"
+    return (
+        f"| {config} | {median} | {_ratio(ratios['torch'])} "
+        f"| {_ratio(ratios['keras'])} | {_ratio(ratios['flax'])} | {floor} "
+        f"| {'; '.join(misses) if misses else 'none'} |"
+    )
 
 
 def detail_table(results: list[Result], default_rate: float) -> list[str]:
@@ -210,9 +222,12 @@ def render(
         "",
         f"Run: {mode}, {repeats} interleaved repeats per row, {elapsed:.0f} s in all, "
         f"{info['date']}.",
-        f"Machine: {info['cpu']}.",
+        f"Machine: {info['cpu']}"
+        + (f"; JAX runs {info['devices']}." if "devices" in info else "."),
         "Versions: "
-        + ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("date", "cpu", "XLA_FLAGS"))
+        + ", ".join(
+            f"{k} {v}" for k, v in info.items() if k not in ("date", "cpu", "XLA_FLAGS", "devices")
+        )
         + ".",
     ]
     if "XLA_FLAGS" in info:

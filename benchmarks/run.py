@@ -33,6 +33,22 @@ function once on the timed shapes, so ``--quick`` skips the extra round."""
 QUICK_REPEATS = {"subband-offline": 3, "train": 5}
 """Repeats per configuration in ``--quick`` mode (others: ``QUICK_DEFAULT``)."""
 QUICK_DEFAULT = 7
+CPU_DEVICES = 2
+"""CPU devices the process asks JAX for: ours also runs the small-matmul
+configurations with the batch split over them. Everything else, the baselines
+included, runs on the first device, as it would in a one-device process."""
+
+
+def use_cpu_devices(count: int) -> int:
+    """Asks JAX for ``count`` CPU devices (possible only before JAX has run
+    anything); returns how many this process has."""
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError as error:  # the backend is already up (e.g. under pytest)
+        print(f"CPU devices: left as they are ({error})", file=sys.stderr)
+    return len(jax.devices())
 
 
 def build_impls(
@@ -43,6 +59,9 @@ def build_impls(
     weights = random_weights(config, seed)
     inputs, targets = random_data(config, seed + 1)
     impls = [_ours.build(config, weights, inputs, targets)]
+    sharded = _ours.build_sharded(config, weights, inputs, targets)
+    if sharded is not None:
+        impls.append(sharded)
     failed = []
     for name in baselines:
         try:
@@ -100,6 +119,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed repeats per row (overrides the mode)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory table")
     parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=CPU_DEVICES,
+        help=f"CPU devices for the sharded rows of ours (default: {CPU_DEVICES}; 1: none)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=Path(__file__).parent / "RESULTS.md",
@@ -110,6 +135,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    devices = use_cpu_devices(args.cpu_devices)
     start = time.perf_counter()
     names = args.only or list(CONFIGS)
     sgemm_repeats = 5 if args.quick else 10
@@ -151,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         quick=args.quick,
         repeats=repeats_label,
         elapsed=time.perf_counter() - start,
-        info=machine(),
+        info={**machine(), "devices": f"{devices} CPU device{'s' if devices > 1 else ''}"},
         sgemm_size=SGEMM_SIZE,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)

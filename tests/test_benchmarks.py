@@ -7,6 +7,11 @@ row whose weights differ is refused before timing, and that the report is writte
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -84,6 +89,7 @@ def test_main_writes_the_report(monkeypatch, tmp_path):
     monkeypatch.setattr(run, "SGEMM_SIZE", 64)
     out = tmp_path / "RESULTS.md"
     argv = ["--quick", "--repeats", "2", "--baselines", "torch", "flax", "--no-memory"]
+    argv += ["--cpu-devices", "1"]  # this process's JAX must keep its one device
     argv += ["--out", str(out)]
     assert run.main(argv) == 0
     report = out.read_text()
@@ -99,3 +105,46 @@ def test_compiled_memory_drops_with_remat():
     remat = _ours.train_memory(config, weights, 200, 10)
     assert remat["temp"] < whole["temp"]
     assert np.all([v >= 0 for v in whole.values()])
+
+
+SHARDED_SCRIPT = """
+import dataclasses, jax
+jax.config.update("jax_num_cpu_devices", 2)
+from benchmarks import _ours
+from benchmarks._configs import Config
+from benchmarks._harness import OURS, OURS_SHARDED, benchmark
+from benchmarks._weights import random_data, random_weights
+
+for name, mode in (("seed", "inference"), ("train", "train")):
+    config = Config(name, 4, 3, 5, 4, 6, 1, mode)
+    weights = random_weights(config, seed=3)
+    inputs, targets = random_data(config, seed=4)
+    impls = [_ours.build(config, weights, inputs, targets)]
+    impls.append(_ours.build_sharded(config, weights, inputs, targets))
+    wrong = _ours.build_sharded(config, weights.perturbed(1e-2), inputs, targets)
+    impls.append(dataclasses.replace(wrong, name="sharded-perturbed"))
+    result = benchmark(config, impls, repeats=1, warmup=0)
+    row = result.row(OURS_SHARDED)
+    assert row.error is None and row.times, row.error
+    assert "2 CPU devices" in row.note, row.note
+    assert result.row("sharded-perturbed").error.startswith("PARITY FAILED")
+    print(name, row.parity)
+"""
+
+
+def test_sharded_rows_run_on_two_cpu_devices_and_are_checked():
+    """In a fresh process with two CPU devices (the setting must precede JAX's
+    start), ours with the batch split over them agrees with ours on one."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(SHARDED_SCRIPT)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[0].startswith("seed ")
+    assert done.stdout.splitlines()[1].startswith("train ")
