@@ -107,7 +107,16 @@ def _scan_layer(params, recurrent_mask, carry, inputs, valid, unroll):
         def project(x, h):
             return x @ kernel + h @ recurrent_kernel + bias
 
-    step = partial(_step, project, recurrent_mask)
+    # For the backward pass, each step keeps only its matmul's output and the
+    # carry; the gate maths is recomputed from them. JAX's default would stack
+    # every intermediate of the gate maths (11 arrays the size of the state, per
+    # step), and writing and zero-initialising those costs more than the
+    # recomputation (benchmarks/NOTES.md). No effect without differentiation.
+    step = jax.checkpoint(
+        partial(_step, project, recurrent_mask),
+        policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        prevent_cse=False,  # the scan already keeps XLA from merging steps
+    )
     return jax.lax.scan(step, carry, (inputs, valid), unroll=unroll)
 
 
