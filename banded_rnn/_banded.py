@@ -74,16 +74,18 @@ def _step(
     return (new_hidden, new_cell), jnp.where(valid, new_hidden, jnp.zeros_like(new_hidden))
 
 
-def _vary_like(x: jax.Array, like: jax.Array) -> jax.Array:
-    """``x``, varying over the same ``shard_map`` axes as ``like``.
+def _shard_like(state: jax.Array, inputs: jax.Array) -> jax.Array:
+    """``state [batch, bands, units]`` split over devices as ``inputs [time,
+    batch, bands, features]`` is.
 
-    Inside ``shard_map`` a scan's carry must vary over the axes its update
-    varies over; a zero state made with ``jnp.zeros``, or one passed in
-    replicated, varies over none while sharded inputs make the update vary.
-    Adding zeros made from ``like`` gives ``x`` the inputs' axes; outside
-    ``shard_map`` XLA folds the addition away.
+    A zero state made with ``jnp.zeros`` (or a state passed in replicated) is
+    split over nothing. Inside ``shard_map`` the scan then refuses a carry that
+    varies over fewer mesh axes than its update; under a mesh with explicit
+    axes, concatenating it with the sharded inputs fails. Adding zeros sliced
+    from the inputs gives the state their batch and bands layout; without a
+    mesh, XLA folds the addition away.
     """
-    return x + jnp.zeros_like(like, shape=x.shape, dtype=x.dtype)
+    return state + jnp.zeros_like(inputs[0, ..., :1], dtype=state.dtype)
 
 
 def _scan_layer(params, recurrent_mask, carry, inputs, valid, unroll):
@@ -310,7 +312,7 @@ class BandedLSTM(nn.Module):
             input_mask, recurrent_mask = masks[layer]
             if input_mask is not None:
                 layer_inputs = layer_inputs * input_mask.astype(dtype)[None]
-            carry = tuple(_vary_like(c.astype(dtype), layer_inputs) for c in layer_state)
+            carry = tuple(_shard_like(c.astype(dtype), layer_inputs) for c in layer_state)
             (hidden, cell), layer_inputs = _run_layer(
                 (kernel, recurrent_kernel, bias),
                 None if recurrent_mask is None else recurrent_mask.astype(dtype),
@@ -325,7 +327,7 @@ class BandedLSTM(nn.Module):
         return tuple(final_state), outputs
 
     def _dropout_masks(
-        self, deterministic: bool, rows: tuple[int, int], features: int
+        self, deterministic: bool, batch_bands: tuple[int, int], features: int
     ) -> list[tuple[jax.Array | None, jax.Array | None]]:
         """One ``(input_mask, recurrent_mask)`` per layer, ``[batch, bands, size]``, or Nones."""
         rates = (self.dropout, self.recurrent_dropout)
@@ -342,7 +344,7 @@ class BandedLSTM(nn.Module):
             sizes = (features if layer == 0 else self.units, self.units)
             masks.append(
                 tuple(
-                    jax.random.bernoulli(key, 1.0 - rate, (*rows, size)) / (1.0 - rate)
+                    jax.random.bernoulli(key, 1.0 - rate, (*batch_bands, size)) / (1.0 - rate)
                     if rate
                     else None
                     for key, rate, size in zip(keys[layer], rates, sizes, strict=True)

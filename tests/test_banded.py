@@ -404,3 +404,37 @@ def test_runs_inside_shard_map(with_state, spec):
     )
     final, outputs = sharded(variables, state, inputs)
     assert_matches_reference(model, variables, inputs, state, outputs, final, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["batch", "bands"])
+def test_runs_under_a_mesh_with_explicit_axes(spec):
+    """Inputs split over a mesh with explicit axes: the zero state made inside
+    the model must take their layout, or concatenating it with them fails.
+    Lengths and dropout (both built unsplit inside the model) must mix too."""
+    model = BandedLSTM(units=5, num_layers=2, dropout=0.3, recurrent_dropout=0.2)
+    inputs = random_inputs(42, (2, 3, 6, 4))
+    variables = init_model(model, inputs)
+    lengths = np.array([6, 4], np.int32)
+    rngs = {"dropout": jax.random.key(7)}
+    mesh = jax.make_mesh((1,), (spec,), axis_types=(jax.sharding.AxisType.Explicit,))
+    split = jax.sharding.PartitionSpec(*([None] if spec == "bands" else []), spec)
+
+    def apply(state, inputs, deterministic):
+        return model.apply(
+            variables, state, inputs, seq_lengths=lengths, deterministic=deterministic, rngs=rngs
+        )
+
+    apply = jax.jit(apply, static_argnums=2)
+    with jax.set_mesh(mesh):
+        sharded = jax.device_put(inputs, split)
+        final, outputs = apply(None, sharded, True)
+        assert_matches_reference(
+            model, variables, inputs, None, outputs, final, atol=1e-5, seq_lengths=lengths
+        )
+        _, outputs = apply(final, sharded, True)  # the state it returned goes back in
+        dropped = apply(None, sharded, False)
+    expected = model.apply(variables, final, inputs, seq_lengths=lengths)[1]
+    np.testing.assert_allclose(np.asarray(outputs), np.asarray(expected), atol=1e-6)
+    plain = apply(None, inputs, False)
+    for got, want in zip(jax.tree.leaves(dropped), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
