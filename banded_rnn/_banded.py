@@ -85,7 +85,8 @@ def _shard_like(state: jax.Array, inputs: jax.Array) -> jax.Array:
     from the inputs gives the state their batch and bands layout; without a
     mesh, XLA folds the addition away.
     """
-    return state + jnp.zeros_like(inputs[0, ..., :1], dtype=state.dtype)
+    # Summed over time rather than indexed, so that zero time steps work too.
+    return state + jnp.zeros_like(inputs[..., :1].sum(axis=0), dtype=state.dtype)
 
 
 def _scan_layer(params, recurrent_mask, carry, inputs, valid, unroll):

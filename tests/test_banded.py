@@ -431,10 +431,23 @@ def test_runs_under_a_mesh_with_explicit_axes(spec):
         assert_matches_reference(
             model, variables, inputs, None, outputs, final, atol=1e-5, seq_lengths=lengths
         )
-        _, outputs = apply(final, sharded, True)  # the state it returned goes back in
-        dropped = apply(None, sharded, False)
-    expected = model.apply(variables, final, inputs, seq_lengths=lengths)[1]
-    np.testing.assert_allclose(np.asarray(outputs), np.asarray(expected), atol=1e-6)
-    plain = apply(None, inputs, False)
-    for got, want in zip(jax.tree.leaves(dropped), jax.tree.leaves(plain), strict=True):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+        # The state it returned goes back in.
+        again, outputs = apply(final, sharded, True)
+        assert_matches_reference(
+            model, variables, inputs, final, outputs, again, atol=1e-5, seq_lengths=lengths
+        )
+        dropped = apply(None, sharded, False)[1]
+    # The same dropout key draws the same masks as without a mesh.
+    plain = apply(None, inputs, False)[1]
+    np.testing.assert_allclose(np.asarray(dropped), np.asarray(plain), atol=1e-6)
+    assert np.abs(np.asarray(plain) - np.asarray(apply(None, inputs, True)[1])).max() > 1e-2
+
+
+def test_zero_time_steps_leave_the_state_unchanged():
+    model = BandedLSTM(units=5, num_layers=2)
+    variables = init_model(model, random_inputs(43, (2, 3, 1, 4)))
+    state = random_state(model, 2, 3, seed=44)
+    final, outputs = jax.jit(model.apply)(variables, state, np.zeros((2, 3, 0, 4), np.float32))
+    assert outputs.shape == (2, 3, 0, 5)
+    for got, given in zip(jax.tree.leaves(final), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), given)
