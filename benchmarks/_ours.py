@@ -25,7 +25,14 @@ import banded_rnn
 from banded_rnn import BandedLSTM
 
 from ._configs import Config
-from ._harness import OURS, OURS_SHARDED, Impl, compile_seconds, jax_stream_impl
+from ._harness import (
+    GRAD_TOLERANCE,
+    OURS,
+    OURS_SHARDED,
+    Impl,
+    compile_seconds,
+    jax_stream_impl,
+)
 from ._weights import Weights, to_ours
 
 LEARNING_RATE = 1e-3
@@ -45,9 +52,11 @@ def build(config: Config, weights: Weights, inputs: np.ndarray, targets: np.ndar
 
 
 SHARDED_CONFIGS = ("seed", "train")
-"""Configurations also run with the batch split over the CPU devices: the
-small-matmul ones, whose per-step matmul cannot keep two threads busy (the
-others measured slower on two devices: benchmarks/NOTES.md)."""
+"""Configurations also run with the batch split over the CPU devices: those
+with a batch to split whose steps are short enough that one core idles for
+much of each step (seed's matmul runs on one core; train's gate maths and
+stacked writes do). The sub-band ones measured slower split over two devices
+(benchmarks/NOTES.md, entry 7)."""
 
 
 def build_sharded(
@@ -182,6 +191,9 @@ class TrainRunner:
                 return carry, metrics["loss"]
 
             self.step = step
+            self.step_grad_norm = lambda carry, x, y: package_step(carry, None, x, y)[2][
+                "grad_norm"
+            ]
             return
         if mesh is not None:
             raise ValueError("mesh: needs banded_rnn.training.make_train_step")
@@ -196,6 +208,7 @@ class TrainRunner:
 
         self.step = own_step
         self.lower = own_step.lower
+        self.step_grad_norm = None
 
     def carry(self, params):
         """The step's initial carry from ``params`` (made of fresh buffers)."""
@@ -224,6 +237,16 @@ def _train(
     def outputs():
         loss, grads = runner.loss_and_grad(params, x, y)
         _, step_loss = runner.step(runner.carry(params), x, y)
+        if runner.step_grad_norm is not None:
+            # The timed step reports the norm of the gradient it applied: with the
+            # batch split over devices, a wrong reduction of the gradient shows here.
+            applied = float(runner.step_grad_norm(runner.carry(params), x, y))
+            checked = float(optax.tree.norm(grads))
+            if abs(applied - checked) > GRAD_TOLERANCE * checked:
+                raise AssertionError(
+                    f"the step applied a gradient of norm {applied:.6g}; "
+                    f"the checked gradient has norm {checked:.6g}"
+                )
         flat = {"loss": loss, "step_loss": step_loss}
         flat["head/kernel"], flat["head/bias"] = grads["head"]["kernel"], grads["head"]["bias"]
         for layer, leaves in grads["lstm"].items():

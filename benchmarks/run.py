@@ -20,7 +20,15 @@ os.environ.setdefault("KERAS_BACKEND", "jax")  # before anything imports keras
 
 from . import _baselines, _ours  # noqa: E402
 from ._configs import CONFIGS, MEMORY_REMAT_CHUNK, MEMORY_TIME, Config  # noqa: E402
-from ._harness import Impl, Result, Row, benchmark, sgemm_impls, sgemm_rates  # noqa: E402
+from ._harness import (  # noqa: E402
+    OURS_SHARDED,
+    Impl,
+    Result,
+    Row,
+    benchmark,
+    sgemm_impls,
+    sgemm_rates,
+)
 from ._report import machine, render  # noqa: E402
 from ._weights import random_data, random_weights  # noqa: E402
 
@@ -44,6 +52,8 @@ def use_cpu_devices(count: int) -> int:
     anything); returns how many this process has."""
     import jax
 
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"cpu_devices: expected an integer >= 1; received {count!r}")
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError as error:  # the backend is already up (e.g. under pytest)
@@ -52,17 +62,25 @@ def use_cpu_devices(count: int) -> int:
 
 
 def build_impls(
-    config: Config, baselines: list[str], seed: int = 0
+    config: Config, baselines: list[str], seed: int = 0, sharded: bool = False
 ) -> tuple[list[Impl], list[Row]]:
-    """Ours and the named baselines for ``config``, all with the same weights
-    and inputs; a baseline that cannot be built becomes a failed row."""
+    """Ours (also over the CPU devices if ``sharded``) and the named baselines
+    for ``config``, all with the same weights and inputs; a row that cannot be
+    built becomes a failed row."""
     weights = random_weights(config, seed)
     inputs, targets = random_data(config, seed + 1)
     impls = [_ours.build(config, weights, inputs, targets)]
-    sharded = _ours.build_sharded(config, weights, inputs, targets)
-    if sharded is not None:
-        impls.append(sharded)
     failed = []
+    if sharded:
+        try:
+            impl = _ours.build_sharded(config, weights, inputs, targets)
+        except Exception as error:
+            message = f"error: {type(error).__name__}: {error}"
+            print(f"{config.name}/{OURS_SHARDED}: could not be built: {message}", file=sys.stderr)
+            failed.append(Row(OURS_SHARDED, error=message))
+        else:
+            if impl is not None:
+                impls.append(impl)
     for name in baselines:
         try:
             impls.append(_baselines.BUILDERS[name](config, weights, inputs, targets))
@@ -73,10 +91,12 @@ def build_impls(
     return impls, failed
 
 
-def run_config(config: Config, baselines: list[str], repeats: int, warmup: int) -> Result:
+def run_config(
+    config: Config, baselines: list[str], repeats: int, warmup: int, sharded: bool = False
+) -> Result:
     """Builds and times ``config``; the large SGEMM runs in the same rounds, so
     the floor comes from the same moments as the rows it is compared with."""
-    impls, failed = build_impls(config, baselines)
+    impls, failed = build_impls(config, baselines, sharded=sharded)
     impls += sgemm_impls(SGEMM_SIZE)
     result = benchmark(config, impls, repeats=repeats, warmup=warmup)
     result.rows.extend(failed)
@@ -122,7 +142,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cpu-devices",
         type=int,
         default=CPU_DEVICES,
-        help=f"CPU devices for the sharded rows of ours (default: {CPU_DEVICES}; 1: none)",
+        help=f"CPU devices to ask JAX for; above 1, ours also runs with the batch split "
+        f"over them (default: {CPU_DEVICES}; 1: no such rows)",
     )
     parser.add_argument(
         "--out",
@@ -130,12 +151,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=Path(__file__).parent / "RESULTS.md",
         help="markdown file to write (default: benchmarks/RESULTS.md)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.cpu_devices < 1:
+        parser.error(f"--cpu-devices: expected at least 1; received {args.cpu_devices}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     devices = use_cpu_devices(args.cpu_devices)
+    sharded = args.cpu_devices > 1 and devices > 1
     start = time.perf_counter()
     names = args.only or list(CONFIGS)
     sgemm_repeats = 5 if args.quick else 10
@@ -155,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             args.baselines,
             repeats,
             warmup=QUICK_WARMUP if args.quick else FULL_WARMUP,
+            sharded=sharded,
         )
         summary = ", ".join(
             f"{row.name} {row.median * 1e3:.3f} ms" if row.ok else f"{row.name} {row.error}"

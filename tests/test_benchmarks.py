@@ -19,7 +19,7 @@ import pytest
 
 from benchmarks import _baselines, _ours, run
 from benchmarks._configs import CONFIGS, Config
-from benchmarks._harness import OURS, benchmark
+from benchmarks._harness import OURS, OURS_SHARDED, benchmark
 from benchmarks._weights import random_data, random_weights
 
 pytest.importorskip("torch")
@@ -71,6 +71,8 @@ def test_ours_disagreeing_with_every_baseline_aborts_the_configuration():
     config = TINY["inference"]
     wrong = random_weights(config, seed=3).perturbed(1e-2)
     impls = _impls(config, ours_weights=wrong)[:-1]
+    # Ours on several devices agrees with ours, but is no independent check of it.
+    impls.insert(1, dataclasses.replace(impls[0], name=OURS_SHARDED))
     result = benchmark(config, impls, repeats=1, warmup=0)
     assert result.row(OURS).error.startswith("PARITY FAILED")
     assert not any(row.times for row in result.rows)
@@ -89,13 +91,19 @@ def test_main_writes_the_report(monkeypatch, tmp_path):
     monkeypatch.setattr(run, "SGEMM_SIZE", 64)
     out = tmp_path / "RESULTS.md"
     argv = ["--quick", "--repeats", "2", "--baselines", "torch", "flax", "--no-memory"]
-    argv += ["--cpu-devices", "1"]  # this process's JAX must keep its one device
+    argv += ["--cpu-devices", "1"]  # no rows over several devices
     argv += ["--out", str(out)]
     assert run.main(argv) == 0
     report = out.read_text()
     for label in ("ours", "(a) torch", "(c) Flax", "(d) floor"):
         assert f"| `seed` | {label} |" in report
     assert "PARITY FAILED" not in report
+
+
+def test_cpu_devices_below_one_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        run.parse_args(["--cpu-devices", "0"])
+    assert "--cpu-devices: expected at least 1; received 0" in capsys.readouterr().err
 
 
 def test_compiled_memory_drops_with_remat():
@@ -110,7 +118,7 @@ def test_compiled_memory_drops_with_remat():
 SHARDED_SCRIPT = """
 import dataclasses, jax
 jax.config.update("jax_num_cpu_devices", 2)
-from benchmarks import _ours
+from benchmarks import _baselines, _ours
 from benchmarks._configs import Config
 from benchmarks._harness import OURS, OURS_SHARDED, benchmark
 from benchmarks._weights import random_data, random_weights
@@ -121,6 +129,7 @@ for name, mode in (("seed", "inference"), ("train", "train")):
     inputs, targets = random_data(config, seed=4)
     impls = [_ours.build(config, weights, inputs, targets)]
     impls.append(_ours.build_sharded(config, weights, inputs, targets))
+    impls.append(_baselines.build_flax(config, weights, inputs, targets))
     wrong = _ours.build_sharded(config, weights.perturbed(1e-2), inputs, targets)
     impls.append(dataclasses.replace(wrong, name="sharded-perturbed"))
     result = benchmark(config, impls, repeats=1, warmup=0)
