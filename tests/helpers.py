@@ -1,6 +1,13 @@
-"""Small shared helpers for the tests: random inputs from fixed keys."""
+"""Small shared helpers for the tests: random inputs from fixed keys, and a
+fresh Python process for what must run before JAX starts."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -48,3 +55,28 @@ class WithHead(nn.Module):
             state, inputs, deterministic=deterministic
         )
         return state, nn.Dense(1, name="head")(hidden)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_fresh_process(script: str) -> subprocess.CompletedProcess:
+    """Runs ``script`` in a new Python process from the repository root, with
+    this folder and the root importable and Keras on JAX; for settings JAX
+    takes only before it starts (such as its CPU device count). Fails the
+    test, showing the end of stderr, if the script fails."""
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": "jax",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

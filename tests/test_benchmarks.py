@@ -7,11 +7,6 @@ row whose weights differ is refused before timing, and that the report is writte
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -21,6 +16,8 @@ from benchmarks import _baselines, _ours, run
 from benchmarks._configs import CONFIGS, Config
 from benchmarks._harness import OURS, OURS_SHARDED, benchmark
 from benchmarks._weights import random_data, random_weights
+
+from helpers import run_fresh_process
 
 pytest.importorskip("torch")
 pytest.importorskip("keras")
@@ -144,16 +141,6 @@ for name, mode in (("seed", "inference"), ("train", "train")):
 def test_sharded_rows_run_on_two_cpu_devices_and_are_checked():
     """In a fresh process with two CPU devices (the setting must precede JAX's
     start), ours with the batch split over them agrees with ours on one."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "KERAS_BACKEND": "jax"}
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(SHARDED_SCRIPT)],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_fresh_process(SHARDED_SCRIPT)
     assert done.stdout.splitlines()[0].startswith("seed ")
     assert done.stdout.splitlines()[1].startswith("train ")

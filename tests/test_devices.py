@@ -9,11 +9,7 @@ two CPU devices. Sequences or bands are split over the devices with GSPMD
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
+from helpers import run_fresh_process
 
 SCRIPT = """
 import jax
@@ -80,15 +76,5 @@ CHECKS = [
 
 
 def test_split_over_two_cpu_devices_matches_reference():
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "tests"), str(root)])}
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(SCRIPT)],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_fresh_process(SCRIPT)
     assert sorted(done.stdout.split()) == sorted([*CHECKS, *["ok"] * len(CHECKS)]), done.stdout
