@@ -249,7 +249,8 @@ def check_parity(config: Config, impls: list[Impl], rows: list[Row], tolerance: 
             continue
         agree, row.parity = compare(outputs[OURS], outputs[row.name], tolerance)
         if agree:
-            agreeing += row.name != OURS_SHARDED
+            if row.name != OURS_SHARDED:
+                agreeing += 1
         else:
             row.error = f"PARITY FAILED: {row.parity} (tolerance {tolerance:g})"
             _shout(

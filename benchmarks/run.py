@@ -52,8 +52,6 @@ def use_cpu_devices(count: int) -> int:
     anything); returns how many this process has."""
     import jax
 
-    if not isinstance(count, int) or count < 1:
-        raise ValueError(f"cpu_devices: expected an integer >= 1; received {count!r}")
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError as error:  # the backend is already up (e.g. under pytest)
