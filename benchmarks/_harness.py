@@ -15,6 +15,11 @@ import sys
 import time
 from collections.abc import Callable
 
+try:
+    import resource
+except ImportError:  # not on Windows: the page-fault column reads "–" there
+    resource = None
+
 import numpy as np
 
 from ._configs import Config
@@ -109,13 +114,17 @@ def jax_stream_impl(
 class Row:
     """The measurements of one implementation of one configuration.
 
-    ``times`` are seconds per timed unit (per call, step or frame), one per repeat.
+    ``times`` are seconds per timed unit (per call, step or frame), one per repeat;
+    ``faults`` the process's minor page faults per timed unit in the same runs
+    (memory the allocator took fresh from the kernel, which every run then pays
+    for touching), empty where the platform does not count them.
     ``error`` is set (and nothing is timed) when the row failed its parity check
     or raised; ``parity`` describes its largest difference from ours.
     """
 
     name: str
     times: list[float] = dataclasses.field(default_factory=list)
+    faults: list[float] = dataclasses.field(default_factory=list)
     compile_seconds: float | None = None
     recompiles: int | None = None
     parity: str | None = None
@@ -135,6 +144,10 @@ class Row:
     @property
     def p90(self) -> float:
         return float(np.percentile(self.times, 90))
+
+    @property
+    def median_faults(self) -> float | None:
+        return float(np.median(self.faults)) if self.faults else None
 
 
 @dataclasses.dataclass
@@ -268,13 +281,22 @@ def check_parity(config: Config, impls: list[Impl], rows: list[Row], tolerance: 
 # --- timing ----------------------------------------------------------------------
 
 
-def _timed(impl: Impl) -> float:
+def _minor_faults() -> int | None:
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _timed(impl: Impl) -> tuple[float, float | None]:
+    """Seconds and minor page faults per unit of one ``impl.run()``."""
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
+        faults = _minor_faults()
         start = time.perf_counter()
         impl.run()
-        return (time.perf_counter() - start) / impl.per_run
+        elapsed = time.perf_counter() - start
+        if faults is not None:
+            faults = (_minor_faults() - faults) / impl.per_run
+        return elapsed / impl.per_run, faults
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -300,7 +322,10 @@ def time_interleaved(impls: list[Impl], rows: list[Row], repeats: int, warmup: i
         shift = repeat % max(len(live), 1)
         for impl, row in live[shift:] + live[:shift]:
             before = compilations()
-            row.times.append(_timed(impl))
+            seconds, faults = _timed(impl)
+            row.times.append(seconds)
+            if faults is not None:
+                row.faults.append(faults)
             if impl.uses_jax:
                 row.recompiles += compilations() - before
 

@@ -23,6 +23,10 @@ SPEEDUP = 1.5
 """Speed-up over torch that ``seed``, ``seed-stream``, ``train``, ``subband-stream`` must reach."""
 FLOOR_SLACK = 1.15
 """How far above the floor the two sub-band configurations may be."""
+SETTINGS = ("XLA_FLAGS", "GLIBC_TUNABLES")
+"""Environment variables that change what is measured, shown when set: XLA's
+options, and glibc malloc's (which decide how much memory each call takes
+fresh from the kernel; benchmarks/NOTES.md, entry 11)."""
 
 
 def machine() -> dict[str, str]:
@@ -45,8 +49,9 @@ def machine() -> dict[str, str]:
             info[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             info[package] = "not installed"
-    if os.environ.get("XLA_FLAGS"):
-        info["XLA_FLAGS"] = os.environ["XLA_FLAGS"]
+    for name in SETTINGS:
+        if os.environ.get(name):
+            info[name] = os.environ[name]
     return info
 
 
@@ -62,6 +67,10 @@ def seconds(value: float | None) -> str:
 
 def _per(config: Config) -> str:
     return {"inference": "call", "stream": "frame", "train": "step"}[config.mode]
+
+
+def _count(value: float | None) -> str:
+    return "–" if value is None else f"{value:,.0f}"
 
 
 def _ratio(value: float | None) -> str:
@@ -149,9 +158,9 @@ def _summary_line(result: Result, ours_name: str, rate: float) -> str:
 
 def detail_table(results: list[Result], default_rate: float) -> list[str]:
     lines = [
-        "| config | implementation | median | p90 | this / ours | GFLOP/s | of floor "
-        "| compile | compiles after warm-up | diff vs ours |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| config | implementation | median | p90 | page faults | this / ours | GFLOP/s "
+        "| of floor | compile | compiles after warm-up | diff vs ours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         config, rate = result.config, result.rate or default_rate
@@ -163,7 +172,7 @@ def detail_table(results: list[Result], default_rate: float) -> list[str]:
                 error = (row.error or "not timed").replace("|", "/")
                 error = error if len(error) < 160 else error[:157] + "..."
                 lines.append(
-                    f"| `{config.name}` | {label} | **{error}** | – | – | – | – | – | – | – |"
+                    f"| `{config.name}` | {label} | **{error}** | – | – | – | – | – | – | – | – |"
                 )
                 continue
             ratio = row.median / ours.median if ours is not None and ours.ok else None
@@ -171,14 +180,14 @@ def detail_table(results: list[Result], default_rate: float) -> list[str]:
             parity = row.parity or "–"
             lines.append(
                 f"| `{config.name}` | {label} | {_median_cell(config, row)} | {seconds(row.p90)} "
-                f"| {_ratio(ratio)} | {flops / row.median / 1e9:.1f} "
+                f"| {_count(row.median_faults)} | {_ratio(ratio)} | {flops / row.median / 1e9:.1f} "
                 f"| {of_floor:.2f} | {seconds(row.compile_seconds)} "
                 f"| {'–' if row.recompiles is None else row.recompiles} | {parity} |"
             )
         floor = floor_seconds(config, rate)
         ratio = floor / ours.median if ours is not None and ours.ok else None
         lines.append(
-            f"| `{config.name}` | {LABELS['floor']} | {seconds(floor)} / {_per(config)} | – "
+            f"| `{config.name}` | {LABELS['floor']} | {seconds(floor)} / {_per(config)} | – | – "
             f"| {_ratio(ratio)} | {rate / 1e9:.1f} | 1.00 | – | – | – |"
         )
     return lines
@@ -226,12 +235,11 @@ def render(
         + (f"; JAX runs {info['devices']}." if "devices" in info else "."),
         "Versions: "
         + ", ".join(
-            f"{k} {v}" for k, v in info.items() if k not in ("date", "cpu", "XLA_FLAGS", "devices")
+            f"{k} {v}" for k, v in info.items() if k not in ("date", "cpu", "devices", *SETTINGS)
         )
         + ".",
     ]
-    if "XLA_FLAGS" in info:
-        lines.append(f"XLA_FLAGS: `{info['XLA_FLAGS']}`.")
+    lines += [f"{name}: `{info[name]}`." for name in SETTINGS if name in info]
     lines += [
         f"Large SGEMM ({sgemm_size} x {sgemm_size} float32) at the start of the run: "
         + ", ".join(f"{name} {value / 1e9:.1f} GFLOP/s" for name, value in rates.items())
@@ -246,8 +254,11 @@ def render(
         "## Every row",
         "",
         "Median and p90 over the repeats; streaming rows are per frame (RTF: time per "
-        "frame / 16 ms). Compile: lowering and compiling the jitted function ahead of "
-        "time. Compiles after warm-up: XLA compilations counted during the timed runs.",
+        "frame / 16 ms). Page faults: the process's minor page faults per call, step or "
+        "frame (median), i.e. memory taken fresh from the kernel and touched for the first "
+        "time; each costs about a microsecond (benchmarks/NOTES.md, entry 11). Compile: "
+        "lowering and compiling the jitted function ahead of time. Compiles after warm-up: "
+        "XLA compilations counted during the timed runs.",
         "",
         *detail_table(results, rate),
         "",

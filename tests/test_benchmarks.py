@@ -7,6 +7,7 @@ row whose weights differ is refused before timing, and that the report is writte
 from __future__ import annotations
 
 import dataclasses
+import mmap
 
 import jax
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 
 from benchmarks import _baselines, _ours, run
 from benchmarks._configs import CONFIGS, Config
-from benchmarks._harness import OURS, OURS_SHARDED, benchmark
+from benchmarks._harness import OURS, OURS_SHARDED, Impl, Row, benchmark, time_interleaved
 from benchmarks._weights import random_data, random_weights
 
 from helpers import run_fresh_process
@@ -75,6 +76,27 @@ def test_ours_disagreeing_with_every_baseline_aborts_the_configuration():
     assert not any(row.times for row in result.rows)
 
 
+def _touch_fresh_memory(size: int = 1 << 24) -> None:
+    # An anonymous mapping is fresh from the kernel: every page written faults once.
+    with mmap.mmap(-1, size) as memory:
+        np.frombuffer(memory, np.uint8)[:: mmap.PAGESIZE] = 1
+
+
+def test_page_faults_are_counted_per_unit():
+    pytest.importorskip("resource")  # counted on Unix only
+    impls = [
+        Impl("idle", outputs=dict, run=lambda: None, uses_jax=False),
+        Impl("toucher", outputs=dict, run=_touch_fresh_memory, uses_jax=False),
+        Impl("toucher-x4", outputs=dict, run=_touch_fresh_memory, per_run=4, uses_jax=False),
+    ]
+    rows = [Row(impl.name) for impl in impls]
+    time_interleaved(impls, rows, repeats=3, warmup=1)
+    idle, toucher, per_four = (row.median_faults for row in rows)
+    # 16 MiB written page by page: 4096 faults with 4 KiB pages, at least 8 with 2 MiB ones.
+    assert toucher >= 8 and idle < toucher
+    assert per_four == pytest.approx(toucher / 4, rel=0.5)
+
+
 def test_flops_follow_the_benchmark_definition():
     # 8 * units * (in + units) per row, step and layer; x3 for a training step.
     assert CONFIGS["seed"].flops() == 8 * 64 * (4 + 64) * 8 * 3 * 1000
@@ -95,6 +117,7 @@ def test_main_writes_the_report(monkeypatch, tmp_path):
     for label in ("ours", "(a) torch", "(c) Flax", "(d) floor"):
         assert f"| `seed` | {label} |" in report
     assert "PARITY FAILED" not in report
+    assert "| page faults |" in report
 
 
 def test_cpu_devices_below_one_are_refused(capsys):
@@ -117,7 +140,7 @@ import dataclasses, jax
 jax.config.update("jax_num_cpu_devices", 2)
 from benchmarks import _baselines, _ours
 from benchmarks._configs import Config
-from benchmarks._harness import OURS, OURS_SHARDED, benchmark
+from benchmarks._harness import OURS, OURS_SHARDED, Impl, Row, benchmark, time_interleaved
 from benchmarks._weights import random_data, random_weights
 
 for name, mode in (("seed", "inference"), ("train", "train")):
