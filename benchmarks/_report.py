@@ -256,7 +256,7 @@ def render(
         "Median and p90 over the repeats; streaming rows are per frame (RTF: time per "
         "frame / 16 ms). Page faults: the process's minor page faults per call, step or "
         "frame (median), i.e. memory taken fresh from the kernel and touched for the first "
-        "time; each costs about a microsecond (benchmarks/NOTES.md, entry 11). Compile: "
+        "time; each cost 1-2 µs on the development VM (benchmarks/NOTES.md, entry 11). Compile: "
         "lowering and compiling the jitted function ahead of time. Compiles after warm-up: "
         "XLA compilations counted during the timed runs.",
         "",
