@@ -140,7 +140,7 @@ import dataclasses, jax
 jax.config.update("jax_num_cpu_devices", 2)
 from benchmarks import _baselines, _ours
 from benchmarks._configs import Config
-from benchmarks._harness import OURS, OURS_SHARDED, Impl, Row, benchmark, time_interleaved
+from benchmarks._harness import OURS_SHARDED, benchmark
 from benchmarks._weights import random_data, random_weights
 
 for name, mode in (("seed", "inference"), ("train", "train")):
