@@ -12,7 +12,7 @@ from ._export import export_stream_step as export_stream_step
 from ._state import LSTMState as LSTMState
 from ._state import State as State
 from ._stream import Stream as Stream
-from ._stream import stream_step as stream_step
+from ._stream_step import stream_step as stream_step
 
 __all__ = ["BandedLSTM", "LSTMState", "State", "lstm_gates"]
 __all__ += ["Stream", "export_stream_step", "stream_step"]

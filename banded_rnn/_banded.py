@@ -11,51 +11,48 @@ import jax
 import jax.numpy as jnp
 
 from . import _validate
-from ._cell import lstm_gates
-from ._state import LSTMState, State
+from ._cell import LayerWeights, lstm_gates
+from ._chunked import scan_chunks
+from ._init import unit_forget_bias
+from ._state import LSTMState, State, zero_state
 
 Initializer = Callable[..., jax.Array]
 
 
-def _keras_bias_init(units: int, unit_forget_bias: bool) -> Initializer:
-    """Zeros, with the forget gate's slice set to one when ``unit_forget_bias``."""
-
-    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
-        del key
-        bias = jnp.zeros(shape, dtype)
-        return bias.at[units : 2 * units].set(1.0) if unit_forget_bias else bias
-
-    return init
-
-
-class _LayerParams(nn.Module):
+class _LayerWeights(nn.Module):
     """Holds one layer's ``kernel``, ``recurrent_kernel`` and ``bias``."""
 
     units: int
     kernel_init: Initializer
     recurrent_kernel_init: Initializer
-    bias_init: Initializer
+    unit_forget_bias: bool
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, features: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(self, features: int) -> LayerWeights:
         gates = 4 * self.units
         kernel = self.param("kernel", self.kernel_init, (features, gates), self.param_dtype)
         recurrent_kernel = self.param(
             "recurrent_kernel", self.recurrent_kernel_init, (self.units, gates), self.param_dtype
         )
-        bias = self.param("bias", self.bias_init, (gates,), self.param_dtype)
+        bias = self.param("bias", self._bias_init, (gates,), self.param_dtype)
         return kernel, recurrent_kernel, bias
+
+    def _bias_init(self, key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+        del key
+        if self.unit_forget_bias:
+            return unit_forget_bias(self.units, jnp.zeros)(shape, dtype)
+        return jnp.zeros(shape, dtype)
 
 
 _FUSED_MATMUL_MIN_STEPS = 4
 """From this many time steps on, a layer concatenates ``[kernel; recurrent_kernel]``
 once per call and does one matmul per step; below it, two matmuls per step. On
 XLA:CPU the concatenation of the 2-layer, 384-unit weights costs as much as
-three or four steps of the difference (benchmarks/NOTES.md)."""
+three or four steps of the difference (benchmarks/NOTES.md, entry 3)."""
 
 
-def _step(
+def _time_step(
     project: Callable[[jax.Array, jax.Array], jax.Array],
     recurrent_mask: jax.Array | None,
     carry: tuple[jax.Array, jax.Array],
@@ -89,22 +86,24 @@ def _shard_like(state: jax.Array, inputs: jax.Array) -> jax.Array:
     return state + jnp.zeros_like(inputs[..., :1].sum(axis=0), dtype=state.dtype)
 
 
-def _scan_layer(params, recurrent_mask, carry, inputs, valid, unroll):
-    """Scans one layer over ``inputs [time, batch, bands, features]`` from ``carry``.
+def _scan_layer(weights, recurrent_mask, carry, xs, unroll):
+    """Scans one layer over ``xs = (inputs [time, batch, bands, features], valid
+    [time, batch, bands] or None)`` from ``carry``.
 
     The input projection stays inside the loop. Hoisting ``x @ kernel`` out of
     it as one large matmul is slower under XLA:CPU: the gate fusion that then
     reads a dynamic slice of the hoisted ``[time, rows, 4 * units]`` array is
     compiled by the legacy loop emitter, about 5x slower than the new one
-    (benchmarks/NOTES.md).
+    (benchmarks/NOTES.md, entry 2).
     """
-    kernel, recurrent_kernel, bias = params
+    kernel, recurrent_kernel, bias = weights
+    inputs = xs[0]
     bias = bias.reshape((1,) * (inputs.ndim - 2) + bias.shape)
     if inputs.shape[0] >= _FUSED_MATMUL_MIN_STEPS:
-        weights = jnp.concatenate([kernel, recurrent_kernel], axis=0)  # [features + units, 4u]
+        stacked = jnp.concatenate([kernel, recurrent_kernel], axis=0)  # [features + units, 4u]
 
         def project(x, h):
-            return jnp.concatenate([x, h], axis=-1) @ weights + bias
+            return jnp.concatenate([x, h], axis=-1) @ stacked + bias
     else:
 
         def project(x, h):
@@ -114,42 +113,26 @@ def _scan_layer(params, recurrent_mask, carry, inputs, valid, unroll):
     # carry; the gate maths is recomputed from them. JAX's default would stack
     # every intermediate of the gate maths (11 arrays the size of the state, per
     # step), and writing and zero-initialising those costs more than the
-    # recomputation (benchmarks/NOTES.md). No effect without differentiation.
+    # recomputation (benchmarks/NOTES.md, entry 8). No effect without differentiation.
     step = jax.checkpoint(
-        partial(_step, project, recurrent_mask),
+        partial(_time_step, project, recurrent_mask),
         policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         prevent_cse=False,  # the scan already keeps XLA from merging steps
     )
-    return jax.lax.scan(step, carry, (inputs, valid), unroll=unroll)
+    return jax.lax.scan(step, carry, xs, unroll=unroll)
 
 
-def _run_layer(params, recurrent_mask, carry, inputs, valid, *, unroll, remat_chunk):
+def _run_layer(weights, recurrent_mask, carry, xs, *, unroll, remat_chunk):
     """``_scan_layer``, optionally rematerialised in chunks of ``remat_chunk`` steps.
 
     With remat, the backward pass keeps only the inputs and the state at chunk
     boundaries and recomputes each chunk, so a training step's memory no
     longer grows with ``time * 4 * units``.
     """
-    time = inputs.shape[0]
-    if remat_chunk is None or time <= remat_chunk:
-        return _scan_layer(params, recurrent_mask, carry, inputs, valid, unroll)
-    num_chunks = time // remat_chunk
-    split = num_chunks * remat_chunk
-
-    def chunks(a):
-        return None if a is None else a[:split].reshape(num_chunks, remat_chunk, *a.shape[1:])
-
-    @jax.checkpoint
-    def body(carry, xs):
-        return _scan_layer(params, recurrent_mask, carry, *xs, unroll)
-
-    carry, outputs = jax.lax.scan(body, carry, (chunks(inputs), chunks(valid)))
-    outputs = outputs.reshape(split, *outputs.shape[2:])
-    if split < time:
-        tail_valid = None if valid is None else valid[split:]
-        carry, tail = _scan_layer(params, recurrent_mask, carry, inputs[split:], tail_valid, unroll)
-        outputs = jnp.concatenate([outputs, tail], axis=0)
-    return carry, outputs
+    if remat_chunk is None or xs[0].shape[0] <= remat_chunk:
+        return _scan_layer(weights, recurrent_mask, carry, xs, unroll)
+    run_chunk = jax.checkpoint(partial(_scan_layer, weights, recurrent_mask, unroll=unroll))
+    return scan_chunks(run_chunk, carry, xs, remat_chunk, axis=0)
 
 
 class BandedLSTM(nn.Module):
@@ -216,30 +199,17 @@ class BandedLSTM(nn.Module):
 
     def __post_init__(self) -> None:
         for name in ("units", "num_layers", "unroll"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: expected an integer >= 1; received {value!r}")
-        if self.remat_chunk is not None and (
-            not isinstance(self.remat_chunk, int) or self.remat_chunk < 1
-        ):
-            raise ValueError(
-                f"remat_chunk: expected None or an integer >= 1; received {self.remat_chunk!r}"
-            )
+            _validate.positive_int(getattr(self, name), name)
+        _validate.positive_int(self.remat_chunk, "remat_chunk", optional=True)
         for name in ("dropout", "recurrent_dropout"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name}: expected a rate in [0, 1); received {value!r}")
+            _validate.rate(getattr(self, name), name)
         super().__post_init__()
 
     def initial_state(self, batch_size: int, num_bands: int, dtype: Any = jnp.float32) -> State:
         """Zeros for every layer: a tuple of ``num_layers`` LSTMState, each field
-        ``[batch_size, num_bands, units]``. Needs no parameters."""
-        shape = (batch_size, num_bands, self.units)
-        # Distinct buffers for every leaf, so that the state can be donated.
-        return tuple(
-            LSTMState(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-            for _ in range(self.num_layers)
-        )
+        ``[batch_size, num_bands, units]``, every field its own buffer (so the
+        state can be donated). Needs no parameters."""
+        return zero_state(self.num_layers, (batch_size, num_bands, self.units), dtype)
 
     @nn.compact
     def __call__(
@@ -261,6 +231,9 @@ class BandedLSTM(nn.Module):
           seq_lengths: optional integers, ``[batch]`` or ``[batch, bands]``.
             Steps at or past a sequence's length leave its state unchanged and
             output zeros; lengths longer than ``time`` mean every step is valid.
+          mask: optional booleans, ``[batch, time]`` or ``[batch, bands, time]``:
+            a false step leaves that sequence's state unchanged and outputs
+            zeros, wherever it is. Give ``seq_lengths`` or ``mask``, not both.
           deterministic: if False, apply dropout with the ``'dropout'`` rng.
 
         Returns:
@@ -268,69 +241,57 @@ class BandedLSTM(nn.Module):
           valid step, and the last layer's hidden outputs
           ``[batch, bands, time, units]``.
         """
-        inputs = _validate.check_inputs(inputs)
-        batch, bands, time, features = inputs.shape
         existing = self.variables.get("params", {}).get("layer_0")
-        if existing is not None:
-            _validate.check_features(features, existing["kernel"].shape[0])
+        features = None if existing is None else existing["kernel"].shape[0]
+        inputs = _validate.check_inputs(inputs, features=features)
+        batch, bands, time, features = inputs.shape
         if state is None:
             state = self.initial_state(batch, bands)
-        else:
-            state = _validate.check_state(state, self.num_layers, batch, bands, self.units)
-        valid = None  # [time, batch, bands] booleans: which steps update the state
-        if seq_lengths is not None and mask is not None:
-            raise ValueError("seq_lengths, mask: give one or the other, not both")
-        if seq_lengths is not None:
-            lengths = _validate.check_seq_lengths(seq_lengths, batch, bands)
-            valid = jnp.arange(time)[:, None, None] < lengths.reshape(1, batch, bands)
-        if mask is not None:
-            steps = _validate.check_mask(mask, batch, bands, time)
-            valid = jnp.moveaxis(steps.reshape(batch, bands, time), 2, 0)
-        masks = self._dropout_masks(deterministic, (batch, bands), features)
-
-        dtype = jnp.promote_types(jnp.promote_types(inputs.dtype, self.param_dtype), jnp.float32)
+        state = _validate.check_state(state, self.num_layers, (batch, bands, self.units))
+        valid = _valid_steps(seq_lengths, mask, batch, bands, time)
+        dropout_masks = self._dropout_masks(deterministic, (batch, bands), features)
+        # Arithmetic in at least float32; float64 only where JAX enables it.
+        dtype = jax.dtypes.canonicalize_dtype(
+            jnp.promote_types(jnp.promote_types(inputs.dtype, self.param_dtype), jnp.float32)
+        )
         # Time-major from here on, so that layers chain without transposes.
         # Every (sequence, band) pair is one row of each step's matmul: bands
         # are folded into the batch, and rows never mix, so this is vmap over
         # bands with shared weights. The [batch, bands] axes are kept rather
         # than flattened: the state then goes out in the shape it came in, and
         # XLA:CPU fuses the gate maths into two loops per step instead of
-        # materialising each gate (benchmarks/NOTES.md).
+        # materialising each gate (benchmarks/NOTES.md, entry 5).
         layer_inputs = jnp.moveaxis(inputs, 2, 0).astype(dtype)
         final_state = []
         for layer, layer_state in enumerate(state):
-            kernel, recurrent_kernel, bias = (
-                p.astype(dtype)
-                for p in _LayerParams(
-                    self.units,
-                    self.kernel_init,
-                    self.recurrent_kernel_init,
-                    _keras_bias_init(self.units, self.unit_forget_bias),
-                    self.param_dtype,
-                    name=f"layer_{layer}",
-                )(layer_inputs.shape[-1])
-            )
-            input_mask, recurrent_mask = masks[layer]
+            weights = _LayerWeights(
+                self.units,
+                self.kernel_init,
+                self.recurrent_kernel_init,
+                self.unit_forget_bias,
+                self.param_dtype,
+                name=f"layer_{layer}",
+            )(layer_inputs.shape[-1])
+            input_mask, recurrent_mask = dropout_masks[layer]
             if input_mask is not None:
                 layer_inputs = layer_inputs * input_mask.astype(dtype)[None]
             carry = tuple(_shard_like(c.astype(dtype), layer_inputs) for c in layer_state)
             (hidden, cell), layer_inputs = _run_layer(
-                (kernel, recurrent_kernel, bias),
+                tuple(w.astype(dtype) for w in weights),
                 None if recurrent_mask is None else recurrent_mask.astype(dtype),
                 carry,
-                layer_inputs,
-                valid,
+                (layer_inputs, valid),
                 unroll=self.unroll,
                 remat_chunk=self.remat_chunk,
             )
             final_state.append(LSTMState(hidden, cell))
-        outputs = jnp.moveaxis(layer_inputs, 0, 2)
-        return tuple(final_state), outputs
+        return tuple(final_state), jnp.moveaxis(layer_inputs, 0, 2)
 
     def _dropout_masks(
         self, deterministic: bool, batch_bands: tuple[int, int], features: int
     ) -> list[tuple[jax.Array | None, jax.Array | None]]:
-        """One ``(input_mask, recurrent_mask)`` per layer, ``[batch, bands, size]``, or Nones."""
+        """One ``(input_mask, recurrent_mask)`` per layer, ``[batch, bands, size]``,
+        or Nones: the dropout masks, kept for every time step."""
         rates = (self.dropout, self.recurrent_dropout)
         if deterministic or not any(rates):
             return [(None, None)] * self.num_layers
@@ -352,3 +313,16 @@ class BandedLSTM(nn.Module):
                 )
             )
         return masks
+
+
+def _valid_steps(seq_lengths, mask, batch, bands, time) -> jax.Array | None:
+    """``[time, batch, bands]`` booleans, which steps update the state, from
+    ``seq_lengths`` or ``mask``; None when every step does."""
+    if seq_lengths is not None and mask is not None:
+        raise ValueError("seq_lengths, mask: give one or the other, not both")
+    if seq_lengths is not None:
+        lengths = _validate.check_seq_lengths(seq_lengths, batch, bands)
+        return jnp.arange(time)[:, None, None] < lengths[None]
+    if mask is not None:
+        return jnp.moveaxis(_validate.check_mask(mask, batch, bands, time), 2, 0)
+    return None

@@ -5,6 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+LayerWeights = tuple[jax.Array, jax.Array, jax.Array]
+"""One layer's ``(kernel [features, 4 * units], recurrent_kernel [units, 4 * units],
+bias [4 * units])``, the layout of ``keras.layers.LSTM``."""
+
 
 def lstm_gates(preactivations: jax.Array, cell: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Applies the LSTM non-linearities to the summed gate pre-activations.

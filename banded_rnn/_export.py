@@ -8,9 +8,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from . import _validate
 from ._banded import BandedLSTM
-from ._state import LSTMState
-from ._stream import _check_variables, _features, _positive_int, _step
+from ._state import flatten_state, unflatten_state, zero_state
+from ._stream_step import stream_apply, stream_spec
 
 
 def export_stream_step(
@@ -18,7 +19,7 @@ def export_stream_step(
     variables: Any,
     batch_size: int,
     num_bands: int,
-    chunk: int,
+    chunk_length: int,
     *,
     dtype: Any = np.float32,
     platforms: Sequence[str] | None = None,
@@ -36,16 +37,17 @@ def export_stream_step(
         state, outputs = exported.call(state, chunk, reset)
 
     with ``state = (hidden_0, cell_0, hidden_1, cell_1, ...)``, each
-    ``[batch, bands, units]`` float32; ``chunk [batch, bands, chunk, features]``
-    of ``dtype``; ``reset`` a bool mask ``[batch, bands]`` zeroing those
-    states before the chunk; ``outputs [batch, bands, chunk, units]``. The
+    ``[batch, bands, units]`` float32; ``chunk [batch, bands, chunk_length,
+    features]`` of ``dtype``; ``reset`` a bool mask ``[batch, bands]`` zeroing
+    those states before the chunk; ``outputs [batch, bands, chunk_length,
+    units]``. The
     state is not donated (``jax.export`` has no donation).
 
     Args:
       model: the ``BandedLSTM``.
       variables: its variables, baked in.
       batch_size, num_bands: the ``[batch, bands]`` of the state.
-      chunk: the chunk length (time steps per call) the artifact runs.
+      chunk_length: the time steps per call the artifact runs.
       dtype: the chunk's floating dtype.
       platforms: the platforms to lower for, e.g. ``("cpu", "cuda")``; by
         default the current backend.
@@ -53,30 +55,20 @@ def export_stream_step(
     Returns:
       The serialised artifact: ``jax.export.deserialize(blob)`` loads it.
     """
-    if not isinstance(model, BandedLSTM):
-        raise TypeError(f"model: expected a BandedLSTM; received {type(model).__name__}")
-    batch_size = _positive_int(batch_size, "batch_size")
-    num_bands = _positive_int(num_bands, "num_bands")
-    chunk = _positive_int(chunk, "chunk")
-    dtype = np.dtype(dtype)
-    if not np.issubdtype(dtype, np.floating):
-        raise TypeError(f"dtype: expected a floating dtype; received {dtype}")
-    features = _features(variables, model.num_layers)
-    _check_variables(model, variables, features)
+    spec = stream_spec(model, variables, batch_size, num_bands, dtype)
+    chunk_length = _validate.positive_int(chunk_length, "chunk_length")
     variables = jax.device_put(variables)
 
-    def flat_step(state, inputs, reset):
-        layered = None
-        if state is not None:
-            layered = tuple(LSTMState(*state[i : i + 2]) for i in range(0, len(state), 2))
-        final_state, outputs = _step(model, variables, layered, inputs, reset)
-        return tuple(a for layer in final_state for a in layer), outputs
+    def flat_step(flat_state, chunk, reset):
+        state = None if flat_state is None else unflatten_state(flat_state)
+        final_state, outputs = stream_apply(model, variables, state, chunk, reset)
+        return flatten_state(final_state), outputs
 
-    chunk_struct = jax.ShapeDtypeStruct((batch_size, num_bands, chunk, features), dtype)
-    reset_struct = jax.ShapeDtypeStruct((batch_size, num_bands), np.bool_)
-    # From zeros, only for the state's shapes and dtypes; checks the variables too.
-    state_struct, _ = jax.eval_shape(flat_step, None, chunk_struct, reset_struct)
-    exported = jax.export.export(jax.jit(flat_step), platforms=platforms)(
-        state_struct, chunk_struct, reset_struct
+    shape = (spec.batch_size, spec.num_bands)
+    chunk = jax.ShapeDtypeStruct((*shape, chunk_length, spec.features), spec.dtype)
+    reset = jax.ShapeDtypeStruct(shape, np.bool_)
+    state = flatten_state(
+        zero_state(model.num_layers, spec.state_shape, spec.state_dtype, jax.ShapeDtypeStruct)
     )
+    exported = jax.export.export(jax.jit(flat_step), platforms=platforms)(state, chunk, reset)
     return bytes(exported.serialize())

@@ -1,10 +1,18 @@
-"""The recurrent state of a banded LSTM: named, never a bare ``(c, h)`` pair."""
+"""The recurrent state of a banded LSTM, and every operation on it.
+
+The state is named, never a bare ``(c, h)`` pair. Zeros, resets and the flat
+form that ``jax.export`` artifacts take are written here once, for the Flax
+module, :class:`~banded_rnn.Stream`, the training loop and the Keras layer.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 
 class LSTMState(NamedTuple):
@@ -26,3 +34,65 @@ class LSTMState(NamedTuple):
 
 State = tuple[LSTMState, ...]
 """The state of a whole stack: one :class:`LSTMState` per layer."""
+
+
+def zero_state(
+    num_layers: int,
+    shape: tuple[int, int, int],
+    dtype: Any = jnp.float32,
+    make: Callable[[tuple[int, ...], Any], Any] = jnp.zeros,
+) -> State:
+    """``num_layers`` ``LSTMState`` of zeros, each field of ``shape [batch, bands,
+    units]``, made by ``make(shape, dtype)`` (``jnp.zeros`` by default).
+
+    Every field is its own buffer, so the state can be donated: XLA refuses to
+    donate one buffer twice.
+
+    >>> state = zero_state(2, (1, 3, 4))
+    >>> len(state), state[1].cell.shape
+    (2, (1, 3, 4))
+    """
+    return tuple(
+        LSTMState(*(make(shape, dtype) for _ in LSTMState._fields)) for _ in range(num_layers)
+    )
+
+
+def reset_state(state: Any, reset: Any) -> Any:
+    """Zeroes the states where ``reset`` is true, in any state pytree.
+
+    ``reset`` is a bool mask ``[batch]`` (whole sequences) or ``[batch,
+    bands]`` (single bands); every leaf of ``state`` has those leading axes.
+    Pure and traceable: under ``jit``, which states are reset never
+    recompiles.
+
+    >>> state = zero_state(1, (2, 3, 4), make=jnp.ones)
+    >>> reset_state(state, jnp.array([True, False]))[0].hidden[:, 0, 0]
+    Array([0., 1.], dtype=float32)
+    """
+    reset = jnp.asarray(reset)
+
+    def zero(leaf: jax.Array) -> jax.Array:
+        mask = reset.reshape(reset.shape + (1,) * (leaf.ndim - reset.ndim))
+        return jnp.where(mask, jnp.zeros_like(leaf), leaf)
+
+    return jax.tree.map(zero, state)
+
+
+def batch_mask(indices: Any, shape: tuple[int, int]) -> np.ndarray:
+    """The bool mask ``[batch, bands]`` that is true on the rows of ``indices``
+    (validated batch indices; ``None`` means every row)."""
+    mask = np.zeros(shape, np.bool_)
+    mask[slice(None) if indices is None else list(indices)] = True
+    return mask
+
+
+def flatten_state(state: State) -> tuple[jax.Array, ...]:
+    """``(hidden_0, cell_0, hidden_1, cell_1, ...)``: the state as plain arrays,
+    the signature of an exported streaming step."""
+    return tuple(field for layer in state for field in layer)
+
+
+def unflatten_state(flat: Any) -> State:
+    """The inverse of :func:`flatten_state`."""
+    flat = tuple(flat)
+    return tuple(LSTMState(*flat[i : i + 2]) for i in range(0, len(flat), 2))

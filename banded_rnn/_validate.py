@@ -1,4 +1,12 @@
-"""Checks on user input, run on static shapes before anything reaches XLA."""
+"""Every check on user input, written once for the Flax module, streaming,
+training and the Keras layer.
+
+Checks run on static shapes before anything reaches XLA and raise
+``ValueError`` (wrong value or shape) or ``TypeError`` (wrong kind or dtype)
+with a message that names the argument, what was expected and what was
+received. Shapes may hold ``None`` for axes not known yet (Keras's symbolic
+tensors): ``None`` matches any size.
+"""
 
 from __future__ import annotations
 
@@ -11,79 +19,194 @@ import numpy as np
 
 from ._state import LSTMState, State
 
+Shape = tuple[int | None, ...]
 
-def _shape(x: Any) -> tuple[int, ...]:
-    return tuple(np.shape(x))
+_STATE_ORDER_HINT = (
+    "Name the pair: LSTMState(hidden=h, cell=c) (Keras orders it [h, c], PyTorch (h, c), "
+    "Flax (c, h))"
+)
 
 
-def check_inputs(inputs: Any, name: str = "inputs") -> jax.Array:
-    """Returns ``inputs`` as an array of rank 4 and a floating dtype, or raises."""
-    if not hasattr(inputs, "shape") or not hasattr(inputs, "dtype"):
-        inputs = jnp.asarray(inputs)
-    if inputs.ndim != 4:
+def shape_of(x: Any) -> Shape:
+    """The shape of an array, a tracer, a ``ShapeDtypeStruct`` or a Keras tensor."""
+    shape = getattr(x, "shape", None)
+    return tuple(np.shape(x) if shape is None else shape)
+
+
+def dtype_of(x: Any) -> np.dtype:
+    dtype = getattr(x, "dtype", None)
+    return np.asarray(x).dtype if dtype is None else dtype
+
+
+def _matches(received: Shape, expected: Shape) -> bool:
+    return len(received) == len(expected) and all(
+        r is None or e is None or r == e for r, e in zip(received, expected, strict=True)
+    )
+
+
+# -- scalars --------------------------------------------------------------------------
+
+
+def positive_int(value: Any, name: str, *, minimum: int = 1, optional: bool = False) -> Any:
+    """``value`` as an ``int >= minimum`` (``None`` too when ``optional``), or
+    ``ValueError``. Booleans are refused: ``True`` is no count."""
+    if optional and value is None:
+        return None
+    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < minimum:
+        expected = f"{'None or ' if optional else ''}an integer >= {minimum}"
+        raise ValueError(f"{name}: expected {expected}; received {value!r}")
+    return int(value)
+
+
+def rate(value: Any, name: str) -> float:
+    """``value`` as a dropout rate in ``[0, 1)``, or ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        raise ValueError(f"{name}: expected a rate in [0, 1); received {value!r}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}: expected a rate in [0, 1); received {value!r}")
+    return float(value)
+
+
+def floating_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
+    """``dtype`` as a NumPy floating dtype, or ``TypeError``."""
+    dtype = np.dtype(dtype)
+    if not np.issubdtype(dtype, np.floating):
+        raise TypeError(f"{name}: expected a floating dtype; received {dtype}")
+    return dtype
+
+
+# -- inputs ---------------------------------------------------------------------------
+
+
+def check_input_shape(shape: Shape, name: str = "inputs", *, features: int | None = None) -> None:
+    """Rank 4, ``[batch, bands, time, features]``, with ``features`` when given.
+
+    Batch, bands and time may be ``None`` (symbolic); the features may not.
+    """
+    shape = tuple(shape)
+    if len(shape) != 4:
+        hint = ""
+        if len(shape) == 3:
+            hint = "; for one band, add the bands axis: x[:, None]"
         raise ValueError(
-            f"{name}: expected rank 4, [batch, bands, time, features]; "
-            f"received shape {_shape(inputs)}"
+            f"{name}: expected rank 4, [batch, bands, time, features]; received shape {shape}{hint}"
         )
+    if shape[3] is None:
+        raise ValueError(f"{name}: the features axis must be static; received shape {shape}")
+    if features is not None and shape[3] != features:
+        raise ValueError(
+            f"{name}: expected {features} features, [batch, bands, time, {features}] (the "
+            f"kernel is [{features}, 4 * units]); received shape {shape}"
+        )
+
+
+def check_inputs(
+    inputs: Any, name: str = "inputs", *, features: int | None = None, nonempty: bool = False
+) -> jax.Array:
+    """``inputs`` as an array ``[batch, bands, time, features]`` of a floating
+    dtype (``time >= 1`` if ``nonempty``), or raises."""
+    if not hasattr(inputs, "shape") or not hasattr(inputs, "dtype"):
+        inputs = np.asarray(inputs)
+    check_input_shape(inputs.shape, name, features=features)
     if not jnp.issubdtype(inputs.dtype, jnp.floating):
         raise TypeError(f"{name}: expected a floating dtype; received {inputs.dtype}")
+    if nonempty and inputs.shape[2] < 1:
+        raise ValueError(
+            f"{name}: expected at least one time step, [batch, bands, time >= 1, features]; "
+            f"received shape {tuple(inputs.shape)}"
+        )
     return inputs
 
 
-def check_features(features: int, expected: int, name: str = "inputs") -> None:
-    if features != expected:
-        raise ValueError(
-            f"{name}: expected {expected} features (the parameters' kernel is "
-            f"[{expected}, 4 * units]); received {features}"
-        )
+# -- state ----------------------------------------------------------------------------
 
 
-def check_state(
-    state: Any, num_layers: int, batch: int, bands: int, units: int, name: str = "state"
-) -> State:
-    """Returns ``state`` as a tuple of ``num_layers`` LSTMState, or raises."""
+def check_state(state: Any, num_layers: int, shape: Shape, name: str = "state") -> State:
+    """``state`` as a tuple of ``num_layers`` ``LSTMState``, each field of ``shape
+    [batch, bands, units]`` and a floating dtype, or raises."""
     if isinstance(state, LSTMState) or not isinstance(state, Sequence):
         raise TypeError(
-            f"{name}: expected a tuple of {num_layers} LSTMState (one per layer, "
-            f"as model.initial_state returns); received {type(state).__name__}"
+            f"{name}: expected a tuple of {num_layers} LSTMState (one per layer, as "
+            f"model.initial_state returns); received {type(state).__name__}"
         )
     if len(state) != num_layers:
-        raise ValueError(f"{name}: expected {num_layers} layer states; received {len(state)}")
-    expected = (batch, bands, units)
+        hint = ""
+        if not any(isinstance(s, LSTMState) for s in state) and all(
+            hasattr(s, "shape") for s in state
+        ):
+            hint = f"; it holds {len(state)} arrays, not layer states. {_STATE_ORDER_HINT}"
+        raise ValueError(
+            f"{name}: expected a tuple of {num_layers} LSTMState (num_layers={num_layers}); "
+            f"received {len(state)} items{hint}"
+        )
     for layer, layer_state in enumerate(state):
         if not isinstance(layer_state, LSTMState):
             raise TypeError(
-                f"{name}[{layer}]: expected an LSTMState(hidden, cell); "
-                f"received {type(layer_state).__name__}"
+                f"{name}[{layer}]: expected an LSTMState(hidden, cell); received "
+                f"{type(layer_state).__name__}. {_STATE_ORDER_HINT}"
             )
         for field, value in zip(LSTMState._fields, layer_state, strict=True):
-            if _shape(value) != expected:
+            if not _matches(shape_of(value), tuple(shape)):
                 raise ValueError(
                     f"{name}[{layer}].{field}: expected shape [batch, bands, units] = "
-                    f"{expected}; received {_shape(value)}"
+                    f"{tuple(shape)}; received {shape_of(value)}"
                 )
-            if not jnp.issubdtype(jnp.result_type(value), jnp.floating):
+            if not jnp.issubdtype(dtype_of(value), jnp.floating):
                 raise TypeError(
-                    f"{name}[{layer}].{field}: expected a floating dtype; "
-                    f"received {jnp.result_type(value)}"
+                    f"{name}[{layer}].{field}: expected a floating dtype; received "
+                    f"{dtype_of(value)}"
                 )
     return tuple(state)
+
+
+def check_batch_mask(mask: Any, batch: int, bands: int, name: str = "reset") -> None:
+    """A bool mask ``[batch]`` (whole sequences) or ``[batch, bands]``."""
+    shape = shape_of(mask)
+    if shape not in ((batch,), (batch, bands)):
+        raise ValueError(
+            f"{name}: expected a bool mask of shape [batch] = ({batch},) or [batch, bands] = "
+            f"({batch}, {bands}); received shape {shape}"
+        )
+    if dtype_of(mask) != np.bool_:
+        raise TypeError(f"{name}: expected a bool mask; received dtype {dtype_of(mask)}")
+
+
+def check_batch_indices(indices: Any, batch_size: int, name: str = "batch") -> list[int]:
+    """Sequence indices (an int, or a list or 1-d array of ints) in ``[0,
+    batch_size)``: ``TypeError`` for non-integers, ``ValueError`` out of range."""
+    if isinstance(indices, int | np.integer) or (
+        isinstance(indices, np.ndarray) and indices.ndim == 0
+    ):
+        indices = [indices]
+    if not isinstance(indices, Sequence | np.ndarray) or np.ndim(indices) != 1:
+        raise TypeError(
+            f"{name}: expected a list of integer sequence indices; received {indices!r}"
+        )
+    for index in indices:
+        if not isinstance(index, int | np.integer) or isinstance(index, bool | np.bool_):
+            raise TypeError(
+                f"{name}: expected integer indices; received {type(index).__name__} {index!r}"
+            )
+    if not all(0 <= index < batch_size for index in indices):
+        raise ValueError(f"{name}: expected indices in [0, {batch_size}); received {list(indices)}")
+    return [int(index) for index in indices]
+
+
+# -- per-step validity ----------------------------------------------------------------
 
 
 def check_seq_lengths(
     seq_lengths: Any, batch: int, bands: int, name: str = "seq_lengths"
 ) -> jax.Array:
-    """Returns ``seq_lengths`` broadcast to ``[batch, bands]``, or raises."""
-    shape = _shape(seq_lengths)
+    """``seq_lengths`` broadcast to ``[batch, bands]``, or raises."""
+    shape = shape_of(seq_lengths)
     if shape not in ((batch,), (batch, bands)):
         raise ValueError(
             f"{name}: expected shape [batch] = ({batch},) or [batch, bands] = "
             f"({batch}, {bands}); received {shape}"
         )
-    if not jnp.issubdtype(jnp.result_type(seq_lengths), jnp.integer):
-        raise TypeError(
-            f"{name}: expected an integer dtype; received {jnp.result_type(seq_lengths)}"
-        )
+    if not jnp.issubdtype(dtype_of(seq_lengths), jnp.integer):
+        raise TypeError(f"{name}: expected an integer dtype; received {dtype_of(seq_lengths)}")
     if not isinstance(seq_lengths, jax.core.Tracer) and np.any(np.asarray(seq_lengths) < 0):
         raise ValueError(f"{name}: expected lengths >= 0; received {np.asarray(seq_lengths)}")
     seq_lengths = jnp.asarray(seq_lengths)
@@ -92,17 +215,85 @@ def check_seq_lengths(
     return jnp.broadcast_to(seq_lengths, (batch, bands))
 
 
-def check_mask(mask: Any, batch: int, bands: int, time: int, name: str = "mask") -> jax.Array:
-    """Returns ``mask`` broadcast to ``[batch, bands, time]``, or raises."""
-    shape = _shape(mask)
-    if shape not in ((batch, time), (batch, bands, time)):
+def check_mask_shape(shape: Shape, batch: Any, bands: Any, time: Any, name: str = "mask") -> None:
+    """``[batch, time]`` or ``[batch, bands, time]``; ``None`` matches any size."""
+    shape = tuple(shape)
+    if not (_matches(shape, (batch, time)) or _matches(shape, (batch, bands, time))):
         raise ValueError(
             f"{name}: expected shape [batch, time] = ({batch}, {time}) or "
             f"[batch, bands, time] = ({batch}, {bands}, {time}); received {shape}"
         )
-    if jnp.result_type(mask) != jnp.bool_:
-        raise TypeError(f"{name}: expected a bool dtype; received {jnp.result_type(mask)}")
+
+
+def check_mask(mask: Any, batch: int, bands: int, time: int, name: str = "mask") -> jax.Array:
+    """``mask`` (bools) broadcast to ``[batch, bands, time]``, or raises."""
+    check_mask_shape(shape_of(mask), batch, bands, time, name)
+    if dtype_of(mask) != np.bool_:
+        raise TypeError(f"{name}: expected a bool dtype; received {dtype_of(mask)}")
     mask = jnp.asarray(mask)
     if mask.ndim == 2:
         mask = mask[:, None, :]
     return jnp.broadcast_to(mask, (batch, bands, time))
+
+
+# -- variables and keys ---------------------------------------------------------------
+
+
+def check_variables(model: Any, variables: Any) -> int:
+    """Checks that ``variables`` have the paths and shapes ``model`` makes, and
+    returns the number of input features they were made for."""
+    try:
+        features = int(variables["params"]["layer_0"]["kernel"].shape[0])
+    except (KeyError, TypeError, AttributeError, IndexError):
+        raise ValueError(
+            f"variables: expected BandedLSTM variables, {{'params': {{'layer_0': {{'kernel': "
+            f"[features, 4 * units], ...}}, ...}}}} for {model.num_layers} layer(s); received "
+            f"{jax.tree.map(np.shape, variables)}"
+        ) from None
+    inputs = jax.ShapeDtypeStruct((1, 1, 1, features), np.float32)
+    expected = jax.eval_shape(lambda x: model.init(jax.random.key(0), None, x), inputs)
+    expected, received = _layout(expected), _layout(variables)
+    if expected != received:
+        raise ValueError(
+            f"variables: expected those of {type(model).__name__}(units={model.units}, "
+            f"num_layers={model.num_layers}) for {features} features, {expected}; "
+            f"received {received}"
+        )
+    return features
+
+
+def _layout(tree: Any) -> dict[str, tuple[int, ...]]:
+    return {
+        jax.tree_util.keystr(path): tuple(np.shape(leaf))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def is_typed_key(rng: Any) -> bool:
+    """Whether ``rng`` is a typed key (``jax.random.key``), not raw ``uint32`` key data."""
+    return jax.dtypes.issubdtype(getattr(rng, "dtype", None), jax.dtypes.prng_key)
+
+
+def check_rng(rng: Any, batch: int) -> bool:
+    """Validates a dropout ``rng``; returns True for one key per batch entry,
+    False for one key for the batch."""
+    shape = shape_of(rng)
+    if is_typed_key(rng):
+        if shape in ((), (batch,)):
+            return shape == (batch,)
+        raise ValueError(
+            f"rng: expected one key (shape ()) or one per batch entry (shape ({batch},)); "
+            f"received keys of shape {shape}"
+        )
+    dtype = getattr(rng, "dtype", None)
+    if dtype != np.uint32:
+        raise TypeError(
+            f"rng: expected a key from jax.random.key (or uint32 key data); "
+            f"received {type(rng).__name__} of dtype {dtype}"
+        )
+    if len(shape) == 1 or (len(shape) == 2 and shape[0] == batch):
+        return len(shape) == 2
+    raise ValueError(
+        f"rng: expected uint32 key data [key] or one per batch entry [batch, key] "
+        f"= ({batch}, key); received shape {shape}"
+    )

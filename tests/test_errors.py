@@ -8,6 +8,7 @@ import pytest
 from banded_rnn import BandedLSTM, LSTMState
 
 from helpers import random_inputs
+from reference import lstm_reference, params_from_variables
 
 MODEL = BandedLSTM(5, num_layers=2)
 X = random_inputs(0, (2, 3, 4, 6))
@@ -29,7 +30,9 @@ def test_inputs_of_wrong_rank(shape):
 
 
 def test_features_differ_from_parameters():
-    with pytest.raises(ValueError, match=r"inputs: expected 6 features.*received 7"):
+    with pytest.raises(
+        ValueError, match=r"inputs: expected 6 features.*received shape \(2, 3, 4, 7\)"
+    ):
         apply(inputs=np.zeros((2, 3, 4, 7), np.float32))
 
 
@@ -56,7 +59,10 @@ def test_state_shape_mismatch(batch, bands, units):
 
 
 def test_wrong_number_of_layer_states():
-    with pytest.raises(ValueError, match="state: expected 2 layer states; received 1"):
+    with pytest.raises(
+        ValueError,
+        match=r"state: expected a tuple of 2 LSTMState \(num_layers=2\); received 1 items",
+    ):
         apply(MODEL.initial_state(2, 3)[:1])
 
 
@@ -124,3 +130,37 @@ def test_mask_of_wrong_dtype():
 def test_mask_and_seq_lengths_together():
     with pytest.raises(ValueError, match="seq_lengths, mask: give one or the other"):
         apply(mask=np.ones((2, 4), bool), seq_lengths=np.array([1, 2]))
+
+
+def test_rank_3_inputs_suggest_the_bands_axis():
+    with pytest.raises(
+        ValueError, match=r"received shape \(2, 4, 6\); for one band, add the bands"
+    ):
+        apply(inputs=X[:, 0])
+
+
+def test_a_bare_pair_for_one_layer_names_lstm_state_and_the_order():
+    model = BandedLSTM(5)
+    variables = model.init(jax.random.key(0), None, X)
+    zeros = jnp.zeros((2, 3, 5))
+    with pytest.raises(
+        ValueError,
+        match=r"state: expected a tuple of 1 LSTMState .*received 2 items; it holds 2 arrays.*"
+        r"LSTMState\(hidden=h, cell=c\).*Flax \(c, h\)",
+    ):
+        model.apply(variables, (zeros, zeros), X)
+
+
+@pytest.mark.parametrize("field", ["units", "num_layers", "unroll", "remat_chunk"])
+def test_booleans_are_no_counts(field):
+    kwargs = {"units": 3, field: True}
+    with pytest.raises(ValueError, match=rf"{field}: expected .*an integer >= 1; received True"):
+        BandedLSTM(**kwargs)
+
+
+def test_float64_inputs_without_x64_run_in_float32_without_a_warning():
+    # filterwarnings = error: a UserWarning from a dtype cast would fail this test.
+    state, y = apply(inputs=X.astype(np.float64))
+    assert y.dtype == jnp.float32 and state[0].cell.dtype == jnp.float32
+    _, expected = lstm_reference(params_from_variables(VARIABLES), X)
+    np.testing.assert_allclose(y, expected, atol=2e-5)

@@ -112,7 +112,7 @@ def test_a_fresh_process_with_only_jax_and_numpy_reproduces_the_outputs_exactly(
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"chunk": 0}, ValueError, r"chunk: expected an integer >= 1; received 0"),
+        ({"chunk_length": 0}, ValueError, r"chunk_length: expected an integer >= 1; received 0"),
         ({"batch_size": 2.5}, ValueError, r"batch_size: expected an integer >= 1"),
         ({"dtype": np.int16}, TypeError, r"dtype: expected a floating dtype; received int16"),
         ({"variables": {"params": {}}}, ValueError, r"variables: expected BandedLSTM variables"),
@@ -125,7 +125,7 @@ def test_a_fresh_process_with_only_jax_and_numpy_reproduces_the_outputs_exactly(
 )
 def test_bad_arguments(kwargs, error, message):
     arguments = dict(
-        model=MODEL, variables=VARIABLES, batch_size=BATCH, num_bands=BANDS, chunk=CHUNK
+        model=MODEL, variables=VARIABLES, batch_size=BATCH, num_bands=BANDS, chunk_length=CHUNK
     )
     with pytest.raises(error, match=message):
         export_stream_step(**{**arguments, **kwargs})

@@ -124,7 +124,7 @@ def test_stream_step_masks_padding_with_seq_lengths():
     [
         (X[:2, :, :2], None, r"chunk: expected \[batch, bands\] = \(3, 4\).*received shape \(2, 4"),
         (X[:, :3, :2], None, r"chunk: expected \[batch, bands\] = \(3, 4\).*received shape \(3, 3"),
-        (X[:, :, :2, :5], None, r"chunk: expected 6 features.*received 5"),
+        (X[:, :, :2, :5], None, r"chunk: expected 6 features.*received shape \(3, 4, 2, 5\)"),
         (X[:, :, :0], None, r"chunk: expected at least one time step.*\(3, 4, 0, 6\)"),
         (X[:, :, :2], np.ones(2, bool), r"reset: expected a bool mask.*\(3,\).*\(3, 4\).*\(2,\)"),
         (X[:, :, :2], np.ones((3, 2), bool), r"reset: .*received shape \(3, 2\)"),
