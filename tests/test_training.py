@@ -114,7 +114,7 @@ def test_gradient_matches_float64_finite_differences(truncate):
         y = random_inputs(1, (batch, bands, time, units), np.float64)
         variables = random_variables(model, features, seed=0, dtype=np.float64)
         state = jax.tree.map(lambda a: a.astype(np.float64), random_state(model, batch, bands, 2))
-        step = make_train_step(mse, chunk=3, truncate=truncate)
+        step = make_train_step(mse, chunk_length=3, truncate=truncate)
         train_state, final, metrics = step(new_train_state(model, variables), state, x, y, None)
         grads = params_from_variables({"params": train_state.opt_state})
         final = jax.device_get(final)
@@ -158,7 +158,7 @@ def test_matches_reference_in_float32_with_adam():
     y = random_inputs(4, (2, 3, 8, 5))
     variables = random_variables(model, x.shape[-1], seed=1)
     state = random_state(model, 2, 3, seed=5)
-    step = make_train_step(mse, chunk=3)
+    step = make_train_step(mse, chunk_length=3)
     train_state = new_train_state(model, variables, ADAM)
     train_state, final, metrics = step(train_state, state, x, y, None)
     params = params_from_variables(variables)
@@ -196,7 +196,7 @@ def test_model_with_a_head():
     head = {"kernel": random_inputs(12, (4, 1)), "bias": random_inputs(13, (1,))}
     variables = {"params": {"lstm": lstm, "head": head}}
     train_state = new_train_state(model, variables)
-    _, _, metrics = make_train_step(mse, chunk=4)(train_state, None, x, y, None)
+    _, _, metrics = make_train_step(mse, chunk_length=4)(train_state, None, x, y, None)
     params = variables["params"]
     _, hidden = lstm_reference(params_from_variables({"params": params["lstm"]}), x)
     head = hidden @ np.asarray(params["head"]["kernel"]) + np.asarray(params["head"]["bias"])
@@ -247,7 +247,7 @@ def test_parameter_gradient_is_additive_over_bands():
     def summed_over_bands(outputs, targets):
         return jnp.sum(jnp.mean((outputs - targets) ** 2, axis=(0, 2, 3)))
 
-    step = make_train_step(summed_over_bands, chunk=4)
+    step = make_train_step(summed_over_bands, chunk_length=4)
     train_state, _, _ = step(new_train_state(model, variables), state, x, y, None)
     total = jax.tree.map(jnp.zeros_like, train_state.opt_state)
     for k in range(bands):
@@ -290,7 +290,7 @@ def test_step_in_chunks_without_truncation_equals_whole_step_with_dropout():
     variables = random_variables(model, x.shape[-1], seed=1)
     state = random_state(model, 3, 2, seed=22)
     keys = jax.random.split(jax.random.key(23), 3)
-    steps = (make_train_step(mse), make_train_step(mse, chunk=4, truncate=False))
+    steps = (make_train_step(mse), make_train_step(mse, chunk_length=4, truncate=False))
     results = [step(new_train_state(model, variables), state, x, y, keys) for step in steps]
     (ts_whole, s_whole, m_whole), (ts_chunk, s_chunk, m_chunk) = results
     np.testing.assert_allclose(float(m_chunk["loss"]), float(m_whole["loss"]), rtol=1e-6)
@@ -363,7 +363,7 @@ BAD_INPUTS = {
     "state_batch": ({"state": BAD_MODEL.initial_state(3, 3)}, ValueError,
                     r"state\[0\]\.hidden: expected shape .*\(2, 3, 4\); received \(3, 3, 4\)"),
     "state_layers": ({"state": BAD_MODEL.initial_state(2, 3)[:1]}, ValueError,
-                     r"state: expected 2 layer states"),
+                     r"state: expected a tuple of 2 LSTMState"),
     "no_rng": ({"rng": None}, ValueError, r"rng: the model has dropout on"),
     "rng_shape": ({"rng": jax.random.split(KEY, 3)}, ValueError,
                   r"rng: expected one key .*\(2,\).*received keys of shape \(3,\)"),
@@ -402,7 +402,7 @@ def test_loss_must_be_scalar():
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(train_state.params))
 
 
-@pytest.mark.parametrize("chunk", [0, 2.5, True])
-def test_bad_chunk(chunk):
-    with pytest.raises(ValueError, match=r"chunk: expected None or an integer >= 1"):
-        make_train_step(mse, chunk=chunk)
+@pytest.mark.parametrize("chunk_length", [0, 2.5, True])
+def test_bad_chunk_length(chunk_length):
+    with pytest.raises(ValueError, match=r"chunk_length: expected None or an integer >= 1"):
+        make_train_step(mse, chunk_length=chunk_length)

@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent(
 
 
     def train(mesh, keys):
-        step = make_train_step(mse, mesh=mesh, chunk=4)
+        step = make_train_step(mse, mesh=mesh, chunk_length=4)
         train_state, state, losses = new_train_state(), model.initial_state(batch, bands), []
         for _ in range(3):
             train_state, state, metrics = step(train_state, state, x, y, keys)

@@ -11,6 +11,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax.training.train_state import TrainState
 
+from .._validate import is_typed_key
+
 
 class Restored(NamedTuple):
     """What :meth:`Checkpointer.restore` returns."""
@@ -19,10 +21,6 @@ class Restored(NamedTuple):
     state: Any
     rng: jax.Array
     stream: dict[str, np.ndarray] | None
-
-
-def _is_typed_key(rng: Any) -> bool:
-    return jax.dtypes.issubdtype(getattr(rng, "dtype", None), jax.dtypes.prng_key)
 
 
 def _abstract(tree: Any) -> Any:
@@ -92,7 +90,7 @@ class Checkpointer:
         template = _abstract(self._items(train_state, state, rng, stream))
         items = self._manager.restore(step, args=ocp.args.StandardRestore(template))
         restored_rng = items["rng"]
-        if _is_typed_key(rng):
+        if is_typed_key(rng):
             restored_rng = jax.random.wrap_key_data(restored_rng, impl=jax.random.key_impl(rng))
         train_state = train_state.replace(
             step=jnp.asarray(items["step"]), params=items["params"], opt_state=items["opt_state"]
@@ -115,7 +113,7 @@ class Checkpointer:
             "opt_state": train_state.opt_state,
             "step": np.asarray(train_state.step, np.int32),
             "state": state,
-            "rng": jax.random.key_data(rng) if _is_typed_key(rng) else rng,
+            "rng": jax.random.key_data(rng) if is_typed_key(rng) else rng,
         }
         if stream is not None:
             items["stream"] = stream

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -12,8 +13,10 @@ from flax.training.train_state import TrainState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from .. import _validate
+from .._state import reset_state
 from ._checkpoint import Checkpointer
-from ._step import EvalStep, TrainStep, _apply, _needs_rng, make_eval_step
+from ._step import EvalStep, TrainStep, make_eval_step
 
 
 class Chunk(NamedTuple):
@@ -81,9 +84,8 @@ class ChunkStream:
         seed: int = 0,
         shuffle: bool = True,
     ) -> None:
-        for name, value in (("batch_size", batch_size), ("chunk_length", chunk_length)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: expected an integer >= 1; received {value!r}")
+        batch_size = _validate.positive_int(batch_size, "batch_size")
+        chunk_length = _validate.positive_int(chunk_length, "chunk_length")
         self.inputs = _as_sequences(inputs, "inputs", 3)
         self.targets = _as_sequences(targets, "targets", None)
         if len(self.targets) != len(self.inputs):
@@ -195,26 +197,10 @@ class FitResult(NamedTuple):
 
 
 @jax.jit
-def _prepare(state, reset, rng, sequence):
+def _start_sequences(state, reset, rng, sequence):
     """Zeros the state of the entries in ``reset``; one dropout key per entry's sequence."""
-
-    def zero(a):
-        mask = reset.reshape(reset.shape + (1,) * (a.ndim - 1))
-        return jnp.where(mask, jnp.zeros_like(a), a)
-
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, sequence)
-    return jax.tree.map(zero, state), keys
-
-
-def _zero_state(train_state: TrainState, batch: int, bands: int, features: int) -> Any:
-    """The model's state of zeros for a batch, from its shapes alone."""
-    inputs = jax.ShapeDtypeStruct((batch, bands, 1, features), jnp.float32)
-    final_state, _ = jax.eval_shape(
-        lambda p, x: _apply(train_state.apply_fn, p, None, x, None, False, deterministic=True),
-        train_state.params,
-        inputs,
-    )
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), final_state)
+    return reset_state(state, reset), keys
 
 
 def evaluate(
@@ -271,6 +257,52 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
+class _History:
+    """The per-step metrics and the evaluations of one :func:`fit` call."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, list[Any]] = {"step": [], "loss": [], "grad_norm": []}
+        self.evaluations: dict[str, list[Any]] = {"eval_step": [], "eval_loss": []}
+
+    def record_step(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        self.steps["step"].append(step)
+        self.steps["loss"].append(metrics["loss"])  # on the device: no sync per step
+        self.steps["grad_norm"].append(metrics["grad_norm"])
+
+    def record_evaluation(self, step: int, loss: float) -> None:
+        self.evaluations["eval_step"].append(step)
+        self.evaluations["eval_loss"].append(loss)
+
+    def evaluated_at(self, step: int) -> bool:
+        return bool(self.evaluations["eval_step"]) and self.evaluations["eval_step"][-1] == step
+
+    def as_arrays(self) -> dict[str, np.ndarray]:
+        arrays = {k: np.asarray(jax.device_get(v)) for k, v in self.steps.items()}
+        arrays.update({k: np.asarray(v) for k, v in self.evaluations.items()})
+        return arrays
+
+
+def _resume(checkpointer, train_state, state, rng, stream):
+    """The newest checkpoint's ``(train_state, state, rng)``, the stream set to
+    its position; the arguments themselves when there is no checkpoint."""
+    if checkpointer is None or checkpointer.latest_step() is None:
+        return train_state, state, rng
+    restored = checkpointer.restore(train_state, state, rng, stream.position())
+    stream.set_position(restored.stream)
+    return restored.train_state, restored.state, restored.rng
+
+
+def _warn_if_done(step: int, num_steps: int, checkpointer: Checkpointer | None) -> None:
+    if step < num_steps or num_steps == 0:
+        return
+    where = "" if checkpointer is None else f" (resumed from {checkpointer.directory})"
+    warnings.warn(
+        f"fit: train_state is already at step {step}{where}, and num_steps={num_steps}: "
+        "nothing to train. Raise num_steps to train on.",
+        stacklevel=3,
+    )
+
+
 def fit(
     train_step: TrainStep,
     train_state: TrainState,
@@ -300,7 +332,9 @@ def fit(
     With a ``checkpointer`` that already holds a checkpoint, training resumes
     from its newest one (training state, carried state, rng and the stream's
     position): the losses are then those of the uninterrupted run. A checkpoint
-    is saved every ``checkpoint_every`` steps and at the end.
+    is saved every ``checkpoint_every`` steps and at the end. If the training
+    state is already at ``num_steps`` (a finished run resumed), nothing is
+    trained and a ``UserWarning`` says so.
 
     Args:
       train_step: from :func:`make_train_step`.
@@ -320,62 +354,47 @@ def fit(
     Returns:
       A :class:`FitResult` ``(train_state, state, history)``.
     """
-    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 0:
-        raise ValueError(f"num_steps: expected an integer >= 0; received {num_steps!r}")
+    num_steps = _validate.positive_int(num_steps, "num_steps", minimum=0)
     if not isinstance(stream, ChunkStream):
         raise TypeError(f"stream: expected a ChunkStream; received {type(stream).__name__}")
     if eval_data is not None and eval_step is None:
         eval_step = make_eval_step(train_step.loss_fn)
-    state = _zero_state(train_state, stream.batch_size, stream.num_bands, stream.num_features)
-    if checkpointer is not None and checkpointer.latest_step() is not None:
-        restored = checkpointer.restore(train_state, state, rng, stream.position())
-        train_state, state, rng = restored.train_state, restored.state, restored.rng
-        stream.set_position(restored.stream)
-    # Without dropout no keys are needed, and the step runs the batch in one piece.
-    inputs_spec = jax.ShapeDtypeStruct(
-        (stream.batch_size, stream.num_bands, stream.chunk_length, stream.num_features),
-        jnp.float32,
-    )
-    per_entry_keys = _needs_rng(train_state.apply_fn, train_state.params, inputs_spec)
+    shape = (stream.batch_size, stream.num_bands, stream.chunk_length, stream.num_features)
+    state = train_step.initial_state(train_state, *shape[:2], shape[3])
+    train_state, state, rng = _resume(checkpointer, train_state, state, rng, stream)
     step = int(train_state.step)
-    history: dict[str, list[Any]] = {k: [] for k in ("step", "loss", "grad_norm")}
-    evaluations: dict[str, list[Any]] = {"eval_step": [], "eval_loss": []}
+    _warn_if_done(step, num_steps, checkpointer)
+    # Without dropout no keys are needed, and the step runs the batch in one piece.
+    keys_per_entry = train_step.needs_rng(train_state, jax.ShapeDtypeStruct(shape, jnp.float32))
+    history = _History()
 
-    def run_eval() -> None:
+    def run_evaluation() -> None:
         loss = evaluate(
             eval_step, train_state, *eval_data,
             batch_size=stream.batch_size, chunk_length=stream.chunk_length,
         )  # fmt: skip
-        evaluations["eval_step"].append(step)
-        evaluations["eval_loss"].append(loss)
+        history.record_evaluation(step, loss)
 
     with _progress(progress) as bar:
         task = bar.add_task("training", total=num_steps, completed=step, status="")
         while step < num_steps:
             chunk = next(stream)
             reset = chunk.reset if carry_state else np.ones_like(chunk.reset)
-            state, keys = _prepare(state, reset, rng, chunk.sequence)
+            state, keys = _start_sequences(state, reset, rng, chunk.sequence)
             train_state, state, metrics = train_step(
-                train_state, state, chunk.inputs, chunk.targets, keys if per_entry_keys else None
+                train_state, state, chunk.inputs, chunk.targets, keys if keys_per_entry else None
             )
             step += 1
-            history["step"].append(step)
-            history["loss"].append(metrics["loss"])
-            history["grad_norm"].append(metrics["grad_norm"])
+            history.record_step(step, metrics)
             if eval_data is not None and eval_every and step % eval_every == 0:
-                run_eval()
+                run_evaluation()
             if checkpointer is not None and checkpoint_every and step % checkpoint_every == 0:
                 checkpointer.save(train_state, state, rng, stream.position())
             if step % log_every == 0 or step == num_steps:
-                bar.update(task, completed=step, status=f"loss {float(metrics['loss']):.4g}")
-            else:
-                bar.update(task, completed=step)
-    if eval_data is not None and (
-        not evaluations["eval_step"] or evaluations["eval_step"][-1] != step
-    ):
-        run_eval()
+                bar.update(task, status=f"loss {float(metrics['loss']):.4g}")
+            bar.update(task, completed=step)
+    if eval_data is not None and not history.evaluated_at(step):
+        run_evaluation()
     if checkpointer is not None and checkpointer.latest_step() != step:
         checkpointer.save(train_state, state, rng, stream.position())
-    result = {k: np.asarray(jax.device_get(v)) for k, v in history.items()}
-    result.update({k: np.asarray(v) for k, v in evaluations.items()})
-    return FitResult(train_state, state, result)
+    return FitResult(train_state, state, history.as_arrays())

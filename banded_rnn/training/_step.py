@@ -8,12 +8,12 @@ from typing import Any
 import flax.errors
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax.training.train_state import TrainState
 from jax.sharding import Mesh
 
 from .. import _validate
+from .._chunked import scan_chunks
 from . import _mesh
 
 LossFn = Callable[[jax.Array, Any], jax.Array]
@@ -21,44 +21,12 @@ Metrics = dict[str, jax.Array]
 Rng = jax.Array | None
 
 
-def _shape(x: Any) -> tuple[int, ...]:
-    return tuple(np.shape(x))
-
-
-def _is_typed_key(rng: Any) -> bool:
-    return jax.dtypes.issubdtype(getattr(rng, "dtype", None), jax.dtypes.prng_key)
-
-
-def _check_rng(rng: Any, batch: int) -> bool:
-    """Validates ``rng``; returns True for one key per batch entry, False for one key."""
-    if _is_typed_key(rng):
-        shape = _shape(rng)
-        if shape in ((), (batch,)):
-            return shape == (batch,)
-        raise ValueError(
-            f"rng: expected one key (shape ()) or one per batch entry (shape ({batch},)); "
-            f"received keys of shape {shape}"
-        )
-    dtype = getattr(rng, "dtype", None)
-    if dtype != np.uint32:
-        raise TypeError(
-            f"rng: expected a key from jax.random.key (or uint32 key data); "
-            f"received {type(rng).__name__} of dtype {dtype}"
-        )
-    shape = _shape(rng)
-    if len(shape) == 1 or (len(shape) == 2 and shape[0] == batch):
-        return len(shape) == 2
-    raise ValueError(
-        f"rng: expected uint32 key data [key] or one per batch entry [batch, key] "
-        f"= ({batch}, key); received shape {shape}"
-    )
-
-
 def _per_entry(rng: Any, batch: int) -> bool:
     """True for one key per batch entry (a validated ``rng``), False for one key or None."""
     if rng is None:
         return False
-    return _shape(rng) == (batch,) if _is_typed_key(rng) else len(_shape(rng)) == 2
+    shape = _validate.shape_of(rng)
+    return shape == (batch,) if _validate.is_typed_key(rng) else len(shape) == 2
 
 
 def _apply(apply_fn, params, state, inputs, rng, per_entry, deterministic):
@@ -66,7 +34,7 @@ def _apply(apply_fn, params, state, inputs, rng, per_entry, deterministic):
     variables = {"params": params}
     if rng is None:
         return apply_fn(variables, state, inputs, deterministic=deterministic)
-    if not _is_typed_key(rng):
+    if not _validate.is_typed_key(rng):
         rng = jax.random.wrap_key_data(rng)
     if not per_entry:
         return apply_fn(
@@ -85,20 +53,8 @@ def _apply(apply_fn, params, state, inputs, rng, per_entry, deterministic):
     return jax.vmap(one_entry)(state, inputs, rng)
 
 
-def _needs_rng(apply_fn, params, inputs) -> bool:
-    """Whether the model asks for a 'dropout' rng in training, from shapes alone."""
-    try:
-        jax.eval_shape(
-            lambda p, x: _apply(apply_fn, p, None, x, None, False, deterministic=False),
-            params, inputs,
-        )  # fmt: skip
-    except (ValueError, flax.errors.InvalidRngError):
-        return True
-    return False
-
-
-def _run_window(apply_fn, params, state, inputs, rng, per_entry, *, chunk, truncate):
-    """Runs ``inputs [batch, bands, time, features]`` in chunks of ``chunk`` steps.
+def _run_window(apply_fn, params, state, inputs, rng, per_entry, *, chunk_length, truncate):
+    """Runs ``inputs [batch, bands, time, features]`` in chunks of ``chunk_length`` steps.
 
     The state is carried from chunk to chunk; with ``truncate`` its gradient is
     stopped at every chunk boundary. Returns ``(final_state, outputs)`` with the
@@ -110,25 +66,17 @@ def _run_window(apply_fn, params, state, inputs, rng, per_entry, *, chunk, trunc
             state = jax.lax.stop_gradient(state)
         return _apply(apply_fn, params, state, x, rng, per_entry, deterministic=False)
 
-    time = inputs.shape[2]
-    if chunk is None or time <= chunk:
+    if chunk_length is None or inputs.shape[2] <= chunk_length:
         return run(state, inputs)
-    batch, bands, _, features = inputs.shape
-    num_chunks = time // chunk
-    split = num_chunks * chunk
-    # [chunks, batch, bands, chunk, features], scanned over the leading axis.
-    chunks = jnp.moveaxis(
-        inputs[:, :, :split].reshape(batch, bands, num_chunks, chunk, features), 2, 0
-    )
     if state is None:  # the model's zeros, as a concrete carry for the scan
-        shapes = jax.eval_shape(lambda x: run(None, x)[0], chunks[0])
-        state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    state, outputs = jax.lax.scan(run, state, chunks)
-    outputs = jnp.moveaxis(outputs, 0, 2).reshape(batch, bands, split, *outputs.shape[4:])
-    if split < time:
-        state, tail = run(state, inputs[:, :, split:])
-        outputs = jnp.concatenate([outputs, tail], axis=2)
-    return state, outputs
+        state = _zeros_like_final_state(lambda x: run(None, x), inputs[:, :, :1])
+    return scan_chunks(run, state, inputs, chunk_length, axis=2)
+
+
+def _zeros_like_final_state(run: Callable[[Any], tuple[Any, Any]], inputs: Any) -> Any:
+    """Zeros shaped like the final state ``run(inputs)`` returns, from shapes alone."""
+    final_state, _ = jax.eval_shape(run, inputs)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), final_state)
 
 
 class _Step:
@@ -142,6 +90,31 @@ class _Step:
         self.loss_fn = loss_fn
         self.mesh = None if mesh is None else _mesh.check_mesh(mesh)
         self._checked: set[Any] = set()
+
+    # -- what the loop asks of the model ---------------------------------------------
+    @staticmethod
+    def initial_state(train_state: TrainState, batch: int, bands: int, features: int) -> Any:
+        """The model's state of zeros for ``[batch, bands]`` and ``features``
+        input features, from its shapes alone (the model runs nothing)."""
+        inputs = jax.ShapeDtypeStruct((batch, bands, 1, features), jnp.float32)
+        apply_fn, params = train_state.apply_fn, train_state.params
+        return _zeros_like_final_state(
+            lambda x: _apply(apply_fn, params, None, x, None, False, deterministic=True), inputs
+        )
+
+    @staticmethod
+    def needs_rng(train_state: TrainState, inputs: Any) -> bool:
+        """Whether the model asks for a ``'dropout'`` rng in training on
+        ``inputs`` (an array or a ``jax.ShapeDtypeStruct``), from shapes alone."""
+        apply_fn = train_state.apply_fn
+        try:
+            jax.eval_shape(
+                lambda p, x: _apply(apply_fn, p, None, x, None, False, deterministic=False),
+                train_state.params, inputs,
+            )  # fmt: skip
+        except (ValueError, flax.errors.InvalidRngError):
+            return True
+        return False
 
     # -- validation -------------------------------------------------------------------
     def check(
@@ -166,7 +139,7 @@ class _Step:
         signature = (
             treedef,
             apply_fn,
-            tuple((_shape(a), getattr(a, "dtype", type(a))) for a in leaves),
+            tuple((_validate.shape_of(a), getattr(a, "dtype", type(a))) for a in leaves),
         )
         if signature in self._checked:
             return
@@ -177,7 +150,7 @@ class _Step:
         inputs = _validate.check_inputs(inputs)
         batch, bands, time, _ = inputs.shape
         if rng is not None:
-            _check_rng(rng, batch)
+            _validate.check_rng(rng, batch)
         if self.mesh is not None:
             _mesh.check_divisible(self.mesh, batch, bands)
         apply_fn, params = train_state.apply_fn, train_state.params
@@ -187,7 +160,7 @@ class _Step:
             lambda p, s, x: _apply(apply_fn, p, s, x, None, False, deterministic=True),
             params, state, inputs,
         )  # fmt: skip
-        if self.training and rng is None and _needs_rng(apply_fn, params, inputs):
+        if self.training and rng is None and self.needs_rng(train_state, inputs):
             raise ValueError(
                 "rng: the model has dropout on (it needs a 'dropout' rng in training) "
                 "but rng is None; pass jax.random.key(...), one key per batch entry "
@@ -201,7 +174,7 @@ class _Step:
         self._check_targets(outputs, targets, batch, bands, time)
 
     def _check_targets(self, outputs, targets, batch, bands, time) -> None:
-        out_shape, target_shape = tuple(outputs.shape), _shape(targets)
+        out_shape, target_shape = tuple(outputs.shape), _validate.shape_of(targets)
         lead = (batch, bands, time)
         if target_shape[:3] != lead or (
             len(target_shape) == len(out_shape) and target_shape != out_shape
@@ -222,7 +195,7 @@ class _Step:
         if self.mesh is None:
             return train_state, state, inputs, targets, rng
         data = _mesh.data_sharding(self.mesh)
-        per_entry = _per_entry(rng, _shape(inputs)[0])
+        per_entry = _per_entry(rng, _validate.shape_of(inputs)[0])
         keys = _mesh.key_sharding(self.mesh) if per_entry else _mesh.replicated(self.mesh)
         return (
             jax.device_put(train_state, _mesh.replicated(self.mesh)),
@@ -243,27 +216,23 @@ class TrainStep(_Step):
 
     training = True
 
-    def __init__(self, loss_fn, *, truncate: bool, chunk: int | None, mesh: Mesh | None):
+    def __init__(self, loss_fn, *, truncate: bool, chunk_length: int | None, mesh: Mesh | None):
         super().__init__(loss_fn, mesh)
-        if chunk is not None and (
-            not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1
-        ):
-            raise ValueError(f"chunk: expected None or an integer >= 1; received {chunk!r}")
+        self.chunk_length = _validate.positive_int(chunk_length, "chunk_length", optional=True)
         self.truncate = bool(truncate)
-        self.chunk = chunk
         kwargs: dict[str, Any] = {"donate_argnums": 0}
         if self.mesh is not None:
             replicated = _mesh.replicated(self.mesh)
             kwargs["out_shardings"] = (replicated, _mesh.data_sharding(self.mesh), replicated)
-        self._jitted = jax.jit(self._step, **kwargs)
+        self._jitted = jax.jit(self._update, **kwargs)
 
-    def _step(self, train_state, state, inputs, targets, rng):
+    def _update(self, train_state, state, inputs, targets, rng):
         per_entry = _per_entry(rng, inputs.shape[0])
 
         def loss_of(params):
             final_state, outputs = _run_window(
                 train_state.apply_fn, params, state, inputs, rng, per_entry,
-                chunk=self.chunk, truncate=self.truncate,
+                chunk_length=self.chunk_length, truncate=self.truncate,
             )  # fmt: skip
             return self.loss_fn(outputs, targets), final_state
 
@@ -298,9 +267,9 @@ class EvalStep(_Step):
         if self.mesh is not None:
             replicated = _mesh.replicated(self.mesh)
             kwargs["out_shardings"] = (_mesh.data_sharding(self.mesh), replicated)
-        self._jitted = jax.jit(self._step, **kwargs)
+        self._jitted = jax.jit(self._evaluate, **kwargs)
 
-    def _step(self, train_state, state, inputs, targets):
+    def _evaluate(self, train_state, state, inputs, targets):
         final_state, outputs = _apply(
             train_state.apply_fn, train_state.params, state, inputs, None, False, deterministic=True
         )
@@ -318,7 +287,7 @@ def make_train_step(
     *,
     truncate: bool = True,
     mesh: Mesh | None = None,
-    chunk: int | None = None,
+    chunk_length: int | None = None,
 ) -> TrainStep:
     """Builds a jitted training step for truncated back-propagation through time.
 
@@ -358,13 +327,13 @@ def make_train_step(
 
     Args:
       loss_fn: ``loss_fn(outputs, targets) -> scalar``.
-      truncate: with ``chunk``, stop the state's gradient at the boundaries of
+      truncate: with ``chunk_length``, stop the state's gradient at the boundaries of
         the chunks inside the step (truncated BPTT); False back-propagates
         through the whole window, exactly as if it ran in one piece.
       mesh: a mesh with the axes ``"batch"`` (and optionally ``"bands"``), as
         :func:`make_mesh` builds: inputs, targets, state and per-entry keys are
         split along them and the parameters and optimiser state replicated.
-      chunk: if set, the step runs its window in chunks of this many steps
+      chunk_length: if set, the step runs its window in chunks of this many steps
         inside the one jitted call, carrying the state from chunk to chunk (a
         shorter last chunk takes the remainder). None runs the window whole.
 
@@ -389,7 +358,7 @@ def make_train_step(
     >>> int(train_state.step), state[0].hidden.shape   # per layer: [batch, bands, units]
     (2, (2, 3, 8))
     """
-    return TrainStep(loss_fn, truncate=truncate, chunk=chunk, mesh=mesh)
+    return TrainStep(loss_fn, truncate=truncate, chunk_length=chunk_length, mesh=mesh)
 
 
 def make_eval_step(loss_fn: LossFn, *, mesh: Mesh | None = None) -> EvalStep:
