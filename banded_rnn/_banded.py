@@ -241,8 +241,7 @@ class BandedLSTM(nn.Module):
           valid step, and the last layer's hidden outputs
           ``[batch, bands, time, units]``.
         """
-        existing = self.variables.get("params", {}).get("layer_0")
-        features = None if existing is None else existing["kernel"].shape[0]
+        features = _validate.input_features(self.variables)  # None while initialising
         inputs = _validate.check_inputs(inputs, features=features)
         batch, bands, time, features = inputs.shape
         if state is None:

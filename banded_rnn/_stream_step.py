@@ -28,8 +28,7 @@ def stream_apply(
     """``model.apply`` on one ``chunk [batch, bands, time >= 1, features]``,
     after zeroing the states where ``reset`` is true. Checks run while tracing,
     before XLA and before any buffer is donated."""
-    features = variables.get("params", {}).get("layer_0", {}).get("kernel")
-    features = None if features is None else features.shape[0]
+    features = _validate.input_features(variables)
     chunk = _validate.check_inputs(chunk, "chunk", features=features, nonempty=True)
     batch, bands = chunk.shape[:2]
     if state is not None:

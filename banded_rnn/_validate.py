@@ -239,17 +239,25 @@ def check_mask(mask: Any, batch: int, bands: int, time: int, name: str = "mask")
 # -- variables and keys ---------------------------------------------------------------
 
 
+def input_features(variables: Any) -> int | None:
+    """The features the first layer's ``kernel [features, 4 * units]`` reads, or
+    None when ``variables`` hold no such kernel (yet)."""
+    try:
+        return int(variables["params"]["layer_0"]["kernel"].shape[0])
+    except (KeyError, TypeError, AttributeError, IndexError):
+        return None
+
+
 def check_variables(model: Any, variables: Any) -> int:
     """Checks that ``variables`` have the paths and shapes ``model`` makes, and
     returns the number of input features they were made for."""
-    try:
-        features = int(variables["params"]["layer_0"]["kernel"].shape[0])
-    except (KeyError, TypeError, AttributeError, IndexError):
+    features = input_features(variables)
+    if features is None:
         raise ValueError(
             f"variables: expected BandedLSTM variables, {{'params': {{'layer_0': {{'kernel': "
             f"[features, 4 * units], ...}}, ...}}}} for {model.num_layers} layer(s); received "
             f"{jax.tree.map(np.shape, variables)}"
-        ) from None
+        )
     inputs = jax.ShapeDtypeStruct((1, 1, 1, features), np.float32)
     expected = jax.eval_shape(lambda x: model.init(jax.random.key(0), None, x), inputs)
     expected, received = _layout(expected), _layout(variables)

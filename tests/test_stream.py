@@ -289,6 +289,23 @@ def test_compile_count_reports_compilations_without_warmup():
     assert stream.compile_count == count
 
 
+def test_compile_counting_charges_only_its_stream_and_leaves_no_listener_behind():
+    from jax._src import monitoring  # the listener list has no public reader
+
+    listeners = len(monitoring.get_event_duration_listeners())
+    model = BandedLSTM(7)
+    inputs = random_inputs(11, (1, 2, 3, 3))
+    variables = init_model(model, inputs)
+    first, second = (Stream(model, variables, 1, 2, max_chunk=4) for _ in range(2))
+    first(inputs)
+    assert first.compile_count >= 1 and second.compile_count == 0
+    count = first.compile_count
+    jax.jit(lambda x: x * 5.0)(inputs)  # outside any stream: charged to none
+    second(inputs[:, :, :1])
+    assert second.compile_count >= 1 and first.compile_count == count
+    assert len(monitoring.get_event_duration_listeners()) == listeners
+
+
 # Bad input: a clear error, and the state exactly as it was.
 
 
