@@ -1,4 +1,4 @@
-"""The benchmark configurations of BENCHMARKS.md and their FLOP counts."""
+"""The benchmark configurations (:data:`CONFIGS`, defined here) and their FLOP counts."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ CONFIGS: dict[str, Config] = {
         Config("train", 8, 16, 256, 32, 128, 1, "train"),
     )
 }
-"""Every configuration of BENCHMARKS.md, in the order the table lists them."""
+"""Every benchmark configuration, in the order the report's tables list them."""
 
 MEMORY_TIME = 10_000
 """Time steps of the training step whose compiled memory the table reports."""

@@ -1,28 +1,26 @@
 """Our implementation of every configuration, through the public API only.
 
 * full sequence: ``jax.jit(model.apply)``;
-* streaming: ``banded_rnn.stream_step(model)`` where the package has it, else
-  ``jax.jit(model.apply, donate_argnums=1)`` (the state donated);
+* streaming: ``banded_rnn.stream_step(model)`` (the state donated);
 * training: one optimiser step (forward, backward, ``optax.adam``, MSE on a
   linear head ``units -> features``): ``banded_rnn.training.make_train_step``
-  where the package has it, else a jitted step of our own; the parameters and
-  the optimiser state are donated either way.
+  (the parameters and the optimiser state donated).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from functools import partial
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.training.train_state import TrainState
 
-import banded_rnn
-from banded_rnn import BandedLSTM
+from banded_rnn import BandedLSTM, stream_step
+from banded_rnn.training import make_mesh, make_train_step
 
 from ._configs import Config
 from ._harness import (
@@ -68,8 +66,6 @@ def build_sharded(
     devices = jax.devices()
     if config.name not in SHARDED_CONFIGS or len(devices) < 2 or config.batch % len(devices):
         return None
-    from banded_rnn.training import make_mesh
-
     mesh = make_mesh()
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
     where = f"batch split over {len(devices)} CPU devices (make_mesh)"
@@ -103,28 +99,17 @@ def _inference(
     )
 
 
-def stream_step_of(model: BandedLSTM):
-    """``(step, note)``: the package's streaming step if it has one, else a
-    jitted ``model.apply`` with the state donated; both are called as
-    ``step(variables, state, chunk) -> (state, outputs)``."""
-    stream_step = getattr(banded_rnn, "stream_step", None)
-    if stream_step is not None:
-        return stream_step(model), "banded_rnn.stream_step(model)"
-    return jax.jit(model.apply, donate_argnums=1), "jax.jit(model.apply, donate_argnums=1)"
-
-
 def _stream(config: Config, weights: Weights, inputs: np.ndarray) -> Impl:
     model = _model(config)
     variables = jax.device_put(to_ours(weights))
     frames = [jnp.asarray(inputs[:, :, t : t + 1]) for t in range(config.frames)]
-    step, note = stream_step_of(model)
     return jax_stream_impl(
         OURS,
-        step,
+        stream_step(model),
         variables,
         lambda: model.initial_state(config.batch, config.bands),
         frames,
-        note,
+        "banded_rnn.stream_step(model)",
     )
 
 
@@ -157,14 +142,17 @@ def train_params(weights: Weights) -> dict:
 
 
 class TrainRunner:
-    """One training step of ``WithHead`` with ``optax.adam``: the package's
-    ``banded_rnn.training.make_train_step`` where it exists, else a jitted
-    step of our own; the parameters and optimiser state are donated either way.
+    """One training step of ``WithHead`` with ``optax.adam``, from
+    ``banded_rnn.training.make_train_step``; the parameters and the optimiser
+    state are donated.
 
     ``carry`` holds what the step updates; ``step(carry, x, y) -> (carry,
     loss)``; ``lower(carry, x, y)`` lowers it (carry and data may be shapes);
-    ``loss_and_grad(params, x, y)`` is the jitted loss and gradient.
+    ``step_grad_norm(carry, x, y)`` is the norm of the gradient the step
+    applies; ``loss_and_grad(params, x, y)`` is the jitted loss and gradient.
     """
+
+    note = "banded_rnn.training.make_train_step(mse) on BandedLSTM + Dense head, optax.adam"
 
     def __init__(self, config: Config, remat_chunk: int | None = None, mesh=None):
         self.module = WithHead(config.units, config.layers, config.features, remat_chunk)
@@ -175,49 +163,22 @@ class TrainRunner:
             return _mse(outputs, targets)
 
         self.loss_and_grad = jax.jit(jax.value_and_grad(loss))
-        try:
-            from banded_rnn.training import make_train_step
-        except ImportError:
-            make_train_step = None
-        if make_train_step is not None:
-            self.note = (
-                "banded_rnn.training.make_train_step(mse) on BandedLSTM + Dense head, optax.adam"
-            )
-            package_step = make_train_step(_mse, mesh=mesh)
-            self.lower = lambda carry, x, y: package_step.lower(carry, None, x, y)
+        self._step = make_train_step(_mse, mesh=mesh)
 
-            def step(carry, x, y):
-                carry, _, metrics = package_step(carry, None, x, y)
-                return carry, metrics["loss"]
+    def lower(self, carry, x, y):
+        return self._step.lower(carry, None, x, y)
 
-            self.step = step
-            self.step_grad_norm = lambda carry, x, y: package_step(carry, None, x, y)[2][
-                "grad_norm"
-            ]
-            return
-        if mesh is not None:
-            raise ValueError("mesh: needs banded_rnn.training.make_train_step")
-        self.note = "jax.jit(step, donate_argnums=0): value_and_grad, optax.adam"
+    def step(self, carry, x, y):
+        carry, _, metrics = self._step(carry, None, x, y)
+        return carry, metrics["loss"]
 
-        @partial(jax.jit, donate_argnums=0)
-        def own_step(carry, inputs, targets):
-            params, opt_state = carry
-            value, grads = jax.value_and_grad(loss)(params, inputs, targets)
-            updates, opt_state = self.optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), value
+    def step_grad_norm(self, carry, x, y):
+        return self._step(carry, None, x, y)[2]["grad_norm"]
 
-        self.step = own_step
-        self.lower = own_step.lower
-        self.step_grad_norm = None
-
-    def carry(self, params):
+    def carry(self, params) -> TrainState:
         """The step's initial carry from ``params`` (made of fresh buffers)."""
         params = jax.tree_util.tree_map(jnp.array, params)
-        if self.note.startswith("banded_rnn"):
-            from flax.training.train_state import TrainState
-
-            return TrainState.create(apply_fn=self.module.apply, params=params, tx=self.optimizer)
-        return params, self.optimizer.init(params)
+        return TrainState.create(apply_fn=self.module.apply, params=params, tx=self.optimizer)
 
 
 def _train(
@@ -237,16 +198,15 @@ def _train(
     def outputs():
         loss, grads = runner.loss_and_grad(params, x, y)
         _, step_loss = runner.step(runner.carry(params), x, y)
-        if runner.step_grad_norm is not None:
-            # The timed step reports the norm of the gradient it applied: with the
-            # batch split over devices, a wrong reduction of the gradient shows here.
-            applied = float(runner.step_grad_norm(runner.carry(params), x, y))
-            checked = float(optax.tree.norm(grads))
-            if abs(applied - checked) > GRAD_TOLERANCE * checked:
-                raise AssertionError(
-                    f"the step applied a gradient of norm {applied:.6g}; "
-                    f"the checked gradient has norm {checked:.6g}"
-                )
+        # The timed step reports the norm of the gradient it applied: with the
+        # batch split over devices, a wrong reduction of the gradient shows here.
+        applied = float(runner.step_grad_norm(runner.carry(params), x, y))
+        checked = float(optax.tree.norm(grads))
+        if abs(applied - checked) > GRAD_TOLERANCE * checked:
+            raise AssertionError(
+                f"the step applied a gradient of norm {applied:.6g}; "
+                f"the checked gradient has norm {checked:.6g}"
+            )
         flat = {"loss": loss, "step_loss": step_loss}
         flat["head/kernel"], flat["head/bias"] = grads["head"]["kernel"], grads["head"]["bias"]
         for layer, leaves in grads["lstm"].items():

@@ -333,11 +333,24 @@ def test_initial_state_can_be_donated():
     model = BandedLSTM(3, num_layers=2)
     x = random_inputs(22, (1, 2, 1, 2))
     variables = init_model(model, x)
+    initial = random_state(model, 1, 2, seed=122)
     step = jax.jit(model.apply, donate_argnums=1)
-    state, y = step(variables, model.initial_state(1, 2), x)
+    donated = jax.tree.map(jnp.asarray, initial)
+    state, _ = step(variables, donated, x)
+    first = state
     state, y = step(variables, state, x)
-    _, expected = lstm_reference(params_from_variables(variables), np.concatenate([x, x], axis=2))
+    # Both calls took the state's buffers (XLA:CPU honours donation), not the weights'.
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves((donated, first)))
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(variables))
+    expected_final, expected = lstm_reference(
+        params_from_variables(variables),
+        np.concatenate([x, x], axis=2),
+        [tuple(s) for s in initial],
+    )
     np.testing.assert_allclose(y, expected[:, :, 1:], atol=1e-5)
+    for got, (hidden, cell) in zip(state, expected_final, strict=True):
+        np.testing.assert_allclose(got.hidden, hidden, atol=1e-5)
+        np.testing.assert_allclose(got.cell, cell, atol=1e-5)
 
 
 def test_forward_mode_matches_finite_differences():
