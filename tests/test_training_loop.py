@@ -183,6 +183,14 @@ def test_resume_from_checkpoint_reproduces_the_losses_exactly(tmp_path):
     for a, b in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(full.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert full.history["loss"][-1] < full.history["loss"][0]  # it did train
+    # Resuming the finished run again trains nothing, and says so.
+    with Checkpointer(tmp_path / "run") as checkpointer, pytest.warns(
+        UserWarning, match=r"fit: train_state is already at step 12 \(resumed from .*run\), "
+        r"and num_steps=12: nothing to train"
+    ):  # fmt: skip
+        again = fit(STEP, new_train_state(DROPOUT_MODEL, variables, ADAM), stream(),
+                    checkpointer=checkpointer, **kwargs)  # fmt: skip
+    assert again.history["step"].size == 0
 
 
 def test_checkpointer_round_trip_and_missing(tmp_path):
@@ -207,10 +215,15 @@ def test_checkpointer_round_trip_and_missing(tmp_path):
 
 
 def test_progress_bar(capsys):
-    fit(STEP, new_train_state(MODEL, VARIABLES, FROZEN), stream(), num_steps=3, rng=RNG,
-        progress=True, log_every=1)  # fmt: skip
+    result = fit(STEP, new_train_state(MODEL, VARIABLES, FROZEN), stream(), num_steps=3, rng=RNG,
+                 progress=True, log_every=1)  # fmt: skip
     out = capsys.readouterr().out
-    assert "training" in out and "3/3" in out and "loss" in out
+    losses = [f"{loss:.4g}" for loss in result.history["loss"]]  # as the loop formats them
+    assert len(set(losses)) == 3, losses  # so the bar's figure tells which step it is from
+    assert list(result.history["step"]) == [1, 2, 3] and int(result.train_state.step) == 3
+    last = out.rstrip().splitlines()[-1].split()  # the bar as it was left: the last step's
+    assert last[0] == "training" and "3/3" in last, out
+    assert last[-2:] == ["loss", losses[-1]], out
 
 
 @pytest.mark.parametrize(
@@ -239,8 +252,9 @@ def test_fit_without_dropout_passes_no_keys():
     runs the batch in one piece (no per-entry vmap)."""
     calls = []
 
-    class Spy:
-        loss_fn = staticmethod(mse)
+    class Spy(type(STEP)):
+        def __init__(self):
+            super().__init__(mse, truncate=True, chunk_length=None, mesh=None)
 
         def __call__(self, train_state, state, inputs, targets, rng):
             calls.append(rng)
