@@ -7,12 +7,27 @@ band of ``[batch, bands, time, features]``, every band with its own state. With
 persists across compiled ``predict``, ``evaluate`` and ``fit`` calls.
 
 Importing this package sets ``KERAS_BACKEND=jax`` unless it is already set; it
-must come before the first ``import keras`` of the process to take effect.
+must come before the first ``import keras`` of the process to take effect. A
+backend set to something else that cannot be imported (``tensorflow`` without
+TensorFlow installed) makes this import fail with an ``ImportError`` saying so.
 """
 
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
+
+try:
+    import keras as _keras  # noqa: F401  (Keras imports its backend here, once)
+except ImportError as error:
+    _backend = os.environ["KERAS_BACKEND"]
+    if _backend == "jax":
+        raise
+    raise ImportError(
+        f"interop runs Keras on its JAX backend, but KERAS_BACKEND={_backend!r} and Keras "
+        f"failed to import that backend ({error}). Set KERAS_BACKEND=jax before Keras is "
+        "first imported: `KERAS_BACKEND=jax python ...`, or leave it unset and "
+        "`import interop` before `import keras`."
+    ) from error
 
 from ._convert import from_keras_lstm as from_keras_lstm
 from ._convert import from_torch_lstm as from_torch_lstm

@@ -1,4 +1,4 @@
-"""Command line: ``python -m interop demo``, the experiment in JAX and in Keras."""
+"""Command line: ``python -m interop demo``, the problem in Keras, then the fix in Keras and JAX."""
 
 from __future__ import annotations
 
@@ -14,14 +14,13 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser(
         "demo",
-        help="the three-band experiment in JAX, then in Keras: a shared stateful "
-        "keras.layers.LSTM (the halves differ) beside BandedLSTMLayer (identical)",
+        help="the three-band experiment: a shared stateful keras.layers.LSTM (whole and "
+        "halves differ), then BandedLSTMLayer in Keras and BandedLSTM in JAX (identical)",
     )
     args = parser.parse_args(argv)
     if args.command == "demo":
-        run_demo()
-        print()
-        run_keras_demo()
+        run_keras_demo()  # the problem, then the fix in Keras
+        run_demo()  # the fix in JAX
     return 0
 
 

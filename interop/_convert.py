@@ -18,16 +18,38 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-LayerParams = tuple[Any, Any, Any]
-"""One layer's ``(kernel, recurrent_kernel, bias)``."""
+from banded_rnn._cell import LayerWeights
 
 _NAMES = ("kernel", "recurrent_kernel", "bias")
 _TORCH_KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)(_reverse)?$")
+_KERAS_OPTIONS = {
+    "activation": "tanh",
+    "recurrent_activation": "sigmoid",
+    "use_bias": True,
+    "go_backwards": False,
+}
+"""The ``keras.layers.LSTM`` options ``BandedLSTM`` implements, with the one value it supports."""
 
 
-def layer_params(variables: Any, name: str = "variables") -> list[LayerParams]:
+# -- BandedLSTM variables -----------------------------------------------------------------
+
+
+def layer_weights(variables: Any, name: str = "variables") -> list[LayerWeights]:
     """Checks ``{'params': {'layer_{i}': {kernel, recurrent_kernel, bias}}}`` and
-    returns its layers, first layer first, as ``(kernel, recurrent_kernel, bias)``."""
+    returns its ``LayerWeights``, first layer first."""
+    params = _params_of(variables, name)
+    stack = [_layer_entry(params, i, name) for i in range(len(params))]
+    kernel_shape, recurrent_shape = np.shape(stack[0][0]), np.shape(stack[0][1])
+    units = recurrent_shape[0] if len(recurrent_shape) == 2 else 0
+    features = kernel_shape[0] if len(kernel_shape) == 2 else 0
+    for i, weights in enumerate(stack):
+        where = f"{name}['params']['layer_{i}']"
+        _check_layer_weights(weights, where, features if i == 0 else units, units)
+    return stack
+
+
+def _params_of(variables: Any, name: str) -> Mapping[str, Any]:
+    """``variables['params']``, with the keys ``layer_0 ... layer_{n - 1}``."""
     if not isinstance(variables, Mapping) or not isinstance(variables.get("params"), Mapping):
         raise TypeError(
             f"{name}: expected BandedLSTM variables, a mapping "
@@ -40,43 +62,63 @@ def layer_params(variables: Any, name: str = "variables") -> list[LayerParams]:
             f"{name}['params']: expected the keys layer_0 ... layer_{{n - 1}}; "
             f"received {sorted(params)}"
         )
-    layers = []
-    for i in range(len(params)):
-        layer = params[f"layer_{i}"]
-        where = f"{name}['params']['layer_{i}']"
-        if not isinstance(layer, Mapping) or sorted(layer) != sorted(_NAMES):
-            received = sorted(layer) if isinstance(layer, Mapping) else type(layer).__name__
-            raise ValueError(f"{where}: expected the keys {list(_NAMES)}; received {received}")
-        values = tuple(layer[n] for n in _NAMES)
-        if i == 0:
-            kernel_shape, recurrent_shape = np.shape(values[0]), np.shape(values[1])
-            units = recurrent_shape[0] if len(recurrent_shape) == 2 else 0
-            features = kernel_shape[0] if len(kernel_shape) == 2 else 0
-        else:
-            features = units
-        expected = ((features, 4 * units), (units, 4 * units), (4 * units,))
-        for n, value, shape in zip(_NAMES, values, expected, strict=True):
-            if tuple(np.shape(value)) != shape or units < 1:
-                raise ValueError(
-                    f"{where}['{n}']: expected shape {shape} (kernel [features, 4 * units], "
-                    "recurrent_kernel [units, 4 * units], bias [4 * units]); "
-                    f"received {tuple(np.shape(value))}"
-                )
-            dtype = getattr(value, "dtype", None) or np.asarray(value).dtype
-            if not jnp.issubdtype(dtype, jnp.floating):
-                raise TypeError(f"{where}['{n}']: expected a floating dtype; received {dtype}")
-        layers.append(values)
-    return layers
+    return params
 
 
-def make_variables(layers: Sequence[LayerParams]) -> dict[str, Any]:
-    """``(kernel, recurrent_kernel, bias)`` per layer to ``BandedLSTM`` variables."""
+def _layer_entry(params: Mapping[str, Any], i: int, name: str) -> LayerWeights:
+    """The ``LayerWeights`` under ``params['layer_{i}']``, which must hold exactly their keys."""
+    layer = params[f"layer_{i}"]
+    if not isinstance(layer, Mapping) or sorted(layer) != sorted(_NAMES):
+        received = sorted(layer) if isinstance(layer, Mapping) else type(layer).__name__
+        raise ValueError(
+            f"{name}['params']['layer_{i}']: expected the keys {list(_NAMES)}; received {received}"
+        )
+    return tuple(layer[n] for n in _NAMES)
+
+
+def _check_layer_weights(weights: LayerWeights, where: str, features: int, units: int) -> None:
+    """Shapes ``[features, 4u]``, ``[u, 4u]``, ``[4u]`` and floating dtypes."""
+    expected = ((features, 4 * units), (units, 4 * units), (4 * units,))
+    for n, value, shape in zip(_NAMES, weights, expected, strict=True):
+        if tuple(np.shape(value)) != shape or units < 1:
+            raise ValueError(
+                f"{where}['{n}']: expected shape {shape} (kernel [features, 4 * units], "
+                "recurrent_kernel [units, 4 * units], bias [4 * units]); "
+                f"received {tuple(np.shape(value))}"
+            )
+        dtype = getattr(value, "dtype", None) or np.asarray(value).dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"{where}['{n}']: expected a floating dtype; received {dtype}")
+
+
+def make_variables(stack: Sequence[LayerWeights]) -> dict[str, Any]:
+    """``BandedLSTM`` variables from the ``LayerWeights`` of every layer, first layer first."""
     return {
         "params": {
-            f"layer_{i}": {n: jnp.asarray(value) for n, value in zip(_NAMES, layer, strict=True)}
-            for i, layer in enumerate(layers)
+            f"layer_{i}": {n: jnp.asarray(value) for n, value in zip(_NAMES, weights, strict=True)}
+            for i, weights in enumerate(stack)
         }
     }
+
+
+def _check_stack(stack: list[LayerWeights], name: str) -> list[LayerWeights]:
+    """Checks that the layers share ``units`` and that each reads the last's output."""
+    units = np.shape(stack[0][1])[0]
+    for i, (kernel, recurrent_kernel, _) in enumerate(stack):
+        if np.shape(recurrent_kernel)[0] != units:
+            raise ValueError(
+                f"{name}: every layer must have the same units, as BandedLSTM has one "
+                f"`units`; layer 0 has {units}, layer {i} has {np.shape(recurrent_kernel)[0]}"
+            )
+        if i > 0 and np.shape(kernel)[0] != units:
+            raise ValueError(
+                f"{name}: layer {i} must read the {units} outputs of layer {i - 1}; "
+                f"its kernel has {np.shape(kernel)[0]} input features"
+            )
+    return stack
+
+
+# -- Keras ----------------------------------------------------------------------------------
 
 
 def from_keras_lstm(layer_or_layers: Any) -> dict[str, Any]:
@@ -97,33 +139,31 @@ def from_keras_lstm(layer_or_layers: Any) -> dict[str, Any]:
     lstms = list(layer_or_layers) if many else [layer_or_layers]
     if not lstms:
         raise ValueError("layer_or_layers: expected at least one keras.layers.LSTM; received []")
-    layers = []
-    for i, lstm in enumerate(lstms):
-        where = f"layer_or_layers[{i}]" if many else "layer_or_layers"
-        if not isinstance(lstm, keras.layers.LSTM):
-            raise TypeError(
-                f"{where}: expected a keras.layers.LSTM (for a stack, a list of them); "
-                f"received {type(lstm).__name__}"
+    stack = [
+        _keras_layer_weights(lstm, f"layer_or_layers[{i}]" if many else "layer_or_layers")
+        for i, lstm in enumerate(lstms)
+    ]
+    return make_variables(_check_stack(stack, "layer_or_layers"))
+
+
+def _keras_layer_weights(lstm: Any, where: str) -> LayerWeights:
+    """The ``LayerWeights`` of one built ``keras.layers.LSTM`` with supported options."""
+    if not isinstance(lstm, keras.layers.LSTM):
+        raise TypeError(
+            f"{where}: expected a keras.layers.LSTM (for a stack, a list of them); "
+            f"received {type(lstm).__name__}"
+        )
+    if not lstm.built:
+        raise ValueError(f"{where}: the LSTM is not built; call it on an input or build it")
+    config = lstm.get_config()
+    for option, value in _KERAS_OPTIONS.items():
+        if config.get(option) != value:
+            raise ValueError(
+                f"{where}: expected {option}={value!r}, the only value BandedLSTM "
+                f"implements; received {config.get(option)!r}"
             )
-        if not lstm.built:
-            raise ValueError(f"{where}: the LSTM is not built; call it on an input or build it")
-        config = lstm.get_config()
-        supported = {
-            "activation": "tanh",
-            "recurrent_activation": "sigmoid",
-            "use_bias": True,
-            "go_backwards": False,
-        }
-        for option, value in supported.items():
-            if config.get(option) != value:
-                raise ValueError(
-                    f"{where}: expected {option}={value!r}, the only value BandedLSTM "
-                    f"implements; received {config.get(option)!r}"
-                )
-        # Not get_weights(): Keras 3.15's Variable.numpy() warns under NumPy 2.
-        layers.append(tuple(keras.ops.convert_to_numpy(w.value) for w in lstm.weights))
-    layers = _chain(layers, "layer_or_layers")
-    return make_variables(layers)
+    # Not get_weights(): Keras 3.15's Variable.numpy() warns under NumPy 2.
+    return tuple(keras.ops.convert_to_numpy(w.value) for w in lstm.weights)
 
 
 def to_keras_lstm(variables: Any) -> list[list[np.ndarray]]:
@@ -134,7 +174,10 @@ def to_keras_lstm(variables: Any) -> list[list[np.ndarray]]:
     on the right number of features) exactly the weights of that layer. A
     one-layer model gives a list of one list.
     """
-    return [[np.asarray(w) for w in layer] for layer in layer_params(variables)]
+    return [[np.asarray(w) for w in weights] for weights in layer_weights(variables)]
+
+
+# -- PyTorch --------------------------------------------------------------------------------
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -173,59 +216,78 @@ def from_torch_lstm(state_dict: Any) -> dict[str, Any]:
             f"state_dict: expected a mapping such as torch.nn.LSTM.state_dict(); "
             f"received {type(state_dict).__name__}"
         )
+    entries = _torch_layer_entries(state_dict)
+    stack = [_torch_layer_weights(entry, k) for k, entry in enumerate(entries)]
+    return make_variables(_check_stack(stack, "state_dict"))
+
+
+def _torch_layer_entries(state_dict: Mapping[str, Any]) -> list[dict[str, np.ndarray]]:
+    """The arrays of ``state_dict`` per layer ``k``, ``{'weight_ih': ..., ...}``,
+    for layers ``0 .. n - 1``; options ``BandedLSTM`` lacks raise."""
     entries: dict[int, dict[str, np.ndarray]] = {}
     for key, value in state_dict.items():
-        match = _TORCH_KEY.match(str(key))
-        if match is None:
-            raise ValueError(
-                f"state_dict: unexpected key {key!r}; expected weight_ih_l{{k}}, "
-                "weight_hh_l{k}, bias_ih_l{k}, bias_hh_l{k}"
-            )
-        kind, layer, reverse = match.groups()
-        if reverse:
-            raise ValueError(
-                f"state_dict: key {key!r} belongs to a bidirectional torch.nn.LSTM; "
-                "BandedLSTM runs forwards only (bidirectional=False)"
-            )
-        if kind == "weight_hr":
-            raise ValueError(
-                f"state_dict: key {key!r} belongs to a torch.nn.LSTM with proj_size > 0; "
-                "BandedLSTM has no projection (proj_size=0)"
-            )
-        entries.setdefault(int(layer), {})[kind] = _to_numpy(value)
+        kind, layer = _parse_torch_key(str(key))
+        entries.setdefault(layer, {})[kind] = _to_numpy(value)
     if not entries or sorted(entries) != list(range(len(entries))):
         raise ValueError(
             f"state_dict: expected layers l0 ... l{{n - 1}}; received {sorted(entries)}"
         )
-    layers = []
-    for k in range(len(entries)):
-        entry = entries[k]
-        for kind in ("weight_ih", "weight_hh"):
-            if kind not in entry:
-                raise ValueError(f"state_dict: missing {kind}_l{k}")
-        weight_ih, weight_hh = entry["weight_ih"], entry["weight_hh"]
-        if weight_hh.ndim != 2 or weight_hh.shape[0] != 4 * weight_hh.shape[1]:
+    return [entries[k] for k in range(len(entries))]
+
+
+def _parse_torch_key(key: str) -> tuple[str, int]:
+    """``'weight_ih_l1'`` to ``('weight_ih', 1)``."""
+    match = _TORCH_KEY.match(key)
+    if match is None:
+        raise ValueError(
+            f"state_dict: unexpected key {key!r}; expected weight_ih_l{{k}}, "
+            "weight_hh_l{k}, bias_ih_l{k}, bias_hh_l{k}"
+        )
+    kind, layer, reverse = match.groups()
+    if reverse:
+        raise ValueError(
+            f"state_dict: key {key!r} belongs to a bidirectional torch.nn.LSTM; "
+            "BandedLSTM runs forwards only (bidirectional=False)"
+        )
+    if kind == "weight_hr":
+        raise ValueError(
+            f"state_dict: key {key!r} belongs to a torch.nn.LSTM with proj_size > 0; "
+            "BandedLSTM has no projection (proj_size=0)"
+        )
+    return kind, int(layer)
+
+
+def _torch_layer_weights(entry: Mapping[str, np.ndarray], k: int) -> LayerWeights:
+    """The ``LayerWeights`` of torch layer ``k``: the weights transposed, the biases summed."""
+    for kind in ("weight_ih", "weight_hh"):
+        if kind not in entry:
+            raise ValueError(f"state_dict: missing {kind}_l{k}")
+    weight_ih, weight_hh = entry["weight_ih"], entry["weight_hh"]
+    if weight_hh.ndim != 2 or weight_hh.shape[0] != 4 * weight_hh.shape[1]:
+        raise ValueError(
+            f"state_dict['weight_hh_l{k}']: expected shape [4 * units, units]; "
+            f"received {weight_hh.shape}"
+        )
+    units = weight_hh.shape[1]
+    if weight_ih.ndim != 2 or weight_ih.shape[0] != 4 * units:
+        raise ValueError(
+            f"state_dict['weight_ih_l{k}']: expected shape [4 * units, features] = "
+            f"({4 * units}, features); received {weight_ih.shape}"
+        )
+    return weight_ih.T, weight_hh.T, _torch_bias(entry, k, units, weight_hh.dtype)
+
+
+def _torch_bias(entry: Mapping[str, np.ndarray], k: int, units: int, dtype: Any) -> np.ndarray:
+    """``bias_ih_l{k} + bias_hh_l{k}``, or zeros for ``bias=False``."""
+    biases = [entry.get(kind) for kind in ("bias_ih", "bias_hh")]
+    if sum(b is None for b in biases) == 1:
+        raise ValueError(f"state_dict: layer {k} has only one of bias_ih_l{k}, bias_hh_l{k}")
+    for kind, b in zip(("bias_ih", "bias_hh"), biases, strict=True):
+        if b is not None and b.shape != (4 * units,):
             raise ValueError(
-                f"state_dict['weight_hh_l{k}']: expected shape [4 * units, units]; "
-                f"received {weight_hh.shape}"
+                f"state_dict['{kind}_l{k}']: expected shape ({4 * units},); received {b.shape}"
             )
-        units = weight_hh.shape[1]
-        if weight_ih.ndim != 2 or weight_ih.shape[0] != 4 * units:
-            raise ValueError(
-                f"state_dict['weight_ih_l{k}']: expected shape [4 * units, features] = "
-                f"({4 * units}, features); received {weight_ih.shape}"
-            )
-        biases = [entry.get(kind) for kind in ("bias_ih", "bias_hh")]
-        if sum(b is None for b in biases) == 1:
-            raise ValueError(f"state_dict: layer {k} has only one of bias_ih_l{k}, bias_hh_l{k}")
-        for kind, b in zip(("bias_ih", "bias_hh"), biases, strict=True):
-            if b is not None and b.shape != (4 * units,):
-                raise ValueError(
-                    f"state_dict['{kind}_l{k}']: expected shape ({4 * units},); received {b.shape}"
-                )
-        bias = np.zeros(4 * units, weight_hh.dtype) if biases[0] is None else biases[0] + biases[1]
-        layers.append((weight_ih.T, weight_hh.T, bias))
-    return make_variables(_chain(layers, "state_dict"))
+    return np.zeros(4 * units, dtype) if biases[0] is None else biases[0] + biases[1]
 
 
 def to_torch_lstm(variables: Any, tensors: bool = True) -> dict[str, Any]:
@@ -240,7 +302,7 @@ def to_torch_lstm(variables: Any, tensors: bool = True) -> dict[str, Any]:
       tensors: return torch tensors (imports torch); ``False`` gives NumPy arrays.
     """
     state_dict = {}
-    for k, (kernel, recurrent_kernel, bias) in enumerate(layer_params(variables)):
+    for k, (kernel, recurrent_kernel, bias) in enumerate(layer_weights(variables)):
         bias = np.asarray(bias)
         state_dict[f"weight_ih_l{k}"] = np.ascontiguousarray(np.asarray(kernel).T)
         state_dict[f"weight_hh_l{k}"] = np.ascontiguousarray(np.asarray(recurrent_kernel).T)
@@ -251,20 +313,3 @@ def to_torch_lstm(variables: Any, tensors: bool = True) -> dict[str, Any]:
 
         state_dict = {key: torch.from_numpy(value) for key, value in state_dict.items()}
     return state_dict
-
-
-def _chain(layers: list[LayerParams], name: str) -> list[LayerParams]:
-    """Checks that the layers share ``units`` and that each reads the last's output."""
-    units = np.shape(layers[0][1])[0]
-    for i, (kernel, recurrent_kernel, _) in enumerate(layers):
-        if np.shape(recurrent_kernel)[0] != units:
-            raise ValueError(
-                f"{name}: every layer must have the same units, as BandedLSTM has one "
-                f"`units`; layer 0 has {units}, layer {i} has {np.shape(recurrent_kernel)[0]}"
-            )
-        if i > 0 and np.shape(kernel)[0] != units:
-            raise ValueError(
-                f"{name}: layer {i} must read the {units} outputs of layer {i - 1}; "
-                f"its kernel has {np.shape(kernel)[0]} input features"
-            )
-    return layers

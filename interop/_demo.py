@@ -1,6 +1,6 @@
-"""The user's experiment in Keras: a shared stateful ``keras.layers.LSTM`` over
-three band slices, beside ``BandedLSTMLayer``, each predicting a sequence whole
-and in two halves."""
+"""The user's experiment in Keras: first the problem, a shared stateful
+``keras.layers.LSTM`` over three band slices (and one band alone), then the fix,
+``BandedLSTMLayer``; each predicts a sequence whole and in two halves."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from ._convert import from_keras_lstm
 from ._layer import BandedLSTMLayer, reset_states
 
 
-def _whole_and_halves(model: keras.Model, reset: Callable[[], Any], x: np.ndarray) -> np.ndarray:
+def _whole_minus_halves(model: keras.Model, reset: Callable[[], Any], x: np.ndarray) -> np.ndarray:
     """``predict(x)`` minus ``predict`` of the two halves in turn, each after
     ``reset()``; time is the second-to-last axis of ``x``."""
     reset()
@@ -26,21 +26,11 @@ def _whole_and_halves(model: keras.Model, reset: Callable[[], Any], x: np.ndarra
     return whole - np.concatenate([first, second], axis=-2)
 
 
-def run_keras_demo(
-    batch: int = 1, bands: int = 3, time: int = 50, features: int = 4, units: int = 3
-) -> dict[str, float]:
-    """Runs the experiment on inputs ``[batch, bands, time, features]``, prints
-    the differences and returns them.
-
-    The shared ``keras.layers.LSTM(units, stateful=True)`` is called on every
-    band slice ``x[:, band]`` of a Functional model: the call sites share one
-    state, so the halves differ from the whole. ``BandedLSTMLayer`` with the
-    same weights keeps one state per band: the halves equal the whole, and the
-    whole equals ``keras.layers.LSTM`` run on each band separately.
-    """
-    x = np.random.default_rng(0).standard_normal((batch, bands, time, features)).astype("float32")
+def _shared_keras_lstm(x: np.ndarray, units: int) -> tuple[np.ndarray, keras.layers.LSTM]:
+    """One stateful ``keras.layers.LSTM`` called on every band slice ``x[:, band]``;
+    returns whole minus halves and the LSTM."""
+    batch, bands, _, features = x.shape
     inputs = keras.Input(batch_shape=(batch, bands, None, features))
-
     shared = keras.layers.LSTM(
         units,
         stateful=True,
@@ -49,57 +39,112 @@ def run_keras_demo(
         recurrent_initializer=keras.initializers.Orthogonal(seed=2),
     )
     per_band = [shared(inputs[:, band]) for band in range(bands)]
-    shared_model = keras.Model(inputs, keras.ops.stack(per_band, axis=1))
-    shared_diff = _whole_and_halves(shared_model, shared.reset_state, x)
+    model = keras.Model(inputs, keras.ops.stack(per_band, axis=1))
+    return _whole_minus_halves(model, shared.reset_state, x), shared
 
-    weights = [keras.ops.convert_to_numpy(w.value) for w in shared.weights]
-    banded = BandedLSTMLayer(units, stateful=True)
-    banded_model = keras.Model(inputs, banded(inputs))
-    banded.set_flax_variables(from_keras_lstm(shared))
-    banded_diff = _whole_and_halves(banded_model, lambda: reset_states(banded_model), x)
 
-    # One band alone still differs: the compiled predict loop drops the state
-    # of keras.layers.LSTM, whose state variables the JAX trainer does not see.
-    band_inputs = keras.Input(batch_shape=(batch, None, features))
-    alone = keras.layers.LSTM(units, stateful=True, return_sequences=True)
-    alone_model = keras.Model(band_inputs, alone(band_inputs))
-    alone.set_weights(weights)
-    alone_diff = _whole_and_halves(alone_model, alone.reset_state, x[:, 0])
+def _one_band_keras_lstm(x_band: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
+    """A stateful ``keras.layers.LSTM`` on one band ``[batch, time, features]``:
+    whole minus halves."""
+    batch, _, features = x_band.shape
+    inputs = keras.Input(batch_shape=(batch, None, features))
+    lstm = keras.layers.LSTM(weights[1].shape[0], stateful=True, return_sequences=True)
+    model = keras.Model(inputs, lstm(inputs))
+    lstm.set_weights(weights)
+    return _whole_minus_halves(model, lstm.reset_state, x_band)
 
-    single = keras.layers.LSTM(units, return_sequences=True)
+
+def _banded_layer(x: np.ndarray, shared: keras.layers.LSTM) -> tuple[np.ndarray, np.ndarray]:
+    """``BandedLSTMLayer`` with the weights of ``shared``: whole minus halves,
+    and whole minus ``keras.layers.LSTM`` run on each band alone."""
+    batch, bands, _, features = x.shape
+    inputs = keras.Input(batch_shape=(batch, bands, None, features))
+    layer = BandedLSTMLayer(shared.units, stateful=True)
+    model = keras.Model(inputs, layer(inputs))
+    layer.set_flax_variables(from_keras_lstm(shared))
+    halves_diff = _whole_minus_halves(model, lambda: reset_states(model), x)
+
+    single = keras.layers.LSTM(shared.units, return_sequences=True)
     single.build((batch, None, features))
-    single.set_weights(weights)
+    single.set_weights([keras.ops.convert_to_numpy(w.value) for w in shared.weights])
     separate = np.stack([keras.ops.convert_to_numpy(single(x[:, b])) for b in range(bands)], 1)
-    reset_states(banded_model)
-    banded_vs_separate = banded_model.predict(x, verbose=0) - separate
+    reset_states(model)
+    return halves_diff, model.predict(x, verbose=0) - separate
 
+
+def run_keras_demo(
+    batch: int = 1, bands: int = 3, time: int = 50, features: int = 4, units: int = 3
+) -> dict[str, float]:
+    """Runs the experiment on inputs ``[batch, bands, time, features]``, prints
+    the problem and then the fix, and returns the measured differences.
+
+    The problem: a shared ``keras.layers.LSTM(units, stateful=True)`` called on
+    every band slice ``x[:, band]`` has one state for all call sites, so the
+    halves differ from the whole; a one-band stateful LSTM differs too, as the
+    compiled ``predict`` drops its state. The fix: ``BandedLSTMLayer`` with the
+    same weights keeps one state per band: the halves equal the whole, and the
+    whole equals ``keras.layers.LSTM`` run on each band separately.
+    """
+    x = np.random.default_rng(0).standard_normal((batch, bands, time, features)).astype("float32")
+    half = time // 2
+    shared_diff, shared = _shared_keras_lstm(x, units)
+    weights = [keras.ops.convert_to_numpy(w.value) for w in shared.weights]
+    alone_diff = _one_band_keras_lstm(x[:, 0], weights)
+    banded_diff, banded_vs_separate = _banded_layer(x, shared)
     results = {
         "keras_shared_lstm_sum_abs": float(np.abs(shared_diff).sum()),
-        "keras_shared_lstm_first_half_sum_abs": float(np.abs(shared_diff[:, :, : time // 2]).sum()),
+        "keras_shared_lstm_first_half_sum_abs": float(np.abs(shared_diff[:, :, :half]).sum()),
         "keras_one_band_lstm_sum_abs": float(np.abs(alone_diff).sum()),
         "banded_layer_sum_abs": float(np.abs(banded_diff).sum()),
         "banded_layer_max_abs": float(np.abs(banded_diff).max()),
         "banded_vs_separate_lstm_max_abs": float(np.abs(banded_vs_separate).max()),
     }
-    print(
-        f"Keras {keras.__version__} ({keras.backend.backend()} backend), inputs "
-        f"{x.shape} [batch, bands, time, features], {units} units, predict whole vs two halves:"
-    )
-    print(
-        f"  shared stateful keras.layers.LSTM over the {bands} band slices: summed |diff| = "
-        f"{results['keras_shared_lstm_sum_abs']:.3g} (first half alone: "
-        f"{results['keras_shared_lstm_first_half_sum_abs']:.3g}): the bands share one state"
-    )
-    print(
-        "  one band alone, stateful keras.layers.LSTM: summed |diff| = "
-        f"{results['keras_one_band_lstm_sum_abs']:.3g}: compiled predict drops its state"
-    )
-    print(
-        f"  interop.BandedLSTMLayer({units}, stateful=True), same weights: summed |diff| = "
-        f"{results['banded_layer_sum_abs']:.3g}, max |diff| = {results['banded_layer_max_abs']:.3g}"
-    )
-    print(
-        "  BandedLSTMLayer vs keras.layers.LSTM run on each band on its own: max |diff| = "
-        f"{results['banded_vs_separate_lstm_max_abs']:.3g}"
-    )
+    _print_problem(results, x.shape, units)
+    _print_fix(results, units)
     return results
+
+
+def _print_problem(results: dict[str, float], shape: tuple[int, ...], units: int) -> None:
+    time = shape[2]
+    half = time // 2
+    print(f"THE PROBLEM, in Keras {keras.__version__} ({keras.backend.backend()} backend)")
+    print(
+        f"  Experiment: inputs {shape} [batch, bands, time, features], {units} units. Predict "
+        f"steps 0-{time - 1} in one call; reset the state; predict steps 0-{half - 1}, then "
+        f"steps {half}-{time - 1}. If every band carries its own state from call to call, "
+        "both give the same outputs: summed |diff| = 0."
+    )
+    print("  One stateful keras.layers.LSTM called on each band slice x[:, b] (shared weights):")
+    print(
+        f"    all steps: summed |diff| = {results['keras_shared_lstm_sum_abs']:.3g}, not 0: "
+        "the bands share one state"
+    )
+    print(
+        f"    first half only (steps 0-{half - 1}): summed |diff| = "
+        f"{results['keras_shared_lstm_first_half_sum_abs']:.3g}, not 0 even before a second "
+        "call: band 1 starts from the state band 0 ended with, and band 2 from band 1's, "
+        f"at step {time - 1} in one call but at step {half - 1} in two"
+    )
+    print("  One band alone, x[:, 0], with its own stateful keras.layers.LSTM (same weights):")
+    print(
+        f"    all steps: summed |diff| = {results['keras_one_band_lstm_sum_abs']:.3g}, not 0 "
+        "either: Keras 3's JAX backend does not track the LSTM's state variables, so the "
+        f"compiled predict drops the state and steps {half}-{time - 1} start from zeros"
+    )
+
+
+def _print_fix(results: dict[str, float], units: int) -> None:
+    print(
+        f"THE FIX, in Keras: interop.BandedLSTMLayer({units}, stateful=True), the same "
+        "weights, one state per band kept in tracked Keras variables"
+    )
+    print(
+        f"    all steps, one call vs two: summed |diff| = {results['banded_layer_sum_abs']:.3g}, "
+        f"max |diff| = {results['banded_layer_max_abs']:.3g}: identical, every band "
+        "continues from its own state"
+    )
+    print(
+        "    vs keras.layers.LSTM run on each band alone, all steps in one call: max |diff| = "
+        f"{results['banded_vs_separate_lstm_max_abs']:.3g}: every band is that LSTM, up to "
+        "float32 rounding"
+    )

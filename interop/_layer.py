@@ -8,11 +8,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import keras
-import numpy as np
 
-from banded_rnn import BandedLSTM, LSTMState, State
+from banded_rnn import BandedLSTM, LSTMState, State, _validate
+from banded_rnn._init import unit_forget_bias
+from banded_rnn._state import batch_mask, reset_state
 
-from ._convert import layer_params
+from ._convert import LayerWeights, layer_weights
 
 
 def _check_backend() -> None:
@@ -56,7 +57,37 @@ class _LayerVariables(keras.layers.Layer):
             )
         self.built = True
 
+    @property
+    def weight_variables(self) -> LayerWeights:
+        return self.kernel, self.recurrent_kernel, self.bias
 
+    @property
+    def state_variables(self) -> LSTMState:
+        return LSTMState(self.hidden, self.cell)
+
+
+class _ModuleField:
+    """A read-only attribute of the layer that reads the field of the same name
+    of ``layer.module``, the one place that value lives. Declaring it records
+    the name in the class's ``_module_fields``, the entries ``get_config`` saves."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+        owner._module_fields = (*owner.__dict__.get("_module_fields", ()), name)
+
+    def __get__(self, layer: Any, owner: type | None = None) -> Any:
+        return self if layer is None else getattr(layer.module, self.name)
+
+    def __set__(self, layer: Any, value: Any) -> None:
+        raise AttributeError(
+            f"{self.name}: read-only, it is layer.module.{self.name}; build a new "
+            f"BandedLSTMLayer to change it"
+        )
+
+
+# Saved files name the layer "interop>BandedLSTMLayer", the package to import before
+# loading; files saved by earlier versions name it "banded_rnn>BandedLSTMLayer" and load too.
+@keras.saving.register_keras_serializable(package="interop")
 @keras.saving.register_keras_serializable(package="banded_rnn")
 class BandedLSTMLayer(keras.layers.Layer):
     """One LSTM shared by every band, each band with its own state, as a Keras layer.
@@ -93,6 +124,16 @@ class BandedLSTMLayer(keras.layers.Layer):
     ``zero_output_for_mask=True``), wherever it is, and the next valid step
     carries on from the frozen state.
 
+    Saving: models save and load as usual, the layer under the registered name
+    ``interop>BandedLSTMLayer``. ``import interop`` before
+    ``keras.saving.load_model``: Keras imports only its own packages, so without
+    it the load fails with "Could not locate class 'BandedLSTMLayer'".
+
+    The configuration ``BandedLSTM`` holds (``units``, ``num_layers``,
+    ``dropout``, ``recurrent_dropout``, ``unit_forget_bias``, ``unroll``,
+    ``remat_chunk``) lives in ``layer.module`` only; the layer's attributes of
+    those names read it and cannot be assigned.
+
     >>> import numpy as np
     >>> layer = BandedLSTMLayer(8, num_layers=2)
     >>> x = np.zeros((2, 3, 10, 4), "float32")  # [batch, bands, time, features]
@@ -121,6 +162,16 @@ class BandedLSTMLayer(keras.layers.Layer):
       seed: seed of the dropout masks.
     """
 
+    # The fields shared with BandedLSTM, declared once: read from self.module,
+    # saved by get_config under these names.
+    units = _ModuleField()
+    num_layers = _ModuleField()
+    dropout = _ModuleField()
+    recurrent_dropout = _ModuleField()
+    unit_forget_bias = _ModuleField()
+    unroll = _ModuleField()
+    remat_chunk = _ModuleField()
+
     def __init__(
         self,
         units: int,
@@ -140,28 +191,21 @@ class BandedLSTMLayer(keras.layers.Layer):
         **kwargs: Any,
     ) -> None:
         _check_backend()
-        # The core checks units, num_layers, rates, unroll and remat_chunk.
+        # Validates units, num_layers, the rates, unroll and remat_chunk.
         module = BandedLSTM(
             units,
             num_layers=num_layers,
             dropout=dropout,
             recurrent_dropout=recurrent_dropout,
-            unit_forget_bias=unit_forget_bias,
+            unit_forget_bias=bool(unit_forget_bias),
             unroll=unroll,
             remat_chunk=remat_chunk,
         )
         super().__init__(**kwargs)
         self._module = module
-        self.units = units
-        self.num_layers = num_layers
         self.stateful = bool(stateful)
         self.return_sequences = bool(return_sequences)
         self.return_state = bool(return_state)
-        self.dropout = dropout
-        self.recurrent_dropout = recurrent_dropout
-        self.unit_forget_bias = bool(unit_forget_bias)
-        self.unroll = unroll
-        self.remat_chunk = remat_chunk
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.recurrent_initializer = keras.initializers.get(recurrent_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
@@ -171,7 +215,7 @@ class BandedLSTMLayer(keras.layers.Layer):
         )
         self.supports_masking = True
         self._stack = [_LayerVariables(name=f"layer_{i}") for i in range(num_layers)]
-        self._state_shape: tuple[int, int] | None = None
+        self._state_shape: tuple[int, int] | None = None  # (batch, bands) once built stateful
 
     @property
     def module(self) -> BandedLSTM:
@@ -182,23 +226,13 @@ class BandedLSTMLayer(keras.layers.Layer):
     # -- building ---------------------------------------------------------------
 
     def _check_input_shape(self, shape: Sequence[int | None], name: str = "inputs") -> None:
+        """Rank 4 with the built features and, when stateful, the stored batch and bands."""
         shape = tuple(shape)
-        if len(shape) != 4:
-            raise ValueError(
-                f"{name}: expected rank 4, [batch, bands, time, features]; received shape {shape}"
-            )
-        if shape[-1] is None:
-            raise ValueError(f"{name}: the features axis must be static; received shape {shape}")
-        if self.built:
-            features = self._stack[0].kernel.shape[0]
-            if shape[-1] != features:
-                raise ValueError(
-                    f"{name}: expected {features} features, [batch, bands, time, {features}], "
-                    f"as the layer was built; received shape {shape}"
-                )
+        features = self._stack[0].kernel.shape[0] if self.built else None
+        _validate.check_input_shape(shape, name, features=features)
         if self.stateful and self._state_shape is not None:
             batch, bands = self._state_shape
-            if tuple(shape[:2]) != (batch, bands):
+            if shape[:2] != (batch, bands):
                 raise ValueError(
                     f"{name}: a stateful layer keeps the state of batch {batch} x bands {bands} "
                     f"and needs inputs [{batch}, {bands}, time, features]; received shape "
@@ -221,100 +255,40 @@ class BandedLSTMLayer(keras.layers.Layer):
                 )
             state_shape = (batch, bands, self.units)
             self._state_shape = (batch, bands)
+        bias_init = self.bias_initializer
+        if self.unit_forget_bias:
+            bias_init = unit_forget_bias(self.units, bias_init)
+        initializers = (self.kernel_initializer, self.recurrent_initializer, bias_init)
         # Keras's initialisers (orthogonal) rely on implicit rank promotion;
         # allow it here so the layer builds under jax_numpy_rank_promotion="raise".
         with jax.numpy_rank_promotion("allow"):
             for i, variables in enumerate(self._stack):
-                variables.create(
-                    features if i == 0 else self.units,
-                    self.units,
-                    (self.kernel_initializer, self.recurrent_initializer, self._bias_init()),
-                    state_shape,
-                )
+                features_in = features if i == 0 else self.units
+                variables.create(features_in, self.units, initializers, state_shape)
         self.built = True
 
-    def _bias_init(self) -> Any:
-        if not self.unit_forget_bias:
-            return self.bias_initializer
-        units, bias_init = self.units, self.bias_initializer
-
-        def init(shape: Any, dtype: Any = None) -> Any:
-            del shape
-            return keras.ops.concatenate(
-                [
-                    bias_init((units,), dtype),
-                    keras.initializers.Ones()((units,), dtype),
-                    bias_init((2 * units,), dtype),
-                ]
-            )
-
-        return init
-
-    # -- calling ----------------------------------------------------------------
-
-    def _check_initial_state(self, initial_state: Any, batch: Any, bands: Any) -> State:
-        """``initial_state`` as a tuple of LSTMState, or a clear error."""
-        n = self.num_layers
-        if isinstance(initial_state, LSTMState) or not isinstance(initial_state, (list, tuple)):
-            raise TypeError(
-                f"initial_state: expected a tuple of {n} LSTMState(hidden, cell), one per "
-                "layer, as return_state=True returns; received "
-                f"{type(initial_state).__name__}"
-            )
-        if len(initial_state) != n:
-            raise ValueError(
-                f"initial_state: expected {n} LSTMState (num_layers={n}); "
-                f"received {len(initial_state)} items"
-            )
-        expected = (batch, bands, self.units)
-        for i, layer_state in enumerate(initial_state):
-            if not isinstance(layer_state, LSTMState):
-                raise TypeError(
-                    f"initial_state[{i}]: expected an LSTMState(hidden, cell); "
-                    f"received {type(layer_state).__name__}"
-                )
-            for field, value in zip(LSTMState._fields, layer_state, strict=True):
-                shape = tuple(np.shape(value)) if not hasattr(value, "shape") else value.shape
-                if len(shape) != 3 or any(
-                    a is not None and b is not None and a != b
-                    for a, b in zip(shape, expected, strict=True)
-                ):
-                    raise ValueError(
-                        f"initial_state[{i}].{field}: expected shape [batch, bands, units] = "
-                        f"{expected}; received {tuple(shape)}"
-                    )
-        return tuple(initial_state)
-
-    def _check_mask(self, mask: Any, shape: tuple[Any, ...]) -> None:
-        batch, bands, time, _ = shape
-        received = tuple(mask.shape)
-        for expected in ((batch, time), (batch, bands, time)):
-            if len(received) == len(expected) and all(
-                a is None or b is None or a == b for a, b in zip(received, expected, strict=True)
-            ):
-                return
-        raise ValueError(
-            f"mask: expected shape [batch, time] = {(batch, time)} or [batch, bands, time] = "
-            f"{(batch, bands, time)}; received {received}"
-        )
+    # -- weights ------------------------------------------------------------------
 
     def get_flax_variables(self) -> dict[str, Any]:
         """The weights as ``BandedLSTM`` variables, ``{'params': {'layer_{i}':
         {'kernel', 'recurrent_kernel', 'bias'}}}``: copies of the current values
         (the layer must be built)."""
-        self._require_built("get_flax_variables")
+        if not self.built:
+            raise ValueError(
+                "get_flax_variables: the layer is not built; call it on an input first"
+            )
         # Copies: Keras's JAX trainer donates the variables' buffers to fit.
         return self._variables_from(lambda v: jnp.array(v.value))
 
     def _variables_from(self, read: Any) -> dict[str, Any]:
+        """``BandedLSTM`` variables made of ``read(variable)`` for every weight."""
+        names = ("kernel", "recurrent_kernel", "bias")
         return {
             "params": {
                 f"layer_{i}": {
-                    "kernel": read(v.kernel),
-                    "recurrent_kernel": read(v.recurrent_kernel),
-                    "bias": read(v.bias),
+                    name: read(v) for name, v in zip(names, layer.weight_variables, strict=True)
                 }
-                for i, v in enumerate(self._stack)
+                for i, layer in enumerate(self._stack)
             }
         }
 
@@ -323,13 +297,13 @@ class BandedLSTMLayer(keras.layers.Layer):
         ``model.init`` of a ``BandedLSTM`` with the same units and layers) to
         the weights. Everything is checked before anything is assigned. An
         unbuilt, non-stateful layer is built for the kernel's features."""
-        layers = layer_params(variables)
-        if len(layers) != self.num_layers or layers[0][1].shape[0] != self.units:
+        stack = layer_weights(variables)
+        if len(stack) != self.num_layers or stack[0][1].shape[0] != self.units:
             raise ValueError(
                 f"variables: expected {self.num_layers} layers of {self.units} units; received "
-                f"{len(layers)} layers of {layers[0][1].shape[0]} units"
+                f"{len(stack)} layers of {stack[0][1].shape[0]} units"
             )
-        features = layers[0][0].shape[0]
+        features = stack[0][0].shape[0]
         if not self.built:
             if self.stateful:
                 raise ValueError(
@@ -343,17 +317,13 @@ class BandedLSTMLayer(keras.layers.Layer):
             raise ValueError(
                 f"variables['params']['layer_0']['kernel']: expected shape "
                 f"({expected}, {4 * self.units}), as the layer was built; received "
-                f"{tuple(layers[0][0].shape)}"
+                f"{tuple(stack[0][0].shape)}"
             )
-        for target, values in zip(self._stack, layers, strict=True):
-            for variable, value in zip(
-                (target.kernel, target.recurrent_kernel, target.bias), values, strict=True
-            ):
+        for layer, weights in zip(self._stack, stack, strict=True):
+            for variable, value in zip(layer.weight_variables, weights, strict=True):
                 variable.assign(jnp.asarray(value, variable.dtype))
 
-    def _require_built(self, what: str) -> None:
-        if not self.built:
-            raise ValueError(f"{what}: the layer is not built; call it on an input first")
+    # -- stored state -------------------------------------------------------------
 
     def get_state(self) -> State | None:
         """A copy of the stored state of a stateful layer, a tuple of
@@ -361,34 +331,41 @@ class BandedLSTMLayer(keras.layers.Layer):
         stateful or not built."""
         if not self.stateful or not self.built:
             return None
-        return tuple(
-            LSTMState(jnp.array(v.hidden.value), jnp.array(v.cell.value)) for v in self._stack
-        )
+        return jax.tree.map(jnp.array, self._stored_state())
 
     def reset_state(self, batch: Sequence[int] | None = None) -> None:
         """Zeroes the stored state: of every sequence, or only of the sequences
         (batch indices) in ``batch``, leaving the others untouched. Nothing to
-        do for a non-stateful or unbuilt layer."""
+        do for a non-stateful or unbuilt layer. A non-integer index is a
+        ``TypeError``, one outside ``[0, batch_size)`` a ``ValueError``."""
         if not self.stateful or not self.built:
             return
-        size = self._state_shape[0]
-        if batch is None:
-            keep = jnp.zeros((size,), bool)
-        else:
-            indices = np.asarray(batch)
-            valid = indices.ndim == 1 and (
-                indices.size == 0
-                or np.issubdtype(indices.dtype, np.integer)
-                and bool(np.all((indices >= 0) & (indices < size)))
-            )
-            if not valid:
-                raise ValueError(
-                    f"batch: expected a list of sequence indices in [0, {size}); received {batch!r}"
-                )
-            keep = jnp.ones((size,), bool).at[indices.astype(np.int32)].set(False)
-        for v in self._stack:
-            for variable in (v.hidden, v.cell):
-                variable.assign(jnp.where(keep[:, None, None], variable.value, 0.0))
+        if batch is not None:
+            batch = _validate.check_batch_indices(batch, self._state_shape[0], "batch")
+        self._store_state(reset_state(self._stored_state(), batch_mask(batch, self._state_shape)))
+
+    def _stored_state(self) -> State:
+        return tuple(LSTMState(v.hidden.value, v.cell.value) for v in self._stack)
+
+    def _store_state(self, state: State) -> None:
+        for layer, layer_state in zip(self._stack, state, strict=True):
+            for variable, value in zip(layer.state_variables, layer_state, strict=True):
+                variable.assign(value.astype(variable.dtype))
+
+    # -- calling ----------------------------------------------------------------
+
+    def _check_call(self, inputs: Any, initial_state: Any, mask: Any) -> State | None:
+        """Checks the arguments of a call; returns ``initial_state`` as a tuple of
+        ``LSTMState`` (or None)."""
+        shape = tuple(inputs.shape)
+        self._check_input_shape(shape)
+        batch, bands, time, _ = shape
+        if mask is not None:
+            _validate.check_mask_shape(tuple(mask.shape), batch, bands, time, "mask")
+        if initial_state is None:
+            return None
+        state_shape = (batch, bands, self.units)
+        return _validate.check_state(initial_state, self.num_layers, state_shape, "initial_state")
 
     def call(
         self,
@@ -413,41 +390,31 @@ class BandedLSTMLayer(keras.layers.Layer):
           units]`` with ``return_sequences=False``), and with
           ``return_state=True`` also the final state: ``(outputs, final_state)``.
         """
-        shape = tuple(inputs.shape)
-        self._check_input_shape(shape)
-        batch, bands = shape[:2]
-        if initial_state is not None:
-            state = self._check_initial_state(initial_state, batch, bands)
-        elif self.stateful:
-            state = tuple(LSTMState(v.hidden.value, v.cell.value) for v in self._stack)
-        else:
-            state = None
-        if mask is not None:
-            self._check_mask(mask, shape)
-            mask = jnp.asarray(mask).astype(bool)
-        deterministic = not training or not (self.dropout or self.recurrent_dropout)
-        rngs = None
-        if not deterministic:
-            rngs = {"dropout": jax.random.wrap_key_data(self.seed_generator.next())}
+        state = self._check_call(inputs, initial_state, mask)
+        if state is None and self.stateful:
+            state = self._stored_state()
         final_state, outputs = self._module.apply(
             self._variables_from(lambda v: v.value),
             state,
             inputs,
-            mask=mask,
-            deterministic=deterministic,
-            rngs=rngs,
+            mask=None if mask is None else jnp.asarray(mask).astype(bool),
+            **self._dropout_arguments(training),
         )
         if self.stateful:
-            for v, layer_state in zip(self._stack, final_state, strict=True):
-                v.hidden.assign(layer_state.hidden.astype(v.hidden.dtype))
-                v.cell.assign(layer_state.cell.astype(v.cell.dtype))
+            self._store_state(final_state)
         output = outputs if self.return_sequences else final_state[-1].hidden
         output = output.astype(self.compute_dtype)
-        if self.return_state:
-            return output, tuple(
-                LSTMState(*(a.astype(self.compute_dtype) for a in s)) for s in final_state
-            )
-        return output
+        if not self.return_state:
+            return output
+        return output, jax.tree.map(lambda a: a.astype(self.compute_dtype), final_state)
+
+    def _dropout_arguments(self, training: bool | None) -> dict[str, Any]:
+        """``deterministic`` and ``rngs`` for ``BandedLSTM.apply``: dropout only
+        in training, with a key drawn from the layer's ``SeedGenerator``."""
+        if not training or self.seed_generator is None:
+            return {"deterministic": True, "rngs": None}
+        key = jax.random.wrap_key_data(self.seed_generator.next())
+        return {"deterministic": False, "rngs": {"dropout": key}}
 
     def compute_output_spec(
         self,
@@ -456,13 +423,8 @@ class BandedLSTMLayer(keras.layers.Layer):
         mask: Any = None,
         training: bool | None = None,
     ) -> Any:
-        shape = tuple(inputs.shape)
-        self._check_input_shape(shape)
-        batch, bands, time, _ = shape
-        if initial_state is not None:
-            self._check_initial_state(initial_state, batch, bands)
-        if mask is not None:
-            self._check_mask(mask, shape)
+        self._check_call(inputs, initial_state, mask)
+        batch, bands, time, _ = tuple(inputs.shape)
         dtype = self.compute_dtype
         output_shape = (batch, bands) + ((time,) if self.return_sequences else ()) + (self.units,)
         output = keras.KerasTensor(output_shape, dtype=dtype)
@@ -482,17 +444,11 @@ class BandedLSTMLayer(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
+        config.update({name: getattr(self, name) for name in self._module_fields})
         config.update(
-            units=self.units,
-            num_layers=self.num_layers,
             stateful=self.stateful,
             return_sequences=self.return_sequences,
             return_state=self.return_state,
-            dropout=self.dropout,
-            recurrent_dropout=self.recurrent_dropout,
-            unit_forget_bias=self.unit_forget_bias,
-            unroll=self.unroll,
-            remat_chunk=self.remat_chunk,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             recurrent_initializer=keras.initializers.serialize(self.recurrent_initializer),
             bias_initializer=keras.initializers.serialize(self.bias_initializer),

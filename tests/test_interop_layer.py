@@ -6,6 +6,7 @@ import os
 # Keras reads its backend once, at its first import.
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
+import importlib.util
 import subprocess
 import sys
 
@@ -389,6 +390,49 @@ def test_config_round_trip_and_summary():
     ]
 
 
+def test_shared_config_lives_in_the_module_only():
+    layer = BandedLSTMLayer(
+        6, num_layers=2, dropout=0.1, recurrent_dropout=0.2, unit_forget_bias=False, unroll=3
+    )
+    assert layer.module == BandedLSTM(
+        6, num_layers=2, dropout=0.1, recurrent_dropout=0.2, unit_forget_bias=False, unroll=3
+    )
+    config = layer.get_config()
+    for field in ("units", "num_layers", "dropout", "recurrent_dropout", "unit_forget_bias"):
+        assert getattr(layer, field) == getattr(layer.module, field) == config[field]
+    assert config["unroll"] == 3 and config["remat_chunk"] is None
+    with pytest.raises(AttributeError, match=r"units: read-only, it is layer.module.units"):
+        layer.units = 7
+
+
+def test_files_saved_under_the_old_registered_name_still_load():
+    layer = BandedLSTMLayer(4, num_layers=2, return_sequences=False)
+    serialized = keras.layers.serialize(layer)
+    assert serialized["registered_name"] == "interop>BandedLSTMLayer"
+    old = {**serialized, "registered_name": "banded_rnn>BandedLSTMLayer"}
+    revived = keras.layers.deserialize(old)
+    assert type(revived) is BandedLSTMLayer and revived.get_config() == layer.get_config()
+
+
+@pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
+def test_loading_without_import_interop_names_the_package(tmp_path):
+    """Keras imports only its own packages, so a load without `import interop`
+    fails; its message shows the registered name and module, which say what to import."""
+    inputs = keras.Input((3, None, 4))
+    keras.Model(inputs, BandedLSTMLayer(2)(inputs)).save(tmp_path / "model.keras")
+    code = f"import keras\nkeras.saving.load_model({str(tmp_path / 'model.keras')!r})\n"
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode != 0
+    assert "Could not locate class 'BandedLSTMLayer'" in done.stderr
+    assert "'registered_name': 'interop>BandedLSTMLayer'" in done.stderr
+    assert "'module': 'interop._layer'" in done.stderr
+
+
 def test_initial_values_follow_keras_unit_forget_bias():
     layer = BandedLSTMLayer(3, num_layers=2)
     layer.build((None, None, None, 4))
@@ -412,21 +456,37 @@ def test_flax_variables_round_trip_exactly():
 
 
 def test_layer_is_clean_under_strict_rank_promotion():
+    """Every path of the interop code runs under rank promotion "raise" and gives
+    the reference's numbers."""
     x = random_inputs(16, (2, 3, 5, 4))
+    mask = np.random.default_rng(16).random((2, 5)) < 0.7
     with jax.numpy_rank_promotion("raise"):
         layer, params = _built_layer(x, 4, 2, stateful=True, return_state=True, dropout=0.2)
-        y, state = layer(x, mask=np.ones((2, 3, 5), bool), training=True)
-        y, state = layer(x, initial_state=state, mask=np.ones((2, 5), bool))
+        _, start = layer(x, mask=np.ones((2, 3, 5), bool), training=True)
+        y, state = layer(x, initial_state=start, mask=mask)
+        stored = _state_arrays(layer.get_state())
         layer.reset_state(batch=[0])
-        layer.reset_state()
+        after_reset = _state_arrays(layer.get_state())
         inputs = keras.Input(batch_shape=(2, 3, None, 4))
         model = keras.Model(inputs, layer(inputs)[0])
         model.compile(
             optimizer=keras.optimizers.SGD(0.01), loss=lambda t, p: jnp.mean((t - p) ** 2)
         )
         model.fit(x, np.zeros((2, 3, 5, 4), "float32"), batch_size=2, verbose=0)
-        model.predict(x, batch_size=2, verbose=0)
-    assert y.shape == (2, 3, 5, 4)
+        layer.reset_state()
+        predicted = model.predict(x, batch_size=2, verbose=0)
+
+    reference_state, expected = lstm_reference(params, x, state=_state_arrays(start), mask=mask)
+    np.testing.assert_allclose(y, expected, atol=ATOL)
+    _assert_state_close(state, reference_state)
+    _assert_state_close([LSTMState(h, c) for h, c in stored], reference_state)
+    for (h, c), (h_stored, c_stored) in zip(after_reset, stored, strict=True):
+        assert not h[0].any() and not c[0].any()
+        np.testing.assert_array_equal(h[1], h_stored[1])
+        np.testing.assert_array_equal(c[1], c_stored[1])
+    fitted = params_from_variables(layer.get_flax_variables())
+    assert any(np.abs(a - b).max() > 1e-6 for a, b in zip(fitted[0], params[0], strict=True))
+    np.testing.assert_allclose(predicted, lstm_reference(fitted, x)[1], atol=ATOL)
 
 
 # -- bad input ------------------------------------------------------------------------------
@@ -435,6 +495,8 @@ def test_layer_is_clean_under_strict_rank_promotion():
 def test_wrong_rank_is_a_clear_error():
     layer = BandedLSTMLayer(3)
     with pytest.raises(ValueError, match=r"rank 4, \[batch, bands, time, features\].*\(2, 5, 4\)"):
+        layer(np.zeros((2, 5, 4), "float32"))
+    with pytest.raises(ValueError, match=r"for one band, add the bands axis: x\[:, None\]"):
         layer(np.zeros((2, 5, 4), "float32"))
     with pytest.raises(ValueError, match=r"rank 4.*\(None, 5, 4\)"):
         BandedLSTMLayer(3)(keras.Input((5, 4)))
@@ -464,13 +526,32 @@ def test_initial_state_of_the_wrong_structure_is_a_clear_error():
     zeros = np.zeros((2, 3, 4), "float32")
     with pytest.raises(TypeError, match=r"initial_state: expected a tuple of 2 LSTMState"):
         layer(x, initial_state=LSTMState(zeros, zeros))
-    with pytest.raises(ValueError, match=r"initial_state: expected 2 LSTMState.*received 1"):
+    with pytest.raises(
+        ValueError, match=r"initial_state: expected a tuple of 2 LSTMState.*received 1"
+    ):
         layer(x, initial_state=(LSTMState(zeros, zeros),))
     with pytest.raises(TypeError, match=r"initial_state\[0\]: expected an LSTMState"):
         layer(x, initial_state=[zeros, zeros])
     wrong = np.zeros((2, 3, 5), "float32")
     with pytest.raises(ValueError, match=r"initial_state\[1\].cell: .*\(2, 3, 4\).*\(2, 3, 5\)"):
         layer(x, initial_state=(LSTMState(zeros, zeros), LSTMState(zeros, wrong)))
+    with pytest.raises(TypeError, match=r"initial_state\[0\].hidden: expected a floating dtype"):
+        layer(x, initial_state=(LSTMState(zeros.astype("int32"), zeros), LSTMState(zeros, zeros)))
+
+
+def test_bare_pair_as_initial_state_names_lstm_state_and_the_orders():
+    """A one-layer layer given a bare (c, h) pair: the error names LSTMState and
+    the orders Keras, PyTorch and Flax use, instead of silently swapping h and c."""
+    x = random_inputs(14, (2, 3, 5, 4))
+    layer, _ = _built_layer(x, 4, 1)
+    c, h = (np.zeros((2, 3, 4), "float32") for _ in range(2))
+    with pytest.raises(ValueError) as error:
+        layer(x, initial_state=(c, h))
+    message = str(error.value)
+    assert "initial_state: expected a tuple of 1 LSTMState" in message
+    assert "it holds 2 arrays, not layer states" in message
+    assert "LSTMState(hidden=h, cell=c)" in message
+    assert "Keras orders it [h, c], PyTorch (h, c), Flax (c, h)" in message
 
 
 def test_other_bad_arguments_are_clear_errors():
@@ -491,9 +572,21 @@ def test_other_bad_arguments_are_clear_errors():
         layer.set_flax_variables(init_model(BandedLSTM(4, num_layers=2), x))
     jax.tree.map(np.testing.assert_array_equal, layer.get_flax_variables(), before)
 
-    stateful, _, _ = _stateful_model(2, 3, 4)
-    with pytest.raises(ValueError, match=r"batch: expected a list of sequence indices in \[0, 2\)"):
-        stateful.layers[-1].reset_state(batch=[2])
+
+def test_reset_state_indices_are_checked_like_stream_reset():
+    model, layer, _ = _stateful_model(2, 3, 4)
+    layer(random_inputs(18, (2, 3, 6, 4)))
+    before = _state_arrays(layer.get_state())
+    with pytest.raises(ValueError, match=r"batch: expected indices in \[0, 2\); received \[2\]"):
+        layer.reset_state(batch=[2])
+    with pytest.raises(TypeError, match=r"batch: expected integer indices; received float 1.0"):
+        layer.reset_state(batch=[1.0])
+    with pytest.raises(TypeError, match=r"batch: expected integer indices; received bool"):
+        layer.reset_state(batch=[True])
+    jax.tree.map(np.testing.assert_array_equal, _state_arrays(layer.get_state()), before)
+    layer.reset_state(batch=np.int64(1))  # one index, as Stream.reset takes it
+    (after,) = _state_arrays(layer.get_state())
+    assert not after[0][1].any() and after[0][0].any()
 
 
 def test_other_backend_is_a_clear_error_at_construction():
@@ -505,3 +598,23 @@ def test_other_backend_is_a_clear_error_at_construction():
     assert done.returncode != 0
     assert "RuntimeError" in done.stderr
     assert "'numpy' backend" in done.stderr and "KERAS_BACKEND=jax" in done.stderr
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow") is not None, reason="needs TensorFlow absent"
+)
+def test_backend_that_cannot_import_is_a_clear_error_at_import():
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import interop"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("ImportError: interop runs Keras on its JAX backend")
+    assert "KERAS_BACKEND='tensorflow'" in last_line and "KERAS_BACKEND=jax" in last_line
+    assert "No module named 'tensorflow'" in done.stderr  # the chained cause
+    assert "direct cause of the following exception" in done.stderr
