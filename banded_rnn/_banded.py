@@ -9,6 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from . import _validate
 from ._cell import LayerWeights, lstm_gates
@@ -45,13 +46,6 @@ class _LayerWeights(nn.Module):
         return jnp.zeros(shape, dtype)
 
 
-_FUSED_MATMUL_MIN_STEPS = 4
-"""From this many time steps on, a layer concatenates ``[kernel; recurrent_kernel]``
-once per call and does one matmul per step; below it, two matmuls per step. On
-XLA:CPU the concatenation of the 2-layer, 384-unit weights costs as much as
-three or four steps of the difference (benchmarks/NOTES.md, entry 3)."""
-
-
 def _time_step(
     project: Callable[[jax.Array, jax.Array], jax.Array],
     recurrent_mask: jax.Array | None,
@@ -62,7 +56,8 @@ def _time_step(
     hidden, cell = carry
     inputs, valid = xs
     dropped = hidden if recurrent_mask is None else hidden * recurrent_mask
-    new_hidden, new_cell = lstm_gates(project(inputs, dropped), cell)
+    preactivations = checkpoint_name(project(inputs, dropped), "preactivations")
+    new_hidden, new_cell = lstm_gates(preactivations, cell)
     if valid is None:
         return (new_hidden, new_cell), new_hidden
     valid = valid[..., None]
@@ -97,26 +92,25 @@ def _scan_layer(weights, recurrent_mask, carry, xs, unroll):
     (benchmarks/NOTES.md, entry 2).
     """
     kernel, recurrent_kernel, bias = weights
-    inputs = xs[0]
-    bias = bias.reshape((1,) * (inputs.ndim - 2) + bias.shape)
-    if inputs.shape[0] >= _FUSED_MATMUL_MIN_STEPS:
-        stacked = jnp.concatenate([kernel, recurrent_kernel], axis=0)  # [features + units, 4u]
+    bias = bias.reshape((1,) * (xs[0].ndim - 2) + bias.shape)
 
-        def project(x, h):
-            return jnp.concatenate([x, h], axis=-1) @ stacked + bias
-    else:
+    # One formula for every chunk length, so that chunked runs equal whole runs
+    # bit for bit. A single matmul of [x, h] with the stacked weights is about
+    # 10 % faster on long sequences, but stacking costs more than it saves on
+    # short chunks, and two formulas round differently (benchmarks/NOTES.md,
+    # entry 12).
+    def project(x, h):
+        return x @ kernel + h @ recurrent_kernel + bias
 
-        def project(x, h):
-            return x @ kernel + h @ recurrent_kernel + bias
-
-    # For the backward pass, each step keeps only its matmul's output and the
-    # carry; the gate maths is recomputed from them. JAX's default would stack
-    # every intermediate of the gate maths (11 arrays the size of the state, per
-    # step), and writing and zero-initialising those costs more than the
-    # recomputation (benchmarks/NOTES.md, entry 8). No effect without differentiation.
+    # For the backward pass, each step keeps only its gate pre-activations and
+    # the carry; the gate maths is recomputed from them. JAX's default would
+    # stack every intermediate of the gate maths (11 arrays the size of the
+    # state, per step), and writing and zero-initialising those costs more than
+    # the recomputation (benchmarks/NOTES.md, entry 8). No effect without
+    # differentiation.
     step = jax.checkpoint(
         partial(_time_step, project, recurrent_mask),
-        policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        policy=jax.checkpoint_policies.save_only_these_names("preactivations"),
         prevent_cse=False,  # the scan already keeps XLA from merging steps
     )
     return jax.lax.scan(step, carry, xs, unroll=unroll)

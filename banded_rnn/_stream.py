@@ -27,12 +27,14 @@ class Stream:
 
     ``stream(chunk)`` feeds ``chunk [batch, bands, time, features]`` of any
     ``time >= 1`` and returns the outputs ``[batch, bands, time, units]`` as a
-    NumPy array. Chunks longer than ``max_chunk`` are split; a piece of length
-    ``t`` is zero-padded up to the smallest bucket length ``>= t`` and the
-    padding masked with ``seq_lengths``, so the stream runs only
-    ``len(buckets)`` compiled shapes: after :meth:`warmup` no call compiles
-    again, whatever the chunk lengths. The model's maths is exactly that of
-    ``BandedLSTM``: streaming equals one whole-sequence ``apply``.
+    NumPy array. A chunk runs as pieces of bucket lengths, the longest that
+    fits first (13 steps with the default buckets of ``max_chunk=16``: 8, 4
+    and 1), so the stream runs only ``len(buckets)`` compiled shapes: after
+    :meth:`warmup` no call compiles again, whatever the chunk lengths. Pieces
+    are never padded while the buckets include 1 (the default), and streaming
+    then equals one whole-sequence ``apply`` bit for bit. (With custom buckets
+    that lack 1, a remainder shorter than the smallest bucket is zero-padded up
+    to it and the padding masked, which rounds differently: about 1e-6.)
 
     >>> import jax, numpy as np
     >>> model = BandedLSTM(units=8)
@@ -51,7 +53,7 @@ class Stream:
       variables: its variables; moved to the device once, here.
       batch_size, num_bands: the stream's ``[batch, bands]``.
       max_chunk: the longest piece run in one compiled call.
-      buckets: the padded lengths compiled; by default the powers of two below
+      buckets: the piece lengths compiled; by default the powers of two below
         ``max_chunk``, and ``max_chunk``. Must contain ``max_chunk``.
       dtype: the floating dtype chunks are cast to on the host (one dtype, so
         one compilation per bucket).
@@ -81,13 +83,12 @@ class Stream:
         self._step = stream_step(model)
         self._copy_state = jax.jit(reset_state)  # a fresh copy, pending resets applied
         self._no_reset = jax.device_put(np.zeros((self.batch_size, self.num_bands), np.bool_))
-        # For every piece length t: its bucket, and the device-resident
-        # seq_lengths that mask the padding (None for the unmasked bucket 1).
-        self._bucket_of = {}
-        for length in range(1, self.max_chunk + 1):
-            bucket = next(b for b in self.buckets if b >= length)
-            lengths = np.full(self.batch_size, length, np.int32)
-            self._bucket_of[length] = (bucket, None if bucket == 1 else jax.device_put(lengths))
+        # A remainder shorter than the smallest bucket is padded up to it, and
+        # the padding masked by these device-resident seq_lengths.
+        self._padding_lengths = {
+            length: jax.device_put(np.full(self.batch_size, length, np.int32))
+            for length in range(1, self.buckets[0])
+        }
         self._state = self._zeros()
         self._pending_reset: np.ndarray | None = None
 
@@ -137,7 +138,7 @@ class Stream:
         if type(chunk) is np.ndarray:
             return chunk if chunk.dtype == self.dtype else chunk.astype(self.dtype)
         if isinstance(chunk, jax.Array) and chunk.dtype == self.dtype and shape[2] in self.buckets:
-            return chunk  # already on the device, and no padding to do
+            return chunk  # already on the device, and runs as it is: one bucket
         return np.asarray(chunk, self.dtype)
 
     def _reset_mask(self, reset: Any) -> jax.Array:
@@ -151,13 +152,26 @@ class Stream:
             mask = given if mask is None else mask | given
         return self._no_reset if mask is None else jax.device_put(mask)
 
-    def _run_piece(self, piece: Any, length: int, reset_mask: jax.Array) -> jax.Array:
-        """Runs one piece of ``length <= max_chunk`` steps; returns the padded outputs."""
-        bucket, lengths = self._bucket_of[length]
-        if bucket != length:
-            padded = np.zeros((self.batch_size, self.num_bands, bucket, self.features), self.dtype)
+    def _split(self, time: int) -> list[int]:
+        """The lengths of the pieces ``time`` steps run as: the longest bucket
+        that fits, again and again; a remainder shorter than every bucket is one
+        more piece, padded."""
+        pieces = []
+        while time:
+            piece = next((b for b in reversed(self.buckets) if b <= time), time)
+            pieces.append(piece)
+            time -= piece
+        return pieces
+
+    def _run_piece(self, piece: Any, reset_mask: jax.Array) -> jax.Array:
+        """Runs one piece of a bucket's length, or shorter than every bucket
+        (padded, the padding masked); returns its outputs, padding included."""
+        length = piece.shape[2]
+        lengths = None
+        if length < self.buckets[0]:
+            padded = np.zeros((*piece.shape[:2], self.buckets[0], self.features), self.dtype)
             padded[:, :, :length] = piece
-            piece = padded
+            piece, lengths = padded, self._padding_lengths[length]
         self._state, out = self._step(self._variables, self._state, piece, reset_mask, lengths)
         self._pending_reset = None
         return out
@@ -169,17 +183,17 @@ class Stream:
         before the chunk. Bad input raises before the state is touched."""
         chunk = self._check_chunk(chunk)
         reset_mask = self._reset_mask(reset)
-        time = chunk.shape[2]
+        pieces = self._split(chunk.shape[2])
         with self._compiles:
-            if time <= self.max_chunk:
-                return np.asarray(self._run_piece(chunk, time, reset_mask))[:, :, :time]
-            pieces = []
-            for start in range(0, time, self.max_chunk):
-                length = min(self.max_chunk, time - start)
-                out = self._run_piece(chunk[:, :, start : start + length], length, reset_mask)
-                pieces.append(np.asarray(out)[:, :, :length])
+            if len(pieces) == 1:
+                return np.asarray(self._run_piece(chunk, reset_mask))[:, :, : pieces[0]]
+            outputs, start = [], 0
+            for length in pieces:
+                out = self._run_piece(chunk[:, :, start : start + length], reset_mask)
+                outputs.append((out, length))  # converted after all are dispatched
+                start += length
                 reset_mask = self._no_reset
-            return np.concatenate(pieces, axis=2)
+            return np.concatenate([np.asarray(out)[:, :, :n] for out, n in outputs], axis=2)
 
     def reset(self, batch: Sequence[int] | int | None = None) -> None:
         """Restarts sequences from a zero state: all of them, or those at the
@@ -191,15 +205,16 @@ class Stream:
         self._pending_reset = mask if pending is None else pending | mask
 
     def warmup(self) -> None:
-        """Compiles every bucket and the state copy, on a scratch state: the
-        stream's own state is left as it is."""
+        """Compiles every bucket (and the padded smallest one, if it is longer
+        than 1) and the state copy, on a scratch state: the stream's own state
+        is left as it is."""
+        shape = (self.batch_size, self.num_bands)
+        runs = [(bucket, None) for bucket in self.buckets]
+        runs += [(self.buckets[0], lengths) for lengths in list(self._padding_lengths.values())[:1]]
         with self._compiles:
             scratch = self._zeros()
-            for bucket in self.buckets:
-                _, lengths = self._bucket_of[bucket]
-                chunk = np.zeros(
-                    (self.batch_size, self.num_bands, bucket, self.features), self.dtype
-                )
+            for bucket, lengths in runs:
+                chunk = np.zeros((*shape, bucket, self.features), self.dtype)
                 scratch, out = self._step(self._variables, scratch, chunk, self._no_reset, lengths)
             jax.block_until_ready((self._copy_state(scratch, self._no_reset), out))
 
