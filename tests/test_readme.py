@@ -1,0 +1,113 @@
+"""Every code block of README.md runs as written, so the README stays true.
+
+Each ```python block runs on its own, in a fresh Python process, in an empty
+directory: as a reader who pastes it into a file would run it, and with no
+names left over from another block. A warning fails the block, as it fails
+the rest of the suite. The ```bash blocks are commands that other
+tests run; a new one must be added to BASH_COMMANDS with the test that runs it.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+from typing import NamedTuple
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+BASH_COMMANDS = {
+    # tests/test_interop_demo.py::test_demo_command_line_runs_jax_then_keras runs the demo.
+    "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/python -m interop demo",
+    # CI runs the suite itself.
+    "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest",
+}
+LANGUAGES = ("python", "bash")
+TIMEOUT_S = 300
+
+_FENCE = re.compile(r"^(\s*)(```|~~~)\s*(\S*)")
+
+
+class Block(NamedTuple):
+    language: str
+    heading: str
+    line: int
+    code: str
+
+
+def read_blocks(text: str) -> list[Block]:
+    """Every fenced block of ``text``, with the nearest heading above it."""
+    blocks: list[Block] = []
+    heading, opening, lines = "", None, []
+    for number, line in enumerate(text.splitlines(), start=1):
+        fence = _FENCE.match(line)
+        if opening is None:
+            if fence:
+                opening, lines = (number, fence[1], fence[2], fence[3]), []
+            elif line.startswith("#"):
+                heading = line.lstrip("#").strip()
+        elif fence and fence[2] == opening[2] and not fence[3]:
+            start, indent, _, language = opening
+            code = "\n".join(x[len(indent) :] if x.startswith(indent) else x for x in lines)
+            blocks.append(Block(language, heading, start, code + "\n"))
+            opening = None
+        else:
+            lines.append(line)
+    assert opening is None, f"README.md:{opening[0]}: a fence that is never closed"
+    return blocks
+
+
+def _ids(blocks: list[Block]) -> list[str]:
+    counts: dict[str, int] = {}
+    ids = []
+    for block in blocks:
+        slug = re.sub(r"[^a-z0-9]+", "-", block.heading.lower()).strip("-") or "top"
+        counts[slug] = counts.get(slug, 0) + 1
+        ids.append(f"{slug}-{counts[slug]}")
+    return ids
+
+
+BLOCKS = read_blocks(README.read_text(encoding="utf-8"))
+PYTHON = [block for block in BLOCKS if block.language == "python"]
+BASH = [block for block in BLOCKS if block.language == "bash"]
+
+
+def test_every_block_has_a_language_this_file_runs():
+    unhandled = [(b.line, b.language) for b in BLOCKS if b.language not in LANGUAGES]
+    assert not unhandled, f"README.md blocks (line, language) that nothing runs: {unhandled}"
+    assert PYTHON and BASH
+
+
+@pytest.mark.parametrize("block", BASH, ids=_ids(BASH))
+def test_bash_block_is_a_command_run_elsewhere(block):
+    lines = [line.strip() for line in block.code.splitlines()]
+    commands = [line for line in lines if line and not line.startswith("#")]
+    assert len(commands) == 1 and commands[0] in BASH_COMMANDS, (
+        f"README.md:{block.line}: a bash block that no test runs: {commands}. "
+        f"Run it in a test and add it to BASH_COMMANDS in {pathlib.Path(__file__).name}."
+    )
+
+
+@pytest.mark.parametrize("block", PYTHON, ids=_ids(PYTHON))
+def test_python_block_runs_on_its_own(block, tmp_path):
+    script = tmp_path / f"readme_line_{block.line}.py"
+    script.write_text(block.code, encoding="utf-8")
+    path = [str(ROOT), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": os.pathsep.join(filter(None, path))}
+    done = subprocess.run(
+        [sys.executable, "-W", "error", script.name],  # warnings are errors, as in pyproject
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert done.returncode == 0, (
+        f"README.md:{block.line} (under '{block.heading}') exited with {done.returncode}:\n"
+        f"{done.stderr[-6000:]}"
+    )
