@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any
 
 import jax
@@ -17,8 +18,9 @@ class CompileCounter:
 
     Eager operations count too. Blocks nest: a compilation is charged to the
     innermost active counter of the thread that compiles. JAX's monitoring
-    listener is registered while at least one block is active in the process,
-    and removed when the last one ends.
+    listener is registered while at least one counter exists in the process,
+    and removed when the last one is garbage-collected, so entering a block
+    costs a list append (streams enter one on every call).
 
     >>> import jax.numpy as jnp
     >>> x = jnp.ones(7)
@@ -30,44 +32,44 @@ class CompileCounter:
     """
 
     _lock = threading.Lock()
-    _active = 0
+    _alive = 0
     _running = threading.local()
 
     def __init__(self) -> None:
         self.count = 0
+        with CompileCounter._lock:
+            if CompileCounter._alive == 0:
+                jax.monitoring.register_event_duration_secs_listener(_on_event_duration)
+            CompileCounter._alive += 1
+        weakref.finalize(self, CompileCounter._release)
+
+    @staticmethod
+    def _release() -> None:
+        with CompileCounter._lock:
+            CompileCounter._alive -= 1
+            if CompileCounter._alive == 0:
+                jax.monitoring.unregister_event_duration_listener(_on_event_duration)
 
     def __enter__(self) -> CompileCounter:
-        stack = self._stack()
-        stack.append(self)
-        with CompileCounter._lock:
-            if CompileCounter._active == 0:
-                jax.monitoring.register_event_duration_secs_listener(_on_event_duration)
-            CompileCounter._active += 1
+        _stack().append(self)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        with CompileCounter._lock:
-            CompileCounter._active -= 1
-            if CompileCounter._active == 0:
-                jax.monitoring.unregister_event_duration_listener(_on_event_duration)
-        self._stack().pop()
+        _stack().pop()
 
-    @classmethod
-    def _stack(cls) -> list[CompileCounter]:
-        if not hasattr(cls._running, "stack"):
-            cls._running.stack = []
-        return cls._running.stack
 
-    @classmethod
-    def current(cls) -> CompileCounter | None:
-        """The innermost active counter of this thread, if any."""
-        stack = cls._stack()
-        return stack[-1] if stack else None
+def _stack() -> list[CompileCounter]:
+    """This thread's active counters, innermost last."""
+    try:
+        return CompileCounter._running.stack
+    except AttributeError:
+        CompileCounter._running.stack = []
+        return CompileCounter._running.stack
 
 
 def _on_event_duration(event: str, duration: float, **kwargs: Any) -> None:
     del duration, kwargs
     if event == _BACKEND_COMPILE_EVENT:
-        counter = CompileCounter.current()
-        if counter is not None:
-            counter.count += 1
+        stack = _stack()
+        if stack:
+            stack[-1].count += 1

@@ -1,5 +1,6 @@
 """Streaming: stream_step and Stream against the float64 NumPy loop reference."""
 
+import gc
 import os
 import pathlib
 import resource
@@ -292,6 +293,7 @@ def test_compile_count_reports_compilations_without_warmup():
 def test_compile_counting_charges_only_its_stream_and_leaves_no_listener_behind():
     from jax._src import monitoring  # the listener list has no public reader
 
+    gc.collect()  # streams of earlier tests, unreachable but not yet collected
     listeners = len(monitoring.get_event_duration_listeners())
     model = BandedLSTM(7)
     inputs = random_inputs(11, (1, 2, 3, 3))
@@ -303,6 +305,8 @@ def test_compile_counting_charges_only_its_stream_and_leaves_no_listener_behind(
     jax.jit(lambda x: x * 5.0)(inputs)  # outside any stream: charged to none
     second(inputs[:, :, :1])
     assert second.compile_count >= 1 and first.compile_count == count
+    del first, second
+    gc.collect()  # the listener goes with the last counter
     assert len(monitoring.get_event_duration_listeners()) == listeners
 
 
