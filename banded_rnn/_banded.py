@@ -119,6 +119,13 @@ def _scan_layer(weights, recurrent_mask, carry, xs, unroll):
 def _run_layer(weights, recurrent_mask, carry, xs, *, unroll, remat_chunk):
     """``_scan_layer``, optionally rematerialised in chunks of ``remat_chunk`` steps.
 
+    Every (sequence, band) pair is one row of each step's matmul: bands are
+    folded into the batch, and rows never mix, so this is vmap over bands with
+    shared weights. The ``[batch, bands]`` axes are kept rather than flattened:
+    the state then goes out in the shape it came in, and XLA:CPU fuses the gate
+    maths into two loops per step instead of materialising each gate
+    (benchmarks/NOTES.md, entry 5).
+
     With remat, the backward pass keeps only the inputs and the state at chunk
     boundaries and recomputes each chunk, so a training step's memory no
     longer grows with ``time * 4 * units``.
@@ -243,28 +250,21 @@ class BandedLSTM(nn.Module):
         state = _validate.check_state(state, self.num_layers, (batch, bands, self.units))
         valid = _valid_steps(seq_lengths, mask, batch, bands, time)
         dropout_masks = self._dropout_masks(deterministic, (batch, bands), features)
-        # Arithmetic in at least float32; float64 only where JAX enables it.
-        dtype = jax.dtypes.canonicalize_dtype(
-            jnp.promote_types(jnp.promote_types(inputs.dtype, self.param_dtype), jnp.float32)
+        dtype = _compute_dtype(inputs.dtype, self.param_dtype)
+        layer_weights = partial(
+            _LayerWeights,
+            self.units,
+            self.kernel_init,
+            self.recurrent_kernel_init,
+            self.unit_forget_bias,
+            self.param_dtype,
         )
-        # Time-major from here on, so that layers chain without transposes.
-        # Every (sequence, band) pair is one row of each step's matmul: bands
-        # are folded into the batch, and rows never mix, so this is vmap over
-        # bands with shared weights. The [batch, bands] axes are kept rather
-        # than flattened: the state then goes out in the shape it came in, and
-        # XLA:CPU fuses the gate maths into two loops per step instead of
-        # materialising each gate (benchmarks/NOTES.md, entry 5).
+        # Time-major from here on, so that layers chain without transposes
+        # (see _run_layer on the [batch, bands] axes).
         layer_inputs = jnp.moveaxis(inputs, 2, 0).astype(dtype)
         final_state = []
         for layer, layer_state in enumerate(state):
-            weights = _LayerWeights(
-                self.units,
-                self.kernel_init,
-                self.recurrent_kernel_init,
-                self.unit_forget_bias,
-                self.param_dtype,
-                name=f"layer_{layer}",
-            )(layer_inputs.shape[-1])
+            weights = layer_weights(name=f"layer_{layer}")(layer_inputs.shape[-1])
             input_mask, recurrent_mask = dropout_masks[layer]
             if input_mask is not None:
                 layer_inputs = layer_inputs * input_mask.astype(dtype)[None]
@@ -319,3 +319,10 @@ def _valid_steps(seq_lengths, mask, batch, bands, time) -> jax.Array | None:
     if mask is not None:
         return jnp.moveaxis(_validate.check_mask(mask, batch, bands, time), 2, 0)
     return None
+
+
+def _compute_dtype(inputs_dtype: Any, param_dtype: Any) -> Any:
+    """The dtype of the state and the arithmetic: at least float32, float64
+    only where JAX enables it (no cast warning with x64 off)."""
+    dtype = jnp.promote_types(jnp.promote_types(inputs_dtype, param_dtype), jnp.float32)
+    return jax.dtypes.canonicalize_dtype(dtype)

@@ -60,8 +60,9 @@ def export_stream_step(
     variables = jax.device_put(variables)
 
     def flat_step(flat_state, chunk, reset):
-        state = None if flat_state is None else unflatten_state(flat_state)
-        final_state, outputs = stream_apply(model, variables, state, chunk, reset)
+        final_state, outputs = stream_apply(
+            model, variables, unflatten_state(flat_state), chunk, reset
+        )
         return flatten_state(final_state), outputs
 
     shape = (spec.batch_size, spec.num_bands)

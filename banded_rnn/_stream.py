@@ -73,6 +73,7 @@ class Stream:
         spec = stream_spec(model, variables, batch_size, num_bands, dtype)
         self.batch_size, self.num_bands = spec.batch_size, spec.num_bands
         self.features, self.dtype = spec.features, spec.dtype
+        self._chunk_shape = (self.batch_size, self.num_bands, self.features)
         self.max_chunk = _validate.positive_int(max_chunk, "max_chunk")
         self.buckets = self._check_buckets(buckets)
         self._spec = spec
@@ -80,7 +81,7 @@ class Stream:
         self._compiles = CompileCounter()
         self._variables = jax.device_put(variables)
         self._fingerprint: dict[str, Any] | None = None
-        self._step = stream_step(model)
+        self._compiled_step = stream_step(model)
         self._copy_state = jax.jit(reset_state)  # a fresh copy, pending resets applied
         self._no_reset = jax.device_put(np.zeros((self.batch_size, self.num_bands), np.bool_))
         # A remainder shorter than the smallest bucket is padded up to it, and
@@ -89,6 +90,7 @@ class Stream:
             length: jax.device_put(np.full(self.batch_size, length, np.int32))
             for length in range(1, self.buckets[0])
         }
+        self._pieces_of = {t: self._greedy_pieces(t) for t in range(1, self.max_chunk)}
         self._state = self._zeros()
         self._pending_reset: np.ndarray | None = None
 
@@ -128,13 +130,14 @@ class Stream:
         if not hasattr(chunk, "shape") or not hasattr(chunk, "dtype"):
             chunk = np.asarray(chunk)
         shape = tuple(chunk.shape)
-        expected = (self.batch_size, self.num_bands, self.features)
-        if len(shape) != 4 or (*shape[:2], shape[3]) != expected:
-            raise ValueError(
-                f"chunk: expected shape [batch, bands, time, features] = ({self.batch_size}, "
-                f"{self.num_bands}, time, {self.features}); received {shape}"
+        if shape[:2] + shape[3:] != self._chunk_shape or chunk.dtype != self.dtype or not shape[2]:
+            _validate.check_inputs(  # the full checks, off the common path
+                chunk,
+                "chunk",
+                features=self.features,
+                batch_bands=(self.batch_size, self.num_bands),
+                nonempty=True,
             )
-        _validate.check_inputs(chunk, "chunk", nonempty=True)
         if type(chunk) is np.ndarray:
             return chunk if chunk.dtype == self.dtype else chunk.astype(self.dtype)
         if isinstance(chunk, jax.Array) and chunk.dtype == self.dtype and shape[2] in self.buckets:
@@ -156,6 +159,10 @@ class Stream:
         """The lengths of the pieces ``time`` steps run as: the longest bucket
         that fits, again and again; a remainder shorter than every bucket is one
         more piece, padded."""
+        full, rest = divmod(time, self.max_chunk)
+        return [self.max_chunk] * full + (self._pieces_of[rest] if rest else [])
+
+    def _greedy_pieces(self, time: int) -> list[int]:
         pieces = []
         while time:
             piece = next((b for b in reversed(self.buckets) if b <= time), time)
@@ -172,7 +179,9 @@ class Stream:
             padded = np.zeros((*piece.shape[:2], self.buckets[0], self.features), self.dtype)
             padded[:, :, :length] = piece
             piece, lengths = padded, self._padding_lengths[length]
-        self._state, out = self._step(self._variables, self._state, piece, reset_mask, lengths)
+        self._state, out = self._compiled_step(
+            self._variables, self._state, piece, reset_mask, lengths
+        )
         self._pending_reset = None
         return out
 
@@ -215,7 +224,9 @@ class Stream:
             scratch = self._zeros()
             for bucket, lengths in runs:
                 chunk = np.zeros((*shape, bucket, self.features), self.dtype)
-                scratch, out = self._step(self._variables, scratch, chunk, self._no_reset, lengths)
+                scratch, out = self._compiled_step(
+                    self._variables, scratch, chunk, self._no_reset, lengths
+                )
             jax.block_until_ready((self._copy_state(scratch, self._no_reset), out))
 
     def _expected_fingerprint(self) -> dict[str, Any]:

@@ -78,21 +78,34 @@ def floating_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
 # -- inputs ---------------------------------------------------------------------------
 
 
-def check_input_shape(shape: Shape, name: str = "inputs", *, features: int | None = None) -> None:
-    """Rank 4, ``[batch, bands, time, features]``, with ``features`` when given.
+def check_input_shape(
+    shape: Shape,
+    name: str = "inputs",
+    *,
+    features: int | None = None,
+    batch_bands: tuple[int | None, int | None] | None = None,
+) -> None:
+    """Rank 4, ``[batch, bands, time, features]``, with ``features`` and
+    ``batch_bands`` when given.
 
-    Batch, bands and time may be ``None`` (symbolic); the features may not.
+    Batch, bands and time may be ``None`` (symbolic); the features may not. A
+    rank-3 shape gets a hint naming the axis that is missing.
     """
     shape = tuple(shape)
+    batch, bands = (None, None) if batch_bands is None else batch_bands
+    expected = (batch, bands, None, features)
     if len(shape) != 4:
-        hint = ""
-        if len(shape) == 3:
-            hint = "; for one band, add the bands axis: x[:, None]"
         raise ValueError(
-            f"{name}: expected rank 4, [batch, bands, time, features]; received shape {shape}{hint}"
+            f"{name}: expected rank 4, [batch, bands, time, features]; received shape "
+            f"{shape}{_missing_axis_hint(shape, expected)}"
         )
     if shape[3] is None:
         raise ValueError(f"{name}: the features axis must be static; received shape {shape}")
+    if not _matches(shape[:2], (batch, bands)):
+        raise ValueError(
+            f"{name}: expected shape [batch, bands, time, features] = ({batch}, {bands}, time, "
+            f"{'features' if features is None else features}); received shape {shape}"
+        )
     if features is not None and shape[3] != features:
         raise ValueError(
             f"{name}: expected {features} features, [batch, bands, time, {features}] (the "
@@ -100,14 +113,29 @@ def check_input_shape(shape: Shape, name: str = "inputs", *, features: int | Non
         )
 
 
+def _missing_axis_hint(shape: Shape, expected: Shape) -> str:
+    if len(shape) != 3:
+        return ""
+    for axis, what, fix in ((1, "bands", "x[:, None]"), (2, "time", "x[:, :, None]")):
+        if _matches((*shape[:axis], 1, *shape[axis:]), expected):
+            one = "band" if what == "bands" else "time step"
+            return f"; for one {one}, add the {what} axis: {fix}"
+    return ""
+
+
 def check_inputs(
-    inputs: Any, name: str = "inputs", *, features: int | None = None, nonempty: bool = False
+    inputs: Any,
+    name: str = "inputs",
+    *,
+    features: int | None = None,
+    batch_bands: tuple[int, int] | None = None,
+    nonempty: bool = False,
 ) -> jax.Array:
     """``inputs`` as an array ``[batch, bands, time, features]`` of a floating
     dtype (``time >= 1`` if ``nonempty``), or raises."""
     if not hasattr(inputs, "shape") or not hasattr(inputs, "dtype"):
         inputs = np.asarray(inputs)
-    check_input_shape(inputs.shape, name, features=features)
+    check_input_shape(inputs.shape, name, features=features, batch_bands=batch_bands)
     if not jnp.issubdtype(inputs.dtype, jnp.floating):
         raise TypeError(f"{name}: expected a floating dtype; received {inputs.dtype}")
     if nonempty and inputs.shape[2] < 1:

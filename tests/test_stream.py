@@ -324,11 +324,19 @@ BAD_CALLS = {
     "batch": (
         lambda s: s(X[:2, :, :3]),
         ValueError,
-        r"chunk: expected shape .* = \(3, 4, time, 6\); received \(2, 4, 3, 6\)",
+        r"chunk: expected shape .* = \(3, 4, time, 6\); received shape \(2, 4, 3, 6\)",
     ),
-    "bands": (lambda s: s(X[:, :2, :3]), ValueError, r"chunk: .*received \(3, 2, 3, 6\)"),
-    "features": (lambda s: s(X[:, :, :3, :4]), ValueError, r"chunk: .*received \(3, 4, 3, 4\)"),
-    "rank": (lambda s: s(X[:, :, 0]), ValueError, r"chunk: .*received \(3, 4, 6\)"),
+    "bands": (lambda s: s(X[:, :2, :3]), ValueError, r"chunk: .*received shape \(3, 2, 3, 6\)"),
+    "features": (
+        lambda s: s(X[:, :, :3, :4]),
+        ValueError,
+        r"chunk: expected 6 features.*received shape \(3, 4, 3, 4\)",
+    ),
+    "rank": (
+        lambda s: s(X[:, :, 0]),
+        ValueError,
+        r"chunk: .*received shape \(3, 4, 6\); for one time step, add the time axis",
+    ),
     "empty": (
         lambda s: s(X[:, :, :0]),
         ValueError,

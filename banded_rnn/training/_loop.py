@@ -292,15 +292,26 @@ def _resume(checkpointer, train_state, state, rng, stream):
     return restored.train_state, restored.state, restored.rng
 
 
-def _warn_if_done(step: int, num_steps: int, checkpointer: Checkpointer | None) -> None:
+def _finished_already(step: int, num_steps: int, checkpointer: Checkpointer | None) -> bool:
+    """True, with a warning, when a run (resumed) at ``step`` has nothing left to train."""
     if step < num_steps or num_steps == 0:
-        return
+        return False
     where = "" if checkpointer is None else f" (resumed from {checkpointer.directory})"
     warnings.warn(
         f"fit: train_state is already at step {step}{where}, and num_steps={num_steps}: "
         "nothing to train. Raise num_steps to train on.",
         stacklevel=3,
     )
+    return True
+
+
+def _train_one(train_step, train_state, state, stream, rng, carry_state, keys_per_entry):
+    """Takes the next chunk, restarts the entries that begin a sequence, runs one step."""
+    chunk = next(stream)
+    reset = chunk.reset if carry_state else np.ones_like(chunk.reset)
+    state, keys = _start_sequences(state, reset, rng, chunk.sequence)
+    keys = keys if keys_per_entry else None
+    return train_step(train_state, state, chunk.inputs, chunk.targets, keys)
 
 
 def fit(
@@ -334,7 +345,7 @@ def fit(
     position): the losses are then those of the uninterrupted run. A checkpoint
     is saved every ``checkpoint_every`` steps and at the end. If the training
     state is already at ``num_steps`` (a finished run resumed), nothing is
-    trained and a ``UserWarning`` says so.
+    trained or evaluated, and a ``UserWarning`` says so.
 
     Args:
       train_step: from :func:`make_train_step`.
@@ -363,26 +374,21 @@ def fit(
     state = train_step.initial_state(train_state, *shape[:2], shape[3])
     train_state, state, rng = _resume(checkpointer, train_state, state, rng, stream)
     step = int(train_state.step)
-    _warn_if_done(step, num_steps, checkpointer)
+    history = _History()
+    if _finished_already(step, num_steps, checkpointer):
+        return FitResult(train_state, state, history.as_arrays())
     # Without dropout no keys are needed, and the step runs the batch in one piece.
     keys_per_entry = train_step.needs_rng(train_state, jax.ShapeDtypeStruct(shape, jnp.float32))
-    history = _History()
+    lengths = {"batch_size": stream.batch_size, "chunk_length": stream.chunk_length}
 
     def run_evaluation() -> None:
-        loss = evaluate(
-            eval_step, train_state, *eval_data,
-            batch_size=stream.batch_size, chunk_length=stream.chunk_length,
-        )  # fmt: skip
-        history.record_evaluation(step, loss)
+        history.record_evaluation(step, evaluate(eval_step, train_state, *eval_data, **lengths))
 
     with _progress(progress) as bar:
         task = bar.add_task("training", total=num_steps, completed=step, status="")
         while step < num_steps:
-            chunk = next(stream)
-            reset = chunk.reset if carry_state else np.ones_like(chunk.reset)
-            state, keys = _start_sequences(state, reset, rng, chunk.sequence)
-            train_state, state, metrics = train_step(
-                train_state, state, chunk.inputs, chunk.targets, keys if keys_per_entry else None
+            train_state, state, metrics = _train_one(
+                train_step, train_state, state, stream, rng, carry_state, keys_per_entry
             )
             step += 1
             history.record_step(step, metrics)

@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from .. import _validate
+
 BATCH = "batch"
 BANDS = "bands"
 
@@ -25,7 +27,8 @@ def make_mesh(bands: int = 1, devices: Sequence[jax.Device] | None = None) -> Me
     {'batch': 1, 'bands': 1}
     """
     devices = list(jax.devices() if devices is None else devices)
-    if not isinstance(bands, int) or bands < 1 or len(devices) % bands:
+    bands = _validate.positive_int(bands, "bands")
+    if len(devices) % bands:
         raise ValueError(
             f"bands: expected an integer >= 1 dividing the {len(devices)} devices; "
             f"received {bands!r}"

@@ -22,11 +22,8 @@ Rng = jax.Array | None
 
 
 def _per_entry(rng: Any, batch: int) -> bool:
-    """True for one key per batch entry (a validated ``rng``), False for one key or None."""
-    if rng is None:
-        return False
-    shape = _validate.shape_of(rng)
-    return shape == (batch,) if _validate.is_typed_key(rng) else len(shape) == 2
+    """True for one key per batch entry, False for one key or None."""
+    return rng is not None and _validate.check_rng(rng, batch)
 
 
 def _apply(apply_fn, params, state, inputs, rng, per_entry, deterministic):
