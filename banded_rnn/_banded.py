@@ -46,6 +46,17 @@ class _LayerWeights(nn.Module):
         return jnp.zeros(shape, dtype)
 
 
+_FUSED_MAX_BYTES = 1 << 20
+"""A layer whose weights take at most this many bytes runs one matmul of
+``[x, h]`` with ``[kernel; recurrent_kernel]`` per step, stacked once per call
+(6.7 % faster on ``seed``, 2.3 % on ``train``); a larger one runs ``x @ kernel
++ h @ recurrent_kernel``, as stacking megabytes of weights on every call costs
+more than a one-frame call's step (``subband-stream``). The choice depends on
+the layer's shapes and dtype only, never on the chunk length: the two formulas
+round differently, and one formula per layer keeps chunked runs equal to whole
+runs bit for bit (benchmarks/NOTES.md, entries 3 and 12)."""
+
+
 def _time_step(
     project: Callable[[jax.Array, jax.Array], jax.Array],
     recurrent_mask: jax.Array | None,
@@ -93,14 +104,15 @@ def _scan_layer(weights, recurrent_mask, carry, xs, unroll):
     """
     kernel, recurrent_kernel, bias = weights
     bias = bias.reshape((1,) * (xs[0].ndim - 2) + bias.shape)
+    if (kernel.size + recurrent_kernel.size) * kernel.dtype.itemsize <= _FUSED_MAX_BYTES:
+        stacked = jnp.concatenate([kernel, recurrent_kernel], axis=0)  # [features + units, 4u]
 
-    # One formula for every chunk length, so that chunked runs equal whole runs
-    # bit for bit. A single matmul of [x, h] with the stacked weights is about
-    # 10 % faster on long sequences, but stacking costs more than it saves on
-    # short chunks, and two formulas round differently (benchmarks/NOTES.md,
-    # entry 12).
-    def project(x, h):
-        return x @ kernel + h @ recurrent_kernel + bias
+        def project(x, h):
+            return jnp.concatenate([x, h], axis=-1) @ stacked + bias
+    else:
+
+        def project(x, h):
+            return x @ kernel + h @ recurrent_kernel + bias
 
     # For the backward pass, each step keeps only its gate pre-activations and
     # the carry; the gate maths is recomputed from them. JAX's default would

@@ -1,7 +1,8 @@
 """Chunked equals whole bit for bit, on trained weights.
 
 Every time step runs the same arithmetic whatever the chunk length (one
-projection formula, and ``Stream`` never pads while its buckets include 1),
+projection formula per layer, and ``Stream`` never pads while its buckets
+include 1),
 so feeding a sequence in pieces, state threaded, reproduces the whole run
 exactly. The weights are trained first: a freshly initialised model has
 small, regular weights that can hide rounding differences.
@@ -78,3 +79,23 @@ def test_stream_of_random_chunk_lengths_equals_whole_bit_for_bit(trained, seed):
         start += length
     np.testing.assert_array_equal(np.concatenate(pieces, axis=2), whole)
     jax.tree.map(np.testing.assert_array_equal, stream.state, whole_state)
+
+
+def test_the_two_matmul_formula_of_large_layers_is_exact_too(trained, monkeypatch):
+    import banded_rnn._banded as banded
+
+    monkeypatch.setattr(banded, "_FUSED_MAX_BYTES", 0)  # every layer as if larger than 1 MiB
+    variables = trained[0]
+    apply = jax.jit(lambda v, s, x: MODEL.apply(v, s, x))  # traced afresh, under the patch
+    whole_state, whole = apply(variables, None, X)
+    assert not np.array_equal(np.asarray(whole), trained[2])  # the other formula did run
+    for chunk_length in (1, 3, 16):
+        state, pieces = None, []
+        for start in range(0, TIME, chunk_length):
+            state, y = apply(variables, state, X[:, :, start : start + chunk_length])
+            pieces.append(np.asarray(y))
+        np.testing.assert_array_equal(np.concatenate(pieces, axis=2), whole)
+        jax.tree.map(np.testing.assert_array_equal, state, whole_state)
+    stream = Stream(MODEL, variables, BATCH, BANDS, max_chunk=16)
+    streamed = [stream(X[:, :, start : start + 13]) for start in range(0, TIME, 13)]
+    np.testing.assert_array_equal(np.concatenate(streamed, axis=2), whole)
