@@ -47,15 +47,21 @@ def trained():
     return variables, whole_state, np.asarray(whole)
 
 
-@pytest.mark.parametrize("chunk_length", [1, 2, 3, 4, 5, 7, 16, 59])
-def test_apply_in_chunks_equals_whole_bit_for_bit(trained, chunk_length):
-    variables, whole_state, whole = trained
-    apply = jax.jit(MODEL.apply)
+def _apply_in_chunks(apply, variables, chunk_length):
+    """``X`` fed to ``apply`` in consecutive chunks, the state threaded:
+    ``(final_state, outputs)``."""
     state, pieces = None, []
     for start in range(0, TIME, chunk_length):
         state, y = apply(variables, state, X[:, :, start : start + chunk_length])
         pieces.append(np.asarray(y))
-    np.testing.assert_array_equal(np.concatenate(pieces, axis=2), whole)
+    return state, np.concatenate(pieces, axis=2)
+
+
+@pytest.mark.parametrize("chunk_length", [1, 2, 3, 4, 5, 7, 16, 59])
+def test_apply_in_chunks_equals_whole_bit_for_bit(trained, chunk_length):
+    variables, whole_state, whole = trained
+    state, outputs = _apply_in_chunks(jax.jit(MODEL.apply), variables, chunk_length)
+    np.testing.assert_array_equal(outputs, whole)
     jax.tree.map(np.testing.assert_array_equal, state, whole_state)
 
 
@@ -90,11 +96,8 @@ def test_the_two_matmul_formula_of_large_layers_is_exact_too(trained, monkeypatc
     whole_state, whole = apply(variables, None, X)
     assert not np.array_equal(np.asarray(whole), trained[2])  # the other formula did run
     for chunk_length in (1, 3, 16):
-        state, pieces = None, []
-        for start in range(0, TIME, chunk_length):
-            state, y = apply(variables, state, X[:, :, start : start + chunk_length])
-            pieces.append(np.asarray(y))
-        np.testing.assert_array_equal(np.concatenate(pieces, axis=2), whole)
+        state, outputs = _apply_in_chunks(apply, variables, chunk_length)
+        np.testing.assert_array_equal(outputs, whole)
         jax.tree.map(np.testing.assert_array_equal, state, whole_state)
     stream = Stream(MODEL, variables, BATCH, BANDS, max_chunk=16)
     streamed = [stream(X[:, :, start : start + 13]) for start in range(0, TIME, 13)]
