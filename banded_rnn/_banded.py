@@ -259,7 +259,8 @@ class BandedLSTM(nn.Module):
         batch, bands, time, features = inputs.shape
         if state is None:
             state = self.initial_state(batch, bands)
-        state = _validate.check_state(state, self.num_layers, (batch, bands, self.units))
+        else:
+            state = _validate.check_state(state, self.num_layers, (batch, bands, self.units))
         valid = _valid_steps(seq_lengths, mask, batch, bands, time)
         dropout_masks = self._dropout_masks(deterministic, (batch, bands), features)
         dtype = _compute_dtype(inputs.dtype, self.param_dtype)

@@ -27,13 +27,17 @@ def stream_apply(
 ) -> tuple[State, jax.Array]:
     """``model.apply`` on one ``chunk [batch, bands, time >= 1, features]``,
     after zeroing the states where ``reset`` is true. Checks run while tracing,
-    before XLA and before any buffer is donated."""
-    features = _validate.input_features(variables)
-    chunk = _validate.check_inputs(chunk, "chunk", features=features, nonempty=True)
+    before XLA and before any buffer is donated: here what only streaming asks
+    (a non-empty chunk of the state's ``[batch, bands]``, the reset mask), the
+    state itself in ``model.apply``."""
+    chunk = _validate.check_inputs(
+        chunk,
+        "chunk",
+        features=_validate.input_features(variables),
+        batch_bands=_state_batch_bands(state),
+        nonempty=True,
+    )
     batch, bands = chunk.shape[:2]
-    if state is not None:
-        _check_state_matches_chunk(state, chunk.shape)
-        state = _validate.check_state(state, model.num_layers, (batch, bands, model.units))
     if reset is not None:
         _validate.check_batch_mask(reset, batch, bands)
         if state is not None:
@@ -41,17 +45,12 @@ def stream_apply(
     return model.apply(variables, state, chunk, seq_lengths=seq_lengths)
 
 
-def _check_state_matches_chunk(state: Any, chunk_shape: tuple[int, ...]) -> None:
-    """A clearer message than the state's own check when the chunk, not the
-    state, has the wrong ``[batch, bands]``."""
+def _state_batch_bands(state: Any) -> tuple[int, int] | None:
+    """The ``[batch, bands]`` a state carries, which the chunk must match (so that
+    a chunk of the wrong size is named, not the state); None if unreadable."""
     first = state[0] if isinstance(state, tuple | list) and state else None
-    if isinstance(first, LSTMState):
-        expected = _validate.shape_of(first.hidden)[:2]
-        if expected != tuple(chunk_shape[:2]):
-            raise ValueError(
-                f"chunk: expected [batch, bands] = {expected}, those of the state; received "
-                f"shape {tuple(chunk_shape)}"
-            )
+    shape = _validate.shape_of(first.hidden) if isinstance(first, LSTMState) else ()
+    return shape[:2] if len(shape) == 3 else None
 
 
 def stream_step(model: BandedLSTM) -> StepFn:

@@ -123,8 +123,8 @@ def test_stream_step_masks_padding_with_seq_lengths():
 @pytest.mark.parametrize(
     "chunk, reset, message",
     [
-        (X[:2, :, :2], None, r"chunk: expected \[batch, bands\] = \(3, 4\).*received shape \(2, 4"),
-        (X[:, :3, :2], None, r"chunk: expected \[batch, bands\] = \(3, 4\).*received shape \(3, 3"),
+        (X[:2, :, :2], None, r"chunk: expected shape .* = \(3, 4, time, 6\); received shape \(2,"),
+        (X[:, :3, :2], None, r"chunk: expected shape .* = \(3, 4, time, 6\); received shape \(3,"),
         (X[:, :, :2, :5], None, r"chunk: expected 6 features.*received shape \(3, 4, 2, 5\)"),
         (X[:, :, :0], None, r"chunk: expected at least one time step.*\(3, 4, 0, 6\)"),
         (X[:, :, :2], np.ones(2, bool), r"reset: expected a bool mask.*\(3,\).*\(3, 4\).*\(2,\)"),
