@@ -1,0 +1,468 @@
+// XLA FFI handlers for the LSTM recurrence, and the Python module
+// `banded_rnn._lstm_cpu` that hands them to `jax.ffi.register_ffi_target`.
+//
+// Three targets, all float32 on the host:
+//   banded_rnn_lstm_forward        (x, kernel, recurrent, bias, h0, c0, valid, dropmask)
+//                                   -> (hs, c_final)
+//   banded_rnn_lstm_forward_train  same arguments -> (hs, cs, acts)
+//   banded_rnn_lstm_backward       (recurrent, c0, valid, dropmask, cs, acts, dhs, dc_last)
+//                                   -> (dgates, dh0, dc0)
+// with the layouts of recurrence.h. Every array may carry the same leading
+// "group" axes as `recurrent` (what vmap adds with vmap_method="broadcast_all"):
+// each group runs with its own weights. The row axes between time and the
+// last axis are flattened. `valid` and `dropmask` may be empty, meaning every
+// step is valid and no dropout.
+//
+// Rows are independent, so each call splits them into contiguous ranges, one
+// per thread, and every thread runs every time step of its rows with no
+// synchronisation until the end: the calling thread takes a range itself, the
+// others go to XLA's intra-op thread pool.
+
+#include <Python.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "recurrence.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace banded_rnn {
+namespace {
+
+using std::int64_t;
+
+// ------------------------------------------------------ instruction sets
+
+std::vector<const Kernel*> SupportedKernels() {
+  std::vector<const Kernel*> kernels;
+#if defined(BRNN_X86)
+  __builtin_cpu_init();
+  // GCC reports a feature only when the OS also saves its registers.
+  if (__builtin_cpu_supports("avx512f")) kernels.push_back(kAvx512Kernel);
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    kernels.push_back(kAvx2Kernel);
+  }
+#endif
+  kernels.push_back(kPortableKernel);
+  return kernels;
+}
+
+const std::vector<const Kernel*>& Supported() {
+  static const std::vector<const Kernel*> kernels = SupportedKernels();
+  return kernels;
+}
+
+const Kernel* Find(std::string_view name) {
+  for (const Kernel* kernel : Supported()) {
+    if (name == kernel->name) return kernel;
+  }
+  return nullptr;
+}
+
+std::atomic<const Kernel*> g_kernel{nullptr};
+std::atomic<int> g_threads{0};        // 0: as many as XLA's intra-op pool has
+std::atomic<int> g_last_threads{0};   // threads the last call used
+std::atomic<std::int64_t> g_calls{0};  // forward calls so far
+
+const Kernel* Current() {
+  const Kernel* kernel = g_kernel.load(std::memory_order_relaxed);
+  return kernel != nullptr ? kernel : Supported().front();
+}
+
+// ---------------------------------------------------------------- threads
+
+// Runs work(i) for i in [0, count): the calling thread and up to count - 1
+// pool threads claim indices until none is left. The caller then waits only
+// for indices already claimed, which are running, so a pool thread that
+// starts late (or never, on a busy pool) cannot hold it up.
+void RunParallel(ffi::ThreadPool& pool, int count, const std::function<void(int)>& work) {
+  if (count <= 1) {
+    work(0);
+    return;
+  }
+  struct Shared {
+    std::atomic<int> next{0};
+    int count = 0;
+    int done = 0;
+    std::mutex mutex;
+    std::condition_variable finished;
+    const std::function<void(int)>* work = nullptr;  // used only while indices remain
+  };
+  auto shared = std::make_shared<Shared>();
+  shared->count = count;
+  shared->work = &work;
+  auto drain = [](Shared& s) {
+    for (int i; (i = s.next.fetch_add(1)) < s.count;) {
+      (*s.work)(i);
+      std::lock_guard<std::mutex> lock(s.mutex);
+      if (++s.done == s.count) s.finished.notify_all();
+    }
+  };
+  for (int i = 1; i < count; ++i) {
+    pool.Schedule([shared, drain] { drain(*shared); });
+  }
+  drain(*shared);
+  std::unique_lock<std::mutex> lock(shared->mutex);
+  shared->finished.wait(lock, [&] { return shared->done == shared->count; });
+}
+
+// A thread's share below this many multiply-adds costs more to hand over
+// than it saves (a pool task starts in a few microseconds).
+constexpr int64_t kMinWorkPerThread = 1 << 18;
+
+int ThreadsFor(ffi::ThreadPool& pool, int64_t rows, int64_t work, int row_tile) {
+  int threads = g_threads.load(std::memory_order_relaxed);
+  if (threads <= 0) threads = static_cast<int>(std::max<int64_t>(1, pool.num_threads()));
+  const int64_t tiles = (rows + row_tile - 1) / row_tile;
+  const int64_t worth = std::max<int64_t>(1, work / kMinWorkPerThread);
+  return static_cast<int>(std::max<int64_t>(1, std::min({int64_t{threads}, tiles, worth})));
+}
+
+// Rows [begin, end) of thread `index` out of `threads`: contiguous whole tiles.
+std::pair<int64_t, int64_t> RowRange(int index, int threads, int64_t rows, int row_tile) {
+  const int64_t tiles = (rows + row_tile - 1) / row_tile;
+  const int64_t begin = tiles * index / threads * row_tile;
+  const int64_t end = std::min(rows, tiles * (index + 1) / threads * row_tile);
+  return {begin, end};
+}
+
+// Runs kernel_fn(begin, end, scratch) over the rows, split between threads.
+void OverRows(ffi::ThreadPool& pool, int64_t rows, int64_t work, std::size_t scratch_per_row,
+              const Kernel& kernel,
+              const std::function<void(int64_t, int64_t, float*)>& kernel_fn) {
+  const int threads = ThreadsFor(pool, rows, work, kernel.row_tile);
+  g_last_threads.store(threads, std::memory_order_relaxed);
+  RunParallel(pool, threads, [&](int index) {
+    const auto [begin, end] = RowRange(index, threads, rows, kernel.row_tile);
+    if (begin >= end) return;
+    std::vector<float> scratch(static_cast<std::size_t>(end - begin) * scratch_per_row);
+    kernel_fn(begin, end, scratch.data());
+  });
+}
+
+// ----------------------------------------------------------------- shapes
+
+int64_t Product(ffi::AnyBuffer::Dimensions dims, std::size_t begin, std::size_t end) {
+  int64_t product = 1;
+  for (std::size_t i = begin; i < end; ++i) product *= dims[i];
+  return product;
+}
+
+std::string Mismatch(const char* name, int64_t expected, std::size_t received) {
+  return std::string(name) + ": expected " + std::to_string(expected) + " elements; received " +
+         std::to_string(received);
+}
+
+#define BRNN_RETURN_IF_ERROR(expr)          \
+  do {                                      \
+    ffi::Error error_ = (expr);             \
+    if (error_.failure()) return error_;    \
+  } while (false)
+
+// Groups, units and the checks every target shares: recurrent is [G..., H, 4H].
+struct Groups {
+  int rank;  // number of group axes
+  int64_t count;
+  int64_t units;
+};
+
+ffi::Error GroupsOf(const ffi::Buffer<ffi::F32>& recurrent, Groups& groups) {
+  const auto dims = recurrent.dimensions();
+  if (dims.size() < 2 || dims[dims.size() - 1] != 4 * dims[dims.size() - 2]) {
+    return ffi::Error::InvalidArgument("recurrent: expected [..., units, 4 * units]");
+  }
+  const int rank = static_cast<int>(dims.size()) - 2;
+  groups = Groups{rank, Product(dims, 0, rank), dims[rank]};
+  return ffi::Error::Success();
+}
+
+template <class Buffer>
+ffi::Error Expect(const char* name, const Buffer& buffer, int64_t expected, bool may_be_empty) {
+  const std::size_t count = buffer.element_count();
+  if (static_cast<int64_t>(count) == expected || (may_be_empty && count == 0)) {
+    return ffi::Error::Success();
+  }
+  return ffi::Error::InvalidArgument(Mismatch(name, expected, count));
+}
+
+// ---------------------------------------------------------------- forward
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                   ffi::Buffer<ffi::F32> recurrent, ffi::Buffer<ffi::F32> bias,
+                   ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+                   ffi::Buffer<ffi::PRED> valid, ffi::Buffer<ffi::F32> dropmask,
+                   ffi::Result<ffi::Buffer<ffi::F32>> hs, float* cs, float* acts,
+                   float* c_final) {
+  Groups groups{};
+  BRNN_RETURN_IF_ERROR(GroupsOf(recurrent, groups));
+  const auto dims = x.dimensions();
+  if (static_cast<int>(dims.size()) < groups.rank + 2) {
+    return ffi::Error::InvalidArgument("x: expected [..., time, rows..., features]");
+  }
+  const int64_t G = groups.count, H = groups.units, T = dims[groups.rank];
+  const int64_t F = dims[dims.size() - 1];
+  const int64_t R = Product(dims, groups.rank + 1, dims.size() - 1);
+  BRNN_RETURN_IF_ERROR(Expect("kernel", kernel, G * F * 4 * H, false));
+  BRNN_RETURN_IF_ERROR(Expect("bias", bias, G * 4 * H, false));
+  BRNN_RETURN_IF_ERROR(Expect("h0", h0, G * R * H, false));
+  BRNN_RETURN_IF_ERROR(Expect("c0", c0, G * R * H, false));
+  BRNN_RETURN_IF_ERROR(Expect("valid", valid, G * T * R, true));
+  BRNN_RETURN_IF_ERROR(Expect("dropmask", dropmask, G * R * H, true));
+  BRNN_RETURN_IF_ERROR(Expect("hs", *hs, G * T * R * H, false));
+
+  const Kernel& k = *Current();
+  g_calls.fetch_add(1, std::memory_order_relaxed);
+  std::vector<float> packed(k.forward_packed_size(F, H));
+  const bool has_valid = valid.element_count() != 0, has_dropmask = dropmask.element_count() != 0;
+  for (int64_t g = 0; g < G; ++g) {
+    k.pack_forward(kernel.typed_data() + g * F * 4 * H, recurrent.typed_data() + g * H * 4 * H,
+                   bias.typed_data() + g * 4 * H, F, H, packed.data());
+    ForwardArgs args{};
+    args.time = T;
+    args.rows = R;
+    args.features = F;
+    args.units = H;
+    args.x = x.typed_data() + g * T * R * F;
+    args.packed = packed.data();
+    args.h0 = h0.typed_data() + g * R * H;
+    args.c0 = c0.typed_data() + g * R * H;
+    args.valid = has_valid ? reinterpret_cast<const std::uint8_t*>(valid.typed_data()) + g * T * R
+                           : nullptr;
+    args.dropmask = has_dropmask ? dropmask.typed_data() + g * R * H : nullptr;
+    args.hs = hs->typed_data() + g * T * R * H;
+    args.cs = cs != nullptr ? cs + g * T * R * H : nullptr;
+    args.acts = acts != nullptr ? acts + g * T * R * 4 * H : nullptr;
+    args.c_final = c_final != nullptr ? c_final + g * R * H : nullptr;
+    OverRows(pool, R, T * R * (F + H) * 4 * H, forward_scratch(H), k,
+             [&](int64_t begin, int64_t end, float* scratch) {
+               k.forward(args, begin, end, scratch);
+             });
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ForwardInference(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> recurrent,
+                            ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> h0,
+                            ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> valid,
+                            ffi::Buffer<ffi::F32> dropmask, ffi::Result<ffi::Buffer<ffi::F32>> hs,
+                            ffi::Result<ffi::Buffer<ffi::F32>> c_final) {
+  BRNN_RETURN_IF_ERROR(Expect("c_final", *c_final, c0.element_count(), false));
+  return Forward(pool, x, kernel, recurrent, bias, h0, c0, valid, dropmask, hs, nullptr, nullptr,
+                 c_final->typed_data());
+}
+
+ffi::Error ForwardTraining(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> recurrent,
+                           ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> h0,
+                           ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> valid,
+                           ffi::Buffer<ffi::F32> dropmask, ffi::Result<ffi::Buffer<ffi::F32>> hs,
+                           ffi::Result<ffi::Buffer<ffi::F32>> cs,
+                           ffi::Result<ffi::Buffer<ffi::F32>> acts) {
+  BRNN_RETURN_IF_ERROR(Expect("cs", *cs, hs->element_count(), false));
+  BRNN_RETURN_IF_ERROR(Expect("acts", *acts, 4 * hs->element_count(), false));
+  return Forward(pool, x, kernel, recurrent, bias, h0, c0, valid, dropmask, hs, cs->typed_data(),
+                 acts->typed_data(), nullptr);
+}
+
+// --------------------------------------------------------------- backward
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> recurrent,
+                    ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> valid,
+                    ffi::Buffer<ffi::F32> dropmask, ffi::Buffer<ffi::F32> cs,
+                    ffi::Buffer<ffi::F32> acts, ffi::Buffer<ffi::F32> dhs,
+                    ffi::Buffer<ffi::F32> dc_last, ffi::Result<ffi::Buffer<ffi::F32>> dgates,
+                    ffi::Result<ffi::Buffer<ffi::F32>> dh0, ffi::Result<ffi::Buffer<ffi::F32>> dc0) {
+  Groups groups{};
+  BRNN_RETURN_IF_ERROR(GroupsOf(recurrent, groups));
+  const auto dims = cs.dimensions();
+  if (static_cast<int>(dims.size()) < groups.rank + 2) {
+    return ffi::Error::InvalidArgument("cs: expected [..., time, rows..., units]");
+  }
+  const int64_t G = groups.count, H = groups.units, T = dims[groups.rank];
+  const int64_t R = Product(dims, groups.rank + 1, dims.size() - 1);
+  BRNN_RETURN_IF_ERROR(Expect("cs", cs, G * T * R * H, false));
+  BRNN_RETURN_IF_ERROR(Expect("c0", c0, G * R * H, false));
+  BRNN_RETURN_IF_ERROR(Expect("valid", valid, G * T * R, true));
+  BRNN_RETURN_IF_ERROR(Expect("dropmask", dropmask, G * R * H, true));
+  BRNN_RETURN_IF_ERROR(Expect("acts", acts, G * T * R * 4 * H, false));
+  BRNN_RETURN_IF_ERROR(Expect("dhs", dhs, G * T * R * H, false));
+  BRNN_RETURN_IF_ERROR(Expect("dc_last", dc_last, G * R * H, false));
+  BRNN_RETURN_IF_ERROR(Expect("dgates", *dgates, G * T * R * 4 * H, false));
+  BRNN_RETURN_IF_ERROR(Expect("dh0", *dh0, G * R * H, false));
+  BRNN_RETURN_IF_ERROR(Expect("dc0", *dc0, G * R * H, false));
+
+  const Kernel& k = *Current();
+  std::vector<float> packed(k.backward_packed_size(H));
+  const bool has_valid = valid.element_count() != 0, has_dropmask = dropmask.element_count() != 0;
+  for (int64_t g = 0; g < G; ++g) {
+    k.pack_backward(recurrent.typed_data() + g * H * 4 * H, H, packed.data());
+    BackwardArgs args{};
+    args.time = T;
+    args.rows = R;
+    args.units = H;
+    args.packed = packed.data();
+    args.c0 = c0.typed_data() + g * R * H;
+    args.valid = has_valid ? reinterpret_cast<const std::uint8_t*>(valid.typed_data()) + g * T * R
+                           : nullptr;
+    args.dropmask = has_dropmask ? dropmask.typed_data() + g * R * H : nullptr;
+    args.cs = cs.typed_data() + g * T * R * H;
+    args.acts = acts.typed_data() + g * T * R * 4 * H;
+    args.dhs = dhs.typed_data() + g * T * R * H;
+    args.dc_last = dc_last.typed_data() + g * R * H;
+    args.dgates = dgates->typed_data() + g * T * R * 4 * H;
+    args.dh0 = dh0->typed_data() + g * R * H;
+    args.dc0 = dc0->typed_data() + g * R * H;
+    OverRows(pool, R, T * R * H * 4 * H, backward_scratch(H), k,
+             [&](int64_t begin, int64_t end, float* scratch) {
+               k.backward(args, begin, end, scratch);
+             });
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace banded_rnn
+
+#define BRNN_FORWARD_ARGS                   \
+  Ctx<ffi::ThreadPool>()                    \
+      .Arg<ffi::Buffer<ffi::F32>>() /*x*/   \
+      .Arg<ffi::Buffer<ffi::F32>>() /*kernel*/ \
+      .Arg<ffi::Buffer<ffi::F32>>() /*recurrent*/ \
+      .Arg<ffi::Buffer<ffi::F32>>() /*bias*/ \
+      .Arg<ffi::Buffer<ffi::F32>>() /*h0*/  \
+      .Arg<ffi::Buffer<ffi::F32>>() /*c0*/  \
+      .Arg<ffi::Buffer<ffi::PRED>>() /*valid*/ \
+      .Arg<ffi::Buffer<ffi::F32>>() /*dropmask*/
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BandedRnnLstmForward, banded_rnn::ForwardInference,
+                              ffi::Ffi::Bind()
+                                  .BRNN_FORWARD_ARGS
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // hs
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // c_final
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BandedRnnLstmForwardTrain, banded_rnn::ForwardTraining,
+                              ffi::Ffi::Bind()
+                                  .BRNN_FORWARD_ARGS
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // hs
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // cs
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // acts
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BandedRnnLstmBackward, banded_rnn::Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // recurrent
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // c0
+                                  .Arg<ffi::Buffer<ffi::PRED>>()   // valid
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // dropmask
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // cs
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // acts
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // dhs
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // dc_last
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dgates
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dh0
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dc0
+
+// ------------------------------------------------------------ Python module
+
+namespace {
+
+PyObject* Capsule(void* handler) { return PyCapsule_New(handler, nullptr, nullptr); }
+
+PyObject* Targets(PyObject*, PyObject*) {
+  PyObject* targets = PyDict_New();
+  if (targets == nullptr) return nullptr;
+  const std::pair<const char*, void*> entries[] = {
+      {"banded_rnn_lstm_forward", reinterpret_cast<void*>(BandedRnnLstmForward)},
+      {"banded_rnn_lstm_forward_train", reinterpret_cast<void*>(BandedRnnLstmForwardTrain)},
+      {"banded_rnn_lstm_backward", reinterpret_cast<void*>(BandedRnnLstmBackward)},
+  };
+  for (const auto& [name, handler] : entries) {
+    PyObject* capsule = Capsule(handler);
+    if (capsule == nullptr || PyDict_SetItemString(targets, name, capsule) != 0) {
+      Py_XDECREF(capsule);
+      Py_DECREF(targets);
+      return nullptr;
+    }
+    Py_DECREF(capsule);
+  }
+  return targets;
+}
+
+PyObject* Isa(PyObject*, PyObject*) { return PyUnicode_FromString(banded_rnn::Current()->name); }
+
+PyObject* Isas(PyObject*, PyObject*) {
+  const auto& kernels = banded_rnn::Supported();
+  PyObject* names = PyTuple_New(static_cast<Py_ssize_t>(kernels.size()));
+  if (names == nullptr) return nullptr;
+  for (std::size_t i = 0; i < kernels.size(); ++i) {
+    PyTuple_SET_ITEM(names, static_cast<Py_ssize_t>(i), PyUnicode_FromString(kernels[i]->name));
+  }
+  return names;
+}
+
+PyObject* SetIsa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  const banded_rnn::Kernel* kernel = banded_rnn::Find(name);
+  if (kernel == nullptr) {
+    PyErr_Format(PyExc_ValueError, "isa: %s is not supported on this CPU", name);
+    return nullptr;
+  }
+  banded_rnn::g_kernel.store(kernel);
+  Py_RETURN_NONE;
+}
+
+PyObject* Width(PyObject*, PyObject*) { return PyLong_FromLong(banded_rnn::Current()->width); }
+
+PyObject* Threads(PyObject*, PyObject*) { return PyLong_FromLong(banded_rnn::g_threads.load()); }
+
+PyObject* SetThreads(PyObject*, PyObject* arg) {
+  const long threads = PyLong_AsLong(arg);
+  if (threads == -1 && PyErr_Occurred()) return nullptr;
+  if (threads < 0 || threads > 4096) {
+    PyErr_Format(PyExc_ValueError, "threads: expected 0 (auto) to 4096; received %ld", threads);
+    return nullptr;
+  }
+  banded_rnn::g_threads.store(static_cast<int>(threads));
+  Py_RETURN_NONE;
+}
+
+PyObject* LastThreads(PyObject*, PyObject*) {
+  return PyLong_FromLong(banded_rnn::g_last_threads.load());
+}
+
+PyObject* Calls(PyObject*, PyObject*) { return PyLong_FromLongLong(banded_rnn::g_calls.load()); }
+
+PyMethodDef kMethods[] = {
+    {"targets", Targets, METH_NOARGS, "{name: PyCapsule} of the XLA FFI handlers."},
+    {"isa", Isa, METH_NOARGS, "The instruction set the kernel runs with."},
+    {"isas", Isas, METH_NOARGS, "The instruction sets this CPU can run, fastest first."},
+    {"set_isa", SetIsa, METH_O, "Runs the kernel with the named instruction set."},
+    {"width", Width, METH_NOARGS, "Floats per vector of the instruction set in use."},
+    {"threads", Threads, METH_NOARGS, "The thread setting: 0 means XLA's intra-op pool size."},
+    {"set_threads", SetThreads, METH_O, "Sets the most threads one call uses (0: auto)."},
+    {"last_threads", LastThreads, METH_NOARGS, "Threads the last call used."},
+    {"calls", Calls, METH_NOARGS, "Forward calls of the kernel in this process."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef kModule = {
+    PyModuleDef_HEAD_INIT, "_lstm_cpu", "The native CPU kernel of the LSTM recurrence.", -1,
+    kMethods,
+};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__lstm_cpu() { return PyModule_Create(&kModule); }
