@@ -9,6 +9,8 @@ and bands never interact.
 from ._banded import BandedLSTM as BandedLSTM
 from ._cell import lstm_gates as lstm_gates
 from ._export import export_stream_step as export_stream_step
+from ._kernel import info as kernel_info
+from ._kernel import set_threads as set_kernel_threads
 from ._state import LSTMState as LSTMState
 from ._state import State as State
 from ._stream import Stream as Stream
@@ -16,4 +18,5 @@ from ._stream_step import stream_step as stream_step
 
 __all__ = ["BandedLSTM", "LSTMState", "State", "lstm_gates"]
 __all__ += ["Stream", "export_stream_step", "stream_step"]
+__all__ += ["kernel_info", "set_kernel_threads"]
 __version__ = "0.1.0"

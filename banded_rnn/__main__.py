@@ -1,10 +1,11 @@
-"""Command line: ``python -m banded_rnn demo``."""
+"""Command line: ``python -m banded_rnn demo`` and ``python -m banded_rnn info``."""
 
 from __future__ import annotations
 
 import argparse
 
 from ._demo import run_demo
+from ._kernel import info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,10 +14,29 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser(
         "demo", help="the three-band experiment: whole vs halves, band independence"
     )
+    commands.add_parser(
+        "info", help="the path BandedLSTM takes here: native kernel (instruction set) or scan"
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         run_demo()
+    elif args.command == "info":
+        print(describe(info()))
     return 0
+
+
+def describe(details: dict) -> str:
+    """One line: the path float32 calls on this CPU take, and why."""
+    import jax
+
+    if details["kernel"] != "built":
+        return f"banded_rnn: XLA scan (native kernel not built: {details['error']})"
+    return (
+        f"banded_rnn: native CPU kernel, {details['isa']} "
+        f"({details['vector_floats']} floats per vector; this CPU can run "
+        f"{', '.join(details['isas'])}), threads per call: {details['threads']}; "
+        f"JAX backend: {jax.default_backend()}"
+    )
 
 
 if __name__ == "__main__":

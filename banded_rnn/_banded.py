@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from . import _validate
+from . import _kernel, _validate
 from ._cell import LayerWeights, lstm_gates
 from ._chunked import scan_chunks
 from ._init import unit_forget_bias
@@ -92,7 +92,7 @@ def _shard_like(state: jax.Array, inputs: jax.Array) -> jax.Array:
     return state + jnp.zeros_like(inputs[..., :1].sum(axis=0), dtype=state.dtype)
 
 
-def _scan_layer(weights, recurrent_mask, carry, xs, unroll):
+def _scan_layer(weights, recurrent_mask, carry, xs, *, unroll):
     """Scans one layer over ``xs = (inputs [time, batch, bands, features], valid
     [time, batch, bands] or None)`` from ``carry``.
 
@@ -128,8 +128,9 @@ def _scan_layer(weights, recurrent_mask, carry, xs, unroll):
     return jax.lax.scan(step, carry, xs, unroll=unroll)
 
 
-def _run_layer(weights, recurrent_mask, carry, xs, *, unroll, remat_chunk):
-    """``_scan_layer``, optionally rematerialised in chunks of ``remat_chunk`` steps.
+def _run_layer(weights, recurrent_mask, carry, xs, *, unroll, remat_chunk, kernel):
+    """One layer over ``xs``: on the native CPU kernel if ``kernel``, else
+    ``_scan_layer``; optionally rematerialised in chunks of ``remat_chunk`` steps.
 
     Every (sequence, band) pair is one row of each step's matmul: bands are
     folded into the batch, and rows never mix, so this is vmap over bands with
@@ -142,10 +143,15 @@ def _run_layer(weights, recurrent_mask, carry, xs, *, unroll, remat_chunk):
     boundaries and recomputes each chunk, so a training step's memory no
     longer grows with ``time * 4 * units``.
     """
+    layer = _kernel.run_layer if kernel else partial(_scan_layer, unroll=unroll)
     if remat_chunk is None or xs[0].shape[0] <= remat_chunk:
-        return _scan_layer(weights, recurrent_mask, carry, xs, unroll)
-    run_chunk = jax.checkpoint(partial(_scan_layer, weights, recurrent_mask, unroll=unroll))
+        return layer(weights, recurrent_mask, carry, xs)
+    run_chunk = jax.checkpoint(partial(layer, weights, recurrent_mask))
     return scan_chunks(run_chunk, carry, xs, remat_chunk, axis=0)
+
+
+IMPLEMENTATIONS = ("auto", "kernel", "scan")
+"""``BandedLSTM.implementation``'s values."""
 
 
 class BandedLSTM(nn.Module):
@@ -197,6 +203,13 @@ class BandedLSTM(nn.Module):
       kernel_init, recurrent_kernel_init: initialisers; Keras's defaults
         (Glorot uniform, orthogonal).
       param_dtype: dtype of the parameters.
+      implementation: how the recurrence runs. ``"kernel"``: the native CPU
+        kernel (``csrc/``, one custom call per layer and chunk, rows split
+        over threads), float32 on CPU only. ``"scan"``: a ``jax.lax.scan``
+        that XLA compiles, for every platform and dtype. ``"auto"`` (the
+        default): the kernel where it applies (float32 arithmetic, CPU
+        backend, extension built), else the scan. Both give the same results
+        to float32 rounding; ``unroll`` applies to the scan only.
     """
 
     units: int
@@ -209,8 +222,14 @@ class BandedLSTM(nn.Module):
     kernel_init: Initializer = nn.initializers.glorot_uniform()
     recurrent_kernel_init: Initializer = nn.initializers.orthogonal()
     param_dtype: Any = jnp.float32
+    implementation: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"implementation: expected one of {IMPLEMENTATIONS}; "
+                f"received {self.implementation!r}"
+            )
         for name in ("units", "num_layers", "unroll"):
             _validate.positive_int(getattr(self, name), name)
         _validate.positive_int(self.remat_chunk, "remat_chunk", optional=True)
@@ -264,6 +283,7 @@ class BandedLSTM(nn.Module):
         valid = _valid_steps(seq_lengths, mask, batch, bands, time)
         dropout_masks = self._dropout_masks(deterministic, (batch, bands), features)
         dtype = _compute_dtype(inputs.dtype, self.param_dtype)
+        kernel = self._uses_kernel(dtype)
         layer_weights = partial(
             _LayerWeights,
             self.units,
@@ -289,9 +309,33 @@ class BandedLSTM(nn.Module):
                 (layer_inputs, valid),
                 unroll=self.unroll,
                 remat_chunk=self.remat_chunk,
+                kernel=kernel,
             )
             final_state.append(LSTMState(hidden, cell))
         return tuple(final_state), jnp.moveaxis(layer_inputs, 0, 2)
+
+    def _uses_kernel(self, dtype: Any) -> bool:
+        """Whether this call runs the native kernel (see ``implementation``)."""
+        if self.implementation == "scan":
+            return False
+        backend = jax.default_backend()
+        fits = jnp.dtype(dtype) == jnp.float32 and backend == "cpu"
+        if self.implementation == "kernel":
+            if not _kernel.available():
+                raise RuntimeError(
+                    "implementation='kernel': the native CPU kernel is not built "
+                    f"({_kernel.info()['error']}); use 'auto' or 'scan'"
+                )
+            if not fits:
+                raise ValueError(
+                    "implementation='kernel': the kernel runs float32 on CPU; this call "
+                    f"computes in {jnp.dtype(dtype).name} on {backend} (use 'auto' or 'scan')"
+                )
+            return True
+        if fits and not _kernel.available():
+            _kernel.warn_unavailable()
+            return False
+        return fits
 
     def _dropout_masks(
         self, deterministic: bool, batch_bands: tuple[int, int], features: int

@@ -41,7 +41,9 @@ def export_stream_step(
     features]`` of ``dtype``; ``reset`` a bool mask ``[batch, bands]`` zeroing
     those states before the chunk; ``outputs [batch, bands, chunk_length,
     units]``. The
-    state is not donated (``jax.export`` has no donation).
+    state is not donated (``jax.export`` has no donation). The artifact runs
+    the XLA scan, never the native CPU kernel, so loading it needs nothing
+    but JAX.
 
     Args:
       model: the ``BandedLSTM``.
@@ -56,6 +58,9 @@ def export_stream_step(
       The serialised artifact: ``jax.export.deserialize(blob)`` loads it.
     """
     spec = stream_spec(model, variables, batch_size, num_bands, dtype)
+    # The artifact runs the XLA scan: it then loads anywhere jax.export does,
+    # with no native kernel to register, on every platform it was lowered for.
+    model = model.clone(implementation="scan")
     chunk_length = _validate.positive_int(chunk_length, "chunk_length")
     variables = jax.device_put(variables)
 

@@ -1,0 +1,235 @@
+"""The native CPU kernel of the recurrence (``csrc/``), behind ``jax.ffi``.
+
+One call of :func:`recurrence` runs one layer over a whole chunk: per step and
+row (sequence, band), ``bias + x_t @ kernel + h @ recurrent_kernel``, the gate
+maths and the state update, rows split over threads with no per-step
+synchronisation. Its gradient is a second kernel that walks time backwards
+(``jax.custom_vjp``); the weight gradients are then one XLA matmul each over
+every step and row.
+
+The extension module ``banded_rnn._lstm_cpu`` is compiled at install time
+(CMake, through scikit-build-core); if it is missing, :func:`available` is
+False, :func:`warn_unavailable` says so once and ``BandedLSTM`` runs the XLA
+scan instead.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+try:
+    from . import _lstm_cpu
+except ImportError as error:  # not built: the scan runs instead
+    _lstm_cpu = None
+    _IMPORT_ERROR: ImportError | None = error
+else:
+    _IMPORT_ERROR = None
+
+FORWARD = "banded_rnn_lstm_forward"
+FORWARD_TRAIN = "banded_rnn_lstm_forward_train"
+BACKWARD = "banded_rnn_lstm_backward"
+
+THREADS_ENV = "BANDED_RNN_THREADS"
+"""Environment variable: the most threads one kernel call uses (default: as
+many as XLA's intra-op pool has, which is one per core)."""
+
+ISA_ENV = "BANDED_RNN_ISA"
+"""Environment variable: run the kernel with this instruction set
+(``avx512``, ``avx2`` or ``portable``) instead of the fastest the CPU has."""
+
+_lock = threading.Lock()
+_registered = False
+_warned = False
+
+
+def available() -> bool:
+    """Whether the compiled kernel can run in this process (it is registered on first use)."""
+    return _lstm_cpu is not None
+
+
+def _register() -> None:
+    """Registers the FFI targets with XLA once, and applies the environment settings."""
+    global _registered
+    with _lock:
+        if _registered:
+            return
+        for name, capsule in _lstm_cpu.targets().items():
+            jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+        if os.environ.get(ISA_ENV):
+            _lstm_cpu.set_isa(os.environ[ISA_ENV])
+        if os.environ.get(THREADS_ENV):
+            set_threads(int(os.environ[THREADS_ENV]))
+        _registered = True
+
+
+def warn_unavailable() -> None:
+    """Warns, once per process, that the kernel is missing and the scan runs instead."""
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"banded_rnn: the native CPU kernel is not built ({_IMPORT_ERROR}); BandedLSTM "
+            "runs the XLA scan instead (reinstall with `pip install -e .` to build it)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def set_threads(threads: int) -> None:
+    """Sets the most threads one kernel call uses; 0 restores the default (one
+    per thread of XLA's intra-op pool). Results do not depend on it."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ValueError(f"threads: expected an integer >= 0; received {threads!r}")
+    _require()
+    _lstm_cpu.set_threads(threads)
+
+
+def set_isa(name: str) -> None:
+    """Runs the kernel with the instruction set ``name`` (one of :func:`isas`)."""
+    _require()
+    if name not in _lstm_cpu.isas():
+        raise ValueError(f"isa: expected one of {_lstm_cpu.isas()}; received {name!r}")
+    _lstm_cpu.set_isa(name)
+
+
+def isas() -> tuple[str, ...]:
+    """The instruction sets this CPU can run the kernel with, fastest first."""
+    return _lstm_cpu.isas() if available() else ()
+
+
+def calls() -> int:
+    """Forward calls the kernel has run in this process (0 if it is not built)."""
+    return _lstm_cpu.calls() if available() else 0
+
+
+def info() -> dict[str, Any]:
+    """What the kernel path is in this process: built or not, instruction set, threads."""
+    if not available():
+        return {"kernel": "not built", "error": str(_IMPORT_ERROR)}
+    _register()
+    threads = _lstm_cpu.threads()
+    return {
+        "kernel": "built",
+        "isa": _lstm_cpu.isa(),
+        "isas": _lstm_cpu.isas(),
+        "vector_floats": _lstm_cpu.width(),
+        "threads": threads if threads else "auto (XLA's intra-op pool)",
+        "last_call_threads": _lstm_cpu.last_threads(),
+    }
+
+
+def _require() -> None:
+    if not available():
+        raise RuntimeError(f"the native CPU kernel is not built: {_IMPORT_ERROR}")
+    _register()
+
+
+# ------------------------------------------------------------------- calls
+
+
+def _empty(x: jax.Array | None) -> jax.Array:
+    """``x``, or an empty array that tells the kernel there is none."""
+    return jnp.zeros((0,), jnp.float32) if x is None else x
+
+
+def _ffi(name: str, results: tuple[jax.ShapeDtypeStruct, ...], *args: jax.Array):
+    _require()
+    # broadcast_all: under vmap every argument gets the batch axis in front,
+    # and the kernel runs each batch entry with its own weights ("groups").
+    return jax.ffi.ffi_call(name, results, vmap_method="broadcast_all")(*args)
+
+
+def _forward(x, kernel, recurrent, bias, h0, c0, valid, dropmask, *, train: bool):
+    hs = jax.ShapeDtypeStruct((*x.shape[:-1], h0.shape[-1]), jnp.float32)
+    state = jax.ShapeDtypeStruct(c0.shape, jnp.float32)
+    if train:
+        acts = jax.ShapeDtypeStruct((*hs.shape[:-1], 4 * hs.shape[-1]), jnp.float32)
+        results = (hs, hs, acts)
+    else:
+        results = (hs, state)
+    args = (x, kernel, recurrent, bias, h0, c0)
+    valid = jnp.zeros((0,), jnp.bool_) if valid is None else valid
+    return _ffi(FORWARD_TRAIN if train else FORWARD, results, *args, valid, _empty(dropmask))
+
+
+@jax.custom_vjp
+def recurrence(x, kernel, recurrent, bias, h0, c0, valid, dropmask):
+    """One LSTM layer over a chunk, on the CPU kernel.
+
+    Args:
+      x: ``[time, rows..., features]`` float32 (``time >= 1``).
+      kernel, recurrent, bias: ``[features, 4u]``, ``[u, 4u]``, ``[4u]`` float32.
+      h0, c0: ``[rows..., u]`` float32, the state before the chunk.
+      valid: ``[time, rows...]`` booleans or None: a false step leaves the row's state as it was.
+      dropmask: ``[rows..., u]`` float32 or None: multiplies ``h`` before the recurrent kernel.
+
+    Returns:
+      ``(hs, c_final)``: the carried ``h`` after every step ``[time, rows..., u]``
+      (held, not zeroed, at invalid steps) and the final ``c`` ``[rows..., u]``.
+    """
+    return _forward(x, kernel, recurrent, bias, h0, c0, valid, dropmask, train=False)
+
+
+def _recurrence_fwd(x, kernel, recurrent, bias, h0, c0, valid, dropmask):
+    hs, cs, acts = _forward(x, kernel, recurrent, bias, h0, c0, valid, dropmask, train=True)
+    residuals = (x, kernel, recurrent, h0, c0, valid, dropmask, hs, cs, acts)
+    return (hs, cs[-1]), residuals
+
+
+def _recurrence_bwd(residuals, cotangents):
+    x, kernel, recurrent, h0, c0, valid, dropmask, hs, cs, acts = residuals
+    d_hs, d_c_final = cotangents
+    valid_arg = jnp.zeros((0,), jnp.bool_) if valid is None else valid
+    dgates, dh0, dc0 = _ffi(
+        BACKWARD,
+        (
+            jax.ShapeDtypeStruct(acts.shape, jnp.float32),
+            jax.ShapeDtypeStruct(h0.shape, jnp.float32),
+            jax.ShapeDtypeStruct(c0.shape, jnp.float32),
+        ),
+        recurrent,
+        c0,
+        valid_arg,
+        _empty(dropmask),
+        cs,
+        acts,
+        d_hs,
+        d_c_final,
+    )
+    # The h each step multiplied by the recurrent kernel: the carried h before
+    # it, dropped as in the forward pass.
+    h_in = jnp.concatenate([h0[None], hs[:-1]], axis=0)
+    if dropmask is not None:
+        h_in = h_in * dropmask[None]
+    steps = tuple(range(dgates.ndim - 1))  # time and rows: summed over
+    d_kernel = jnp.tensordot(x, dgates, axes=(steps, steps))
+    d_recurrent = jnp.tensordot(h_in, dgates, axes=(steps, steps))
+    d_bias = dgates.sum(axis=steps)
+    d_x = dgates @ kernel.T
+    return d_x, d_kernel, d_recurrent, d_bias, dh0, dc0, None, None
+
+
+recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+def run_layer(weights, recurrent_mask, carry, xs):
+    """``_scan_layer``'s contract on the kernel: one layer over ``xs = (inputs
+    [time, batch, bands, features], valid [time, batch, bands] or None)`` from
+    ``carry = (h, c)``; returns ``((h, c), outputs)`` with the outputs zero at
+    invalid steps."""
+    _require()
+    inputs, valid = xs
+    hidden, cell = carry
+    if inputs.shape[0] == 0:
+        return carry, jnp.zeros((*inputs.shape[:-1], hidden.shape[-1]), hidden.dtype)
+    kernel, recurrent, bias = weights
+    hs, cell = recurrence(inputs, kernel, recurrent, bias, hidden, cell, valid, recurrent_mask)
+    if valid is None:
+        return (hs[-1], cell), hs
+    return (hs[-1], cell), jnp.where(valid[..., None], hs, 0.0)

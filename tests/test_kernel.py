@@ -1,0 +1,278 @@
+"""The native CPU kernel (``implementation="kernel"``) against the float64 reference.
+
+Everything the module does is also checked on both paths in test_banded.py
+and test_exact_chunking.py; here are the kernel's own promises: ``auto``
+takes it on CPU, every instruction set the CPU has agrees with the reference
+(units that fill no whole vector included), gradients match finite
+differences of the float64 reference, results do not depend on the number of
+threads, and a NaN stays in its row.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import banded_rnn
+from banded_rnn import BandedLSTM, _kernel
+
+from helpers import random_inputs, random_state
+from reference import lstm_reference, params_from_variables
+
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != "cpu", reason="the native kernel runs on the CPU backend"
+)
+
+
+@pytest.fixture
+def threads():
+    """Sets the kernel's thread count for one test, then restores the default."""
+    yield _kernel.set_threads
+    _kernel.set_threads(0)
+
+
+@pytest.fixture(params=_kernel.isas())
+def isa(request):
+    """Every instruction set this CPU can run the kernel with, one test each."""
+    default = _kernel.info()["isa"]
+    _kernel.set_isa(request.param)
+    yield request.param
+    _kernel.set_isa(default)
+
+
+@pytest.fixture(params=[*(f"kernel-{isa}" for isa in _kernel.isas()), "scan"])
+def path(request):
+    """The kernel on every instruction set, and the XLA scan: the
+    ``implementation`` to build the model with."""
+    if request.param == "scan":
+        yield "scan"
+        return
+    default = _kernel.info()["isa"]
+    _kernel.set_isa(request.param.removeprefix("kernel-"))
+    yield "kernel"
+    _kernel.set_isa(default)
+
+
+def _model(units, num_layers, **kwargs):
+    return BandedLSTM(units, num_layers=num_layers, implementation="kernel", **kwargs)
+
+
+def _variables(model, shape, seed=0):
+    x = random_inputs(seed, shape)
+    variables = model.init(jax.random.key(seed), None, x)
+    # Larger recurrent weights than the orthogonal init, so that the state
+    # saturates some gates and the check covers the non-linearities' range.
+    params = jax.tree.map(lambda w: w * 1.5, variables["params"])
+    return {"params": params}, x
+
+
+def test_the_extension_is_built_and_auto_takes_it_on_cpu():
+    assert _kernel.available(), _kernel.info()
+    model = BandedLSTM(6)
+    variables, x = _variables(model, (2, 3, 5, 4))
+    before = _kernel.calls()
+    jax.jit(model.apply)(variables, None, x)
+    assert _kernel.calls() == before + 1  # auto ran the kernel, not the scan
+    before = _kernel.calls()
+    BandedLSTM(6, implementation="scan").apply(variables, None, x)
+    assert _kernel.calls() == before
+
+
+def test_info_names_the_instruction_set():
+    info = banded_rnn.kernel_info()
+    assert info["kernel"] == "built"
+    assert info["isa"] in info["isas"] == _kernel.isas()
+    assert info["isas"][-1] == "portable"
+
+
+@pytest.mark.parametrize(
+    "shape, units, num_layers",
+    [
+        ((2, 3, 9, 4), 5, 2),  # units < one vector
+        ((1, 7, 6, 3), 20, 1),  # a whole vector and a partial one
+        ((3, 2, 4, 5), 64, 2),  # whole vectors only
+        ((1, 1, 3, 1), 1, 1),
+    ],
+)
+@pytest.mark.parametrize("masked", [False, True])
+def test_every_instruction_set_matches_reference(isa, shape, units, num_layers, masked):
+    model = _model(units, num_layers)
+    variables, x = _variables(model, shape)
+    batch, bands, time, _ = shape
+    state = random_state(model, batch, bands, 1)
+    mask = None
+    if masked:
+        mask = np.random.default_rng(2).random((batch, bands, time)) > 0.3
+    final, y = jax.jit(model.apply)(variables, state, x, mask=mask)
+    expected_final, expected = lstm_reference(
+        params_from_variables(variables), x, [tuple(s) for s in state], mask=mask
+    )
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=0, atol=2e-6)
+    for got, (hidden, cell) in zip(final, expected_final, strict=True):
+        np.testing.assert_allclose(np.asarray(got.hidden), hidden, rtol=0, atol=2e-6)
+        np.testing.assert_allclose(np.asarray(got.cell), cell, rtol=0, atol=4e-6)
+
+
+def _reference_loss(params, x, state, weights, mask):
+    final, y = lstm_reference(params, x, state, mask=mask)
+    out, final_weights = weights
+    total = np.sum(y * out)
+    for (hidden, cell), (wh, wc) in zip(final, final_weights, strict=True):
+        total += np.sum(hidden * wh) + np.sum(cell * wc)
+    return total
+
+
+def _moved(nested, layer, index, delta):
+    """A copy of ``nested`` (per-layer lists) with ``delta`` added at ``[layer][index]``."""
+    moved = [list(entry) for entry in nested]
+    moved[layer][index] = moved[layer][index] + delta
+    return moved
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradients_match_finite_differences_of_the_reference(path, masked):
+    """Directional derivatives of a loss on the outputs and the final state:
+    the float32 gradient (kernel on every instruction set, and scan) against
+    central differences of the float64 NumPy reference, for every parameter
+    and the initial state."""
+    batch, bands, time, features, units, layers = 2, 3, 7, 3, 9, 2
+    model = BandedLSTM(units, num_layers=layers, implementation=path)
+    variables, x = _variables(model, (batch, bands, time, features))
+    state = random_state(model, batch, bands, 1)
+    rng = np.random.default_rng(3)
+    mask = rng.random((batch, bands, time)) > 0.3 if masked else None
+    out_w = rng.normal(size=(batch, bands, time, units))
+    final_w = [tuple(rng.normal(size=(batch, bands, units)) for _ in range(2)) for _ in state]
+
+    def loss(params, state):
+        final, y = model.apply({"params": params}, state, x, mask=mask)
+        total = jnp.sum(y * out_w)
+        for got, (wh, wc) in zip(final, final_w, strict=True):
+            total += jnp.sum(got.hidden * wh) + jnp.sum(got.cell * wc)
+        return total
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], state)
+    params64 = params_from_variables(variables)
+    state64 = [tuple(np.asarray(s, np.float64) for s in layer) for layer in state]
+    weights, eps = (out_w, final_w), 1e-5
+
+    def central_difference(loss_at):
+        return (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+
+    for layer in range(layers):
+        for index, name in enumerate(("kernel", "recurrent_kernel", "bias")):
+            d = rng.normal(size=params64[layer][index].shape)
+            numeric = central_difference(
+                lambda step, d=d, index=index, layer=layer: _reference_loss(
+                    _moved(params64, layer, index, step * d), x, state64, weights, mask
+                )
+            )
+            analytic = np.sum(np.asarray(grads[0][f"layer_{layer}"][name]) * d)
+            np.testing.assert_allclose(analytic, numeric, rtol=2e-4, atol=1e-4, err_msg=name)
+        for field, name in enumerate(("h0", "c0")):
+            d = rng.normal(size=state64[layer][field].shape)
+            numeric = central_difference(
+                lambda step, d=d, field=field, layer=layer: _reference_loss(
+                    params64, x, _moved(state64, layer, field, step * d), weights, mask
+                )
+            )
+            analytic = np.sum(np.asarray(grads[1][layer][field]) * d)
+            np.testing.assert_allclose(analytic, numeric, rtol=2e-4, atol=1e-4, err_msg=name)
+
+
+def test_results_are_bit_identical_for_one_two_and_three_threads(threads):
+    model = _model(32, 2, recurrent_dropout=0.3)
+    variables, x = _variables(model, (4, 9, 40, 6))  # 36 rows: several tiles per thread
+    mask = np.random.default_rng(0).random((4, 9, 40)) > 0.2
+    rngs = {"dropout": jax.random.key(5)}
+
+    def run(params):
+        final, y = model.apply(
+            {"params": params}, None, x, mask=mask, deterministic=False, rngs=rngs
+        )
+        return jnp.sum(y**2) + sum(jnp.sum(s.cell) for s in final), y
+
+    step = jax.jit(jax.value_and_grad(run, has_aux=True))
+    results = []
+    for count in (1, 2, 3):
+        threads(count)
+        results.append(jax.tree.map(np.asarray, step(variables["params"])))
+        assert _kernel.info()["last_call_threads"] == count
+    for other in results[1:]:
+        jax.tree.map(np.testing.assert_array_equal, other, results[0])
+
+
+def test_nan_in_one_row_reaches_no_other_row_nor_its_gradient():
+    model = _model(8, 2)
+    variables, x = _variables(model, (2, 3, 6, 4))
+    x = np.array(x)
+    x[1, 2, 3, 0] = np.nan
+
+    def loss(x):
+        _, y = model.apply(variables, None, x)
+        return jnp.sum(jnp.where(jnp.isnan(y), 0.0, y)), y
+
+    (_, y), dx = jax.jit(jax.value_and_grad(loss, has_aux=True))(x)
+    y, dx = np.asarray(y), np.asarray(dx)
+    assert np.isnan(y[1, 2, 3:]).all()  # the poisoned row from that step on
+    clean = np.ones((2, 3), bool)
+    clean[1, 2] = False
+    assert np.isfinite(y[clean]).all() and np.isfinite(dx[clean]).all()
+    _, expected = lstm_reference(
+        params_from_variables(variables), np.where(clean[..., None, None], x, 0)
+    )
+    np.testing.assert_allclose(y[clean], expected[clean], rtol=0, atol=2e-6)
+
+
+def test_vmap_over_weights_runs_each_entry_with_its_own():
+    model = _model(6, 1)
+    variables, x = _variables(model, (2, 3, 5, 4))
+    stacked = jax.tree.map(lambda w: jnp.stack([w, 0.5 * w, -w]), variables)
+    _, y = jax.jit(jax.vmap(lambda v: model.apply(v, None, x)))(stacked)
+    for entry in range(3):
+        one = jax.tree.map(lambda w, e=entry: w[e], stacked)
+        _, expected = lstm_reference(params_from_variables(one), x)
+        np.testing.assert_allclose(np.asarray(y[entry]), expected, rtol=0, atol=2e-6)
+
+
+def test_bad_input_raises_before_the_kernel_runs():
+    model = _model(4, 1)
+    variables, x = _variables(model, (2, 3, 5, 4))
+    before = _kernel.calls()
+    with pytest.raises(ValueError, match="inputs"):
+        model.apply(variables, None, x[..., :3])
+    with pytest.raises(ValueError, match="state"):
+        model.apply(variables, random_state(_model(5, 1), 2, 3, 0), x)
+    assert _kernel.calls() == before
+
+
+def test_kernel_refuses_what_it_cannot_run():
+    with pytest.raises(ValueError, match="implementation"):
+        BandedLSTM(4, implementation="cudnn")
+    jax.config.update("jax_enable_x64", True)
+    try:
+        model = BandedLSTM(4, implementation="kernel", param_dtype=jnp.float64)
+        x = jnp.ones((1, 1, 2, 3), jnp.float64)
+        with pytest.raises(ValueError, match="float32 on CPU"):
+            model.init(jax.random.key(0), None, x)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+def test_without_the_extension_auto_warns_once_and_runs_the_scan(monkeypatch):
+    monkeypatch.setattr(_kernel, "_lstm_cpu", None)
+    monkeypatch.setattr(_kernel, "_warned", False)
+    monkeypatch.setattr(_kernel, "_IMPORT_ERROR", ImportError("no module _lstm_cpu"))
+    model = BandedLSTM(5)
+    with pytest.warns(RuntimeWarning, match="not built"):
+        variables, x = _variables(model, (1, 2, 4, 3))
+        _, y = model.apply(variables, None, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.apply(variables, None, x)  # once per process
+    _, expected = lstm_reference(params_from_variables(variables), x)
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=0, atol=2e-6)
+    with pytest.raises(RuntimeError, match="not built"):
+        BandedLSTM(5, implementation="kernel").apply(variables, None, x)
