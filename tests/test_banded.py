@@ -1,14 +1,33 @@
-"""BandedLSTM against the float64 NumPy loop reference, and under jit/grad/vmap."""
+"""BandedLSTM against the float64 NumPy loop reference, and under jit/grad/vmap.
+
+Every test runs on both paths: ``auto`` (the native CPU kernel, on CPU) and
+the XLA ``scan``.
+"""
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from banded_rnn import BandedLSTM, LSTMState
+import banded_rnn
+from banded_rnn import LSTMState
 
 from helpers import init_model, random_inputs, random_state
 from reference import lstm_reference, params_from_variables
+
+BandedLSTM = banded_rnn.BandedLSTM  # replaced per path by the fixture below
+
+
+@pytest.fixture(autouse=True, params=["auto", "scan"])
+def implementation(request, monkeypatch):
+    """Runs the test with every ``BandedLSTM`` of this module on one path."""
+    monkeypatch.setitem(
+        globals(), "BandedLSTM", partial(banded_rnn.BandedLSTM, implementation=request.param)
+    )
+    return request.param
+
 
 SHAPES = [
     # batch, bands, time, features, units

@@ -5,7 +5,8 @@ projection formula per layer, and ``Stream`` never pads while its buckets
 include 1),
 so feeding a sequence in pieces, state threaded, reproduces the whole run
 exactly. The weights are trained first: a freshly initialised model has
-small, regular weights that can hide rounding differences.
+small, regular weights that can hide rounding differences. Every test runs on
+both paths: ``auto`` (the native CPU kernel, on CPU) and the XLA ``scan``.
 """
 
 import jax
@@ -22,16 +23,20 @@ from helpers import random_inputs
 from reference import lstm_reference, params_from_variables
 
 BATCH, BANDS, TIME, FEATURES = 3, 4, 60, 5
-MODEL = BandedLSTM(24, num_layers=2)
 X = random_inputs(0, (BATCH, BANDS, TIME, FEATURES))
 
 
+@pytest.fixture(scope="module", params=["auto", "scan"])
+def model(request):
+    return BandedLSTM(24, num_layers=2, implementation=request.param)
+
+
 @pytest.fixture(scope="module")
-def trained():
+def trained(model):
     """Variables after 40 Adam steps on a target the model can learn, and the
     whole-sequence run with them."""
-    params = MODEL.init(jax.random.key(0), None, X[:, :, :8])["params"]
-    train_state = TrainState.create(apply_fn=MODEL.apply, params=params, tx=optax.adam(3e-2))
+    params = model.init(jax.random.key(0), None, X[:, :, :8])["params"]
+    train_state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(3e-2))
     target = np.tanh(np.cumsum(X[..., :1], axis=2) / 4).repeat(24, axis=-1)
     step = make_train_step(lambda out, y: jnp.mean((out - y) ** 2))
     losses = []
@@ -40,7 +45,7 @@ def trained():
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.5 * losses[0]  # it did train
     variables = {"params": train_state.params}
-    whole_state, whole = jax.jit(MODEL.apply)(variables, None, X)
+    whole_state, whole = jax.jit(model.apply)(variables, None, X)
     # The whole run itself agrees with the float64 reference.
     _, expected = lstm_reference(params_from_variables(variables), X)
     np.testing.assert_allclose(whole, expected, atol=5e-5)
@@ -58,25 +63,25 @@ def _apply_in_chunks(apply, variables, chunk_length):
 
 
 @pytest.mark.parametrize("chunk_length", [1, 2, 3, 4, 5, 7, 16, 59])
-def test_apply_in_chunks_equals_whole_bit_for_bit(trained, chunk_length):
+def test_apply_in_chunks_equals_whole_bit_for_bit(model, trained, chunk_length):
     variables, whole_state, whole = trained
-    state, outputs = _apply_in_chunks(jax.jit(MODEL.apply), variables, chunk_length)
+    state, outputs = _apply_in_chunks(jax.jit(model.apply), variables, chunk_length)
     np.testing.assert_array_equal(outputs, whole)
     jax.tree.map(np.testing.assert_array_equal, state, whole_state)
 
 
-def test_remat_and_unroll_equal_the_plain_scan_bit_for_bit(trained):
+def test_remat_and_unroll_equal_the_plain_run_bit_for_bit(model, trained):
     variables, whole_state, whole = trained
-    for model in (BandedLSTM(24, num_layers=2, remat_chunk=7), BandedLSTM(24, 2, unroll=4)):
-        state, y = jax.jit(model.apply)(variables, None, X)
+    for variant in (model.clone(remat_chunk=7), model.clone(unroll=4)):
+        state, y = jax.jit(variant.apply)(variables, None, X)
         np.testing.assert_array_equal(np.asarray(y), whole)
         jax.tree.map(np.testing.assert_array_equal, state, whole_state)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_stream_of_random_chunk_lengths_equals_whole_bit_for_bit(trained, seed):
+def test_stream_of_random_chunk_lengths_equals_whole_bit_for_bit(model, trained, seed):
     variables, whole_state, whole = trained
-    stream = Stream(MODEL, variables, BATCH, BANDS, max_chunk=16)
+    stream = Stream(model, variables, BATCH, BANDS, max_chunk=16)
     rng = np.random.default_rng(seed)
     start, pieces = 0, []
     while start < TIME:
@@ -87,18 +92,19 @@ def test_stream_of_random_chunk_lengths_equals_whole_bit_for_bit(trained, seed):
     jax.tree.map(np.testing.assert_array_equal, stream.state, whole_state)
 
 
-def test_the_two_matmul_formula_of_large_layers_is_exact_too(trained, monkeypatch):
+@pytest.mark.parametrize("model", ["scan"], indirect=True)  # the kernel has one formula
+def test_the_two_matmul_formula_of_large_layers_is_exact_too(model, trained, monkeypatch):
     import banded_rnn._banded as banded
 
     monkeypatch.setattr(banded, "_FUSED_MAX_BYTES", 0)  # every layer as if larger than 1 MiB
     variables = trained[0]
-    apply = jax.jit(lambda v, s, x: MODEL.apply(v, s, x))  # traced afresh, under the patch
+    apply = jax.jit(lambda v, s, x: model.apply(v, s, x))  # traced afresh, under the patch
     whole_state, whole = apply(variables, None, X)
     assert not np.array_equal(np.asarray(whole), trained[2])  # the other formula did run
     for chunk_length in (1, 3, 16):
         state, outputs = _apply_in_chunks(apply, variables, chunk_length)
         np.testing.assert_array_equal(outputs, whole)
         jax.tree.map(np.testing.assert_array_equal, state, whole_state)
-    stream = Stream(MODEL, variables, BATCH, BANDS, max_chunk=16)
+    stream = Stream(model, variables, BATCH, BANDS, max_chunk=16)
     streamed = [stream(X[:, :, start : start + 13]) for start in range(0, TIME, 13)]
     np.testing.assert_array_equal(np.concatenate(streamed, axis=2), whole)
