@@ -1,5 +1,8 @@
 """Our implementation of every configuration, through the public API only.
 
+"Ours" is ``BandedLSTM``'s default (``implementation="auto"``: the native CPU
+kernel); :func:`build_scan` is the same with the XLA scan.
+
 * full sequence: ``jax.jit(model.apply)``;
 * streaming: ``banded_rnn.stream_step(model)`` (the state donated);
 * training: one optimiser step (forward, backward, ``optax.adam``, MSE on a
@@ -26,6 +29,7 @@ from ._configs import Config
 from ._harness import (
     GRAD_TOLERANCE,
     OURS,
+    OURS_SCAN,
     OURS_SHARDED,
     Impl,
     compile_seconds,
@@ -36,17 +40,37 @@ from ._weights import Weights, to_ours
 LEARNING_RATE = 1e-3
 
 
-def _model(config: Config, remat_chunk: int | None = None) -> BandedLSTM:
-    return BandedLSTM(units=config.units, num_layers=config.layers, remat_chunk=remat_chunk)
+def _model(
+    config: Config, remat_chunk: int | None = None, implementation: str = "auto"
+) -> BandedLSTM:
+    return BandedLSTM(
+        units=config.units,
+        num_layers=config.layers,
+        remat_chunk=remat_chunk,
+        implementation=implementation,
+    )
 
 
-def build(config: Config, weights: Weights, inputs: np.ndarray, targets: np.ndarray) -> Impl:
+def build(
+    config: Config,
+    weights: Weights,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    implementation: str = "auto",
+) -> Impl:
     """Our :class:`Impl` of ``config`` with ``weights``, on ``inputs`` (and ``targets``)."""
     if config.mode == "inference":
-        return _inference(config, weights, inputs)
+        return _inference(config, weights, inputs, implementation=implementation)
     if config.mode == "stream":
-        return _stream(config, weights, inputs)
-    return _train(config, weights, inputs, targets)
+        return _stream(config, weights, inputs, implementation)
+    return _train(config, weights, inputs, targets, implementation=implementation)
+
+
+def build_scan(config: Config, weights: Weights, inputs: np.ndarray, targets: np.ndarray) -> Impl:
+    """Ours on the XLA scan (:data:`OURS_SCAN`): the path before the kernel,
+    and the one other platforms and dtypes take."""
+    impl = build(config, weights, inputs, targets, implementation="scan")
+    return dataclasses.replace(impl, name=OURS_SCAN, note=f"{impl.note}, implementation='scan'")
 
 
 SHARDED_CONFIGS = ("seed", "train")
@@ -81,8 +105,9 @@ def _inference(
     weights: Weights,
     inputs: np.ndarray,
     sharding: jax.sharding.Sharding | None = None,
+    implementation: str = "auto",
 ) -> Impl:
-    model = _model(config)
+    model = _model(config, implementation=implementation)
     variables = jax.device_put(to_ours(weights))
     x = jax.device_put(inputs, sharding)
     apply = jax.jit(model.apply)
@@ -99,8 +124,10 @@ def _inference(
     )
 
 
-def _stream(config: Config, weights: Weights, inputs: np.ndarray) -> Impl:
-    model = _model(config)
+def _stream(
+    config: Config, weights: Weights, inputs: np.ndarray, implementation: str = "auto"
+) -> Impl:
+    model = _model(config, implementation=implementation)
     variables = jax.device_put(to_ours(weights))
     frames = [jnp.asarray(inputs[:, :, t : t + 1]) for t in range(config.frames)]
     return jax_stream_impl(
@@ -121,11 +148,16 @@ class WithHead(nn.Module):
     num_layers: int
     features: int
     remat_chunk: int | None = None
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(self, state, inputs, *, deterministic: bool = True):
         lstm = BandedLSTM(
-            units=self.units, num_layers=self.num_layers, remat_chunk=self.remat_chunk, name="lstm"
+            units=self.units,
+            num_layers=self.num_layers,
+            remat_chunk=self.remat_chunk,
+            implementation=self.implementation,
+            name="lstm",
         )
         state, hidden = lstm(state, inputs, deterministic=deterministic)
         return state, nn.Dense(self.features, name="head")(hidden)
@@ -154,8 +186,16 @@ class TrainRunner:
 
     note = "banded_rnn.training.make_train_step(mse) on BandedLSTM + Dense head, optax.adam"
 
-    def __init__(self, config: Config, remat_chunk: int | None = None, mesh=None):
-        self.module = WithHead(config.units, config.layers, config.features, remat_chunk)
+    def __init__(
+        self,
+        config: Config,
+        remat_chunk: int | None = None,
+        mesh=None,
+        implementation: str = "auto",
+    ):
+        self.module = WithHead(
+            config.units, config.layers, config.features, remat_chunk, implementation
+        )
         self.optimizer = optax.adam(LEARNING_RATE)
 
         def loss(params, inputs, targets):
@@ -182,9 +222,14 @@ class TrainRunner:
 
 
 def _train(
-    config: Config, weights: Weights, inputs: np.ndarray, targets: np.ndarray, mesh=None
+    config: Config,
+    weights: Weights,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    mesh=None,
+    implementation: str = "auto",
 ) -> Impl:
-    runner = TrainRunner(config, mesh=mesh)
+    runner = TrainRunner(config, mesh=mesh, implementation=implementation)
     split = None
     if mesh is not None:
         split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))

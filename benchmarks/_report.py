@@ -8,11 +8,12 @@ import os
 import platform
 
 from ._configs import MEMORY_TIME, Config
-from ._harness import OURS, OURS_SHARDED, Result, Row
+from ._harness import OURS, OURS_SCAN, OURS_SHARDED, Result, Row
 
 BASELINES = ("torch", "keras", "flax")
 LABELS = {
     OURS: "ours",
+    OURS_SCAN: "ours, XLA scan",
     OURS_SHARDED: "ours, batch over the CPU devices",
     "torch": "(a) torch",
     "keras": "(b) Keras-JAX",
@@ -133,7 +134,7 @@ def summary_table(results: list[Result], rate: float) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for result in results:
-        for name in (OURS, OURS_SHARDED):
+        for name in (OURS, OURS_SCAN, OURS_SHARDED):
             ours = result.row(name)
             if name != OURS and ours is None:
                 continue
@@ -151,8 +152,8 @@ def _summary_line(result: Result, ours_name: str, rate: float) -> str:
         floor = f"{floor_seconds(result.config, result.rate or rate) / ours.median:.2f}"
     misses = targets(result, rate, ours_name)
     config = f"`{result.config.name}`"
-    if ours_name == OURS_SHARDED:
-        config += ", batch over the CPU devices"
+    if ours_name != OURS:
+        config += ", " + LABELS[ours_name].removeprefix("ours, ")
     return (
         f"| {config} | {median} | {_ratio(ratios['torch'])} "
         f"| {_ratio(ratios['keras'])} | {_ratio(ratios['flax'])} | {floor} "

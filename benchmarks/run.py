@@ -21,6 +21,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")  # before anything imports keras
 from . import _baselines, _ours  # noqa: E402
 from ._configs import CONFIGS, MEMORY_REMAT_CHUNK, MEMORY_TIME, Config  # noqa: E402
 from ._harness import (  # noqa: E402
+    OURS_SCAN,
     OURS_SHARDED,
     Impl,
     Result,
@@ -62,30 +63,27 @@ def use_cpu_devices(count: int) -> int:
 def build_impls(
     config: Config, baselines: list[str], seed: int = 0, sharded: bool = False
 ) -> tuple[list[Impl], list[Row]]:
-    """Ours (also over the CPU devices if ``sharded``) and the named baselines
-    for ``config``, all with the same weights and inputs; a row that cannot be
-    built becomes a failed row."""
+    """Ours, ours on the XLA scan, ours over the CPU devices (if ``sharded``)
+    and the named baselines for ``config``, all with the same weights and
+    inputs; a row that cannot be built becomes a failed row."""
     weights = random_weights(config, seed)
     inputs, targets = random_data(config, seed + 1)
     impls = [_ours.build(config, weights, inputs, targets)]
-    failed = []
+    builders = {OURS_SCAN: _ours.build_scan}
     if sharded:
+        builders[OURS_SHARDED] = _ours.build_sharded
+    builders.update((name, _baselines.BUILDERS[name]) for name in baselines)
+    failed = []
+    for name, builder in builders.items():
         try:
-            impl = _ours.build_sharded(config, weights, inputs, targets)
-        except Exception as error:
-            message = f"error: {type(error).__name__}: {error}"
-            print(f"{config.name}/{OURS_SHARDED}: could not be built: {message}", file=sys.stderr)
-            failed.append(Row(OURS_SHARDED, error=message))
-        else:
-            if impl is not None:
-                impls.append(impl)
-    for name in baselines:
-        try:
-            impls.append(_baselines.BUILDERS[name](config, weights, inputs, targets))
+            impl = builder(config, weights, inputs, targets)
         except Exception as error:
             message = f"error: {type(error).__name__}: {error}"
             print(f"{config.name}/{name}: could not be built: {message}", file=sys.stderr)
             failed.append(Row(name, error=message))
+        else:
+            if impl is not None:
+                impls.append(impl)
     return impls, failed
 
 
