@@ -137,6 +137,43 @@ std::pair<int64_t, int64_t> RowRange(int index, int threads, int64_t rows, int r
   return {begin, end};
 }
 
+// `size` floats that stay with the calling thread for its later calls: fresh
+// memory on every call would cost a page fault per 4 KiB touched. `Tag`
+// gives each use its own buffer.
+// Aligned to 64 bytes, so that no vector load of packed weights spans two
+// cache lines.
+template <class Tag>
+float* ThreadBuffer(std::size_t size) {
+  constexpr std::size_t kAlign = 64 / sizeof(float);
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < size + kAlign) buffer.resize(size + kAlign);
+  const auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
+  return buffer.data() + (kAlign - address / sizeof(float) % kAlign) % kAlign;
+}
+
+struct ScratchTag {};
+struct PackedTag {};
+
+// Room for `size` floats of packed weights in `blocks` blocks, none packed yet.
+class PackedWeights {
+ public:
+  PackedWeights(std::size_t size, int64_t blocks)
+      : packed_(ThreadBuffer<PackedTag>(size)),
+        state_(new std::atomic<std::uint8_t>[static_cast<std::size_t>(blocks)]()),
+        blocks_(blocks) {}
+
+  // Panels for the next group of weights: every block unpacked.
+  Panels Reset() {
+    for (int64_t i = 0; i < blocks_; ++i) state_[i].store(0, std::memory_order_relaxed);
+    return Panels{packed_, state_.get()};
+  }
+
+ private:
+  float* packed_;
+  std::unique_ptr<std::atomic<std::uint8_t>[]> state_;
+  int64_t blocks_;
+};
+
 // Runs kernel_fn(begin, end, scratch) over the rows, split between threads.
 void OverRows(ffi::ThreadPool& pool, int64_t rows, int64_t work, std::size_t scratch_per_row,
               const Kernel& kernel,
@@ -146,8 +183,8 @@ void OverRows(ffi::ThreadPool& pool, int64_t rows, int64_t work, std::size_t scr
   RunParallel(pool, threads, [&](int index) {
     const auto [begin, end] = RowRange(index, threads, rows, kernel.row_tile);
     if (begin >= end) return;
-    std::vector<float> scratch(static_cast<std::size_t>(end - begin) * scratch_per_row);
-    kernel_fn(begin, end, scratch.data());
+    kernel_fn(begin, end,
+              ThreadBuffer<ScratchTag>(static_cast<std::size_t>(end - begin) * scratch_per_row));
   });
 }
 
@@ -223,18 +260,19 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 
   const Kernel& k = *Current();
   g_calls.fetch_add(1, std::memory_order_relaxed);
-  std::vector<float> packed(k.forward_packed_size(F, H));
+  PackedWeights packed(k.forward_packed_size(F, H), k.forward_blocks(H));
   const bool has_valid = valid.element_count() != 0, has_dropmask = dropmask.element_count() != 0;
   for (int64_t g = 0; g < G; ++g) {
-    k.pack_forward(kernel.typed_data() + g * F * 4 * H, recurrent.typed_data() + g * H * 4 * H,
-                   bias.typed_data() + g * 4 * H, F, H, packed.data());
     ForwardArgs args{};
     args.time = T;
     args.rows = R;
     args.features = F;
     args.units = H;
     args.x = x.typed_data() + g * T * R * F;
-    args.packed = packed.data();
+    args.kernel = kernel.typed_data() + g * F * 4 * H;
+    args.recurrent = recurrent.typed_data() + g * H * 4 * H;
+    args.bias = bias.typed_data() + g * 4 * H;
+    args.panels = packed.Reset();
     args.h0 = h0.typed_data() + g * R * H;
     args.c0 = c0.typed_data() + g * R * H;
     args.valid = has_valid ? reinterpret_cast<const std::uint8_t*>(valid.typed_data()) + g * T * R
@@ -304,15 +342,15 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> recurrent,
   BRNN_RETURN_IF_ERROR(Expect("dc0", *dc0, G * R * H, false));
 
   const Kernel& k = *Current();
-  std::vector<float> packed(k.backward_packed_size(H));
+  PackedWeights packed(k.backward_packed_size(H), k.backward_blocks(H));
   const bool has_valid = valid.element_count() != 0, has_dropmask = dropmask.element_count() != 0;
   for (int64_t g = 0; g < G; ++g) {
-    k.pack_backward(recurrent.typed_data() + g * H * 4 * H, H, packed.data());
     BackwardArgs args{};
     args.time = T;
     args.rows = R;
     args.units = H;
-    args.packed = packed.data();
+    args.recurrent = recurrent.typed_data() + g * H * 4 * H;
+    args.panels = packed.Reset();
     args.c0 = c0.typed_data() + g * R * H;
     args.valid = has_valid ? reinterpret_cast<const std::uint8_t*>(valid.typed_data()) + g * T * R
                            : nullptr;

@@ -5,13 +5,16 @@
 // Per time step and row the four gate pre-activations of `width` units are
 // summed in registers, `bias + x_t @ kernel + h @ recurrent_kernel`, by a
 // microkernel over a tile of `kRowTile` rows whose weights are packed once
-// per call so that each k reads four consecutive vectors; the gate maths and
+// per call (block by block, on first use) so that each k reads four
+// consecutive vectors; the gate maths and
 // the state update follow in the same registers. Nothing is written per step
 // but the outputs.
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <thread>
 #include <type_traits>
 
 #if BRNN_ISA >= 2
@@ -96,6 +99,28 @@ inline void multiply_add(Vec (&acc)[M][kGates], const float* const (&rows)[M], i
 
 inline Vec load_units(const float* p, int n) { return n == W ? load(p) : load_n(p, n); }
 
+// Block `block` of the packed weights, of `size` floats: packed by
+// pack(panel) if no thread has begun to, else waited for (the thread packing
+// it is running, so the wait is short).
+template <class Pack>
+const float* ready_panel(const Panels& panels, int64_t block, int64_t size, Pack&& pack) {
+  float* panel = panels.packed + block * size;
+  std::atomic<std::uint8_t>& state = panels.state[block];
+  if (state.load(std::memory_order_acquire) == 2) return panel;
+  std::uint8_t unpacked = 0;
+  if (state.compare_exchange_strong(unpacked, 1, std::memory_order_acq_rel)) {
+    pack(panel);
+    state.store(2, std::memory_order_release);
+  } else {
+    while (state.load(std::memory_order_acquire) != 2) std::this_thread::yield();
+  }
+  return panel;
+}
+
+// The first block a thread with rows from `begin` visits: threads start
+// spread over the blocks, so that they pack different ones.
+int64_t first_block(int64_t begin, int64_t rows, int64_t count) { return begin * count / rows; }
+
 inline void store_units(float* p, Vec v, int n) {
   if (n == W) {
     store(p, v);
@@ -108,24 +133,21 @@ inline void store_units(float* p, Vec v, int n) {
 
 // packed[block][k][gate][lane]: k = 0 is the bias, 1..features the kernel,
 // then the recurrent kernel; lanes past `units` are zero.
+int64_t forward_blocks(int64_t units) { return blocks(units, W); }
+
 std::size_t forward_packed_size(int64_t features, int64_t units) {
-  return static_cast<std::size_t>(blocks(units, W) * (1 + features + units) * kGates * W);
+  return static_cast<std::size_t>(forward_blocks(units) * (1 + features + units) * kGates * W);
 }
 
-void pack_forward(const float* kernel, const float* recurrent, const float* bias,
-                  int64_t features, int64_t units, float* packed) {
-  const int64_t depth = 1 + features + units, gates = kGates * units;
-  for (int64_t block = 0; block < blocks(units, W); ++block) {
-    for (int64_t k = 0; k < depth; ++k) {
-      const float* source = k == 0 ? bias
-                            : k <= features ? kernel + (k - 1) * gates
-                                            : recurrent + (k - 1 - features) * gates;
-      for (int gate = 0; gate < kGates; ++gate) {
-        for (int lane = 0; lane < W; ++lane) {
-          const int64_t unit = block * W + lane;
-          *packed++ = unit < units ? source[gate * units + unit] : 0.0f;
-        }
-      }
+void pack_forward_block(const ForwardArgs& a, int64_t block, float* packed) {
+  const int64_t F = a.features, H = a.units, gates = kGates * H, unit = block * W;
+  const int n = static_cast<int>(std::min<int64_t>(W, H - unit));
+  for (int64_t k = 0; k < 1 + F + H; ++k) {
+    const float* source = k == 0   ? a.bias
+                          : k <= F ? a.kernel + (k - 1) * gates
+                                   : a.recurrent + (k - 1 - F) * gates;
+    for (int gate = 0; gate < kGates; ++gate, packed += W) {
+      store(packed, load_units(source + gate * H + unit, n));  // zero past `units`
     }
   }
 }
@@ -183,7 +205,8 @@ void forward_tile(const ForwardStep& s, const float* block, int64_t row, int64_t
 
 void forward(const ForwardArgs& a, int64_t begin, int64_t end, float* scratch) {
   const int64_t R = a.rows, F = a.features, H = a.units;
-  const int64_t block_size = (1 + F + H) * kGates * W;
+  const int64_t block_size = (1 + F + H) * kGates * W, count = forward_blocks(H);
+  const int64_t first = first_block(begin, R, count);
   const bool training = a.cs != nullptr;
   for (int64_t t = 0; t < a.time; ++t) {
     ForwardStep s{&a, t, nullptr, nullptr, nullptr, nullptr, 0};
@@ -204,8 +227,13 @@ void forward(const ForwardArgs& a, int64_t begin, int64_t end, float* scratch) {
     } else {
       s.h_in = s.h_prev;
     }
-    for (int64_t block = 0; block < blocks(H, W); ++block) {
-      const float* panel = a.packed + block * block_size;
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t block = (first + j) % count;
+      // Every block is ready once this thread has visited it at t = 0.
+      const float* panel =
+          t == 0 ? ready_panel(a.panels, block, block_size,
+                               [&](float* out) { pack_forward_block(a, block, out); })
+                 : a.panels.packed + block * block_size;
       over_tiles(begin, end, [&](auto m, int64_t row) {
         forward_tile<decltype(m)::value>(s, panel, row, block * W);
       });
@@ -218,18 +246,18 @@ void forward(const ForwardArgs& a, int64_t begin, int64_t end, float* scratch) {
 // packed[block][j][vector][lane] = recurrent[unit][j] with unit = block * 4W
 // + vector * W + lane (zero past `units`): the recurrent kernel transposed,
 // for dh = dgates @ recurrent^T.
+int64_t backward_blocks(int64_t units) { return blocks(units, kGates * W); }
+
 std::size_t backward_packed_size(int64_t units) {
-  return static_cast<std::size_t>(blocks(units, kGates * W) * kGates * units * kGates * W);
+  return static_cast<std::size_t>(backward_blocks(units) * kGates * units * kGates * W);
 }
 
-void pack_backward(const float* recurrent, int64_t units, float* packed) {
-  const int64_t gates = kGates * units;
-  for (int64_t block = 0; block < blocks(units, kGates * W); ++block) {
-    for (int64_t j = 0; j < gates; ++j) {
-      for (int lane = 0; lane < kGates * W; ++lane) {
-        const int64_t unit = block * kGates * W + lane;
-        *packed++ = unit < units ? recurrent[unit * gates + j] : 0.0f;
-      }
+void pack_backward_block(const BackwardArgs& a, int64_t block, float* packed) {
+  const int64_t H = a.units, gates = kGates * H;
+  for (int64_t j = 0; j < gates; ++j) {
+    for (int lane = 0; lane < kGates * W; ++lane) {
+      const int64_t unit = block * kGates * W + lane;
+      *packed++ = unit < H ? a.recurrent[unit * gates + j] : 0.0f;
     }
   }
 }
@@ -280,7 +308,8 @@ void backward(const BackwardArgs& a, int64_t begin, int64_t end, float* scratch)
   float* dh_now = scratch + 2 * count * H;
   std::fill(dh_next, dh_next + count * H, 0.0f);
   std::copy(a.dc_last + begin * H, a.dc_last + end * H, dc_next);
-  const int64_t block_size = kGates * H * kGates * W;
+  const int64_t block_size = kGates * H * kGates * W, count_blocks = backward_blocks(H);
+  const int64_t first = first_block(begin, R, count_blocks);
   for (int64_t t = a.time - 1; t >= 0; --t) {
     const float* c_prev_base = t == 0 ? a.c0 : a.cs + (t - 1) * R * H;
     for (int64_t r = begin; r < end; ++r) {
@@ -313,8 +342,13 @@ void backward(const BackwardArgs& a, int64_t begin, int64_t end, float* scratch)
       }
     }
     BackwardStep s{&a, t, begin, dh_next, dh_now};
-    for (int64_t block = 0; block < blocks(H, kGates * W); ++block) {
-      const float* panel = a.packed + block * block_size;
+    for (int64_t j = 0; j < count_blocks; ++j) {
+      const int64_t block = (first + j) % count_blocks;
+      // Every block is ready once this thread has visited it at the last step.
+      const float* panel =
+          t == a.time - 1 ? ready_panel(a.panels, block, block_size,
+                                        [&](float* out) { pack_backward_block(a, block, out); })
+                          : a.panels.packed + block * block_size;
       over_tiles(begin, end, [&](auto m, int64_t row) {
         backward_tile<decltype(m)::value>(s, panel, row, block * kGates * W);
       });
@@ -325,8 +359,8 @@ void backward(const BackwardArgs& a, int64_t begin, int64_t end, float* scratch)
 }
 
 constexpr Kernel kKernel{
-    BRNN_NAME,       W,        kRowTile, forward_packed_size, backward_packed_size,
-    pack_forward,    pack_backward, forward, backward,
+    BRNN_NAME,           W,       kRowTile, forward_blocks, forward_packed_size, backward_blocks,
+    backward_packed_size, forward, backward,
 };
 
 }  // namespace

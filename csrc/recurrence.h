@@ -18,19 +18,34 @@
 // Every row runs the same instructions in the same order whichever tile,
 // thread or chunk it falls in, so results do not depend on the number of
 // threads nor on how a sequence is cut into chunks.
+//
+// The weights are packed once per call, block by block of units, by the
+// threads themselves: the first thread to need a block packs it (each thread
+// starts at a different block), the others wait for that block only.
 
 #ifndef BANDED_RNN_RECURRENCE_H_
 #define BANDED_RNN_RECURRENCE_H_
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
 namespace banded_rnn {
 
+// Weights packed on first use: `packed` has room for every block, and
+// `state[block]` is 0 (not packed), 1 (being packed) or 2 (ready).
+struct Panels {
+  float* packed;
+  std::atomic<std::uint8_t>* state;
+};
+
 struct ForwardArgs {
   std::int64_t time, rows, features, units;
   const float* x;
-  const float* packed;  // from pack_forward
+  const float* kernel;
+  const float* recurrent;
+  const float* bias;
+  Panels panels;
   const float* h0;
   const float* c0;
   const std::uint8_t* valid;  // null: every step is valid
@@ -43,7 +58,8 @@ struct ForwardArgs {
 
 struct BackwardArgs {
   std::int64_t time, rows, units;
-  const float* packed;  // from pack_backward
+  const float* recurrent;
+  Panels panels;
   const float* c0;
   const std::uint8_t* valid;
   const float* dropmask;
@@ -61,12 +77,11 @@ struct Kernel {
   const char* name;
   int width;     // floats per vector
   int row_tile;  // rows per microkernel tile
-  // Floats of packed weights for forward / backward.
+  // Blocks and floats of packed weights for forward / backward.
+  std::int64_t (*forward_blocks)(std::int64_t units);
   std::size_t (*forward_packed_size)(std::int64_t features, std::int64_t units);
+  std::int64_t (*backward_blocks)(std::int64_t units);
   std::size_t (*backward_packed_size)(std::int64_t units);
-  void (*pack_forward)(const float* kernel, const float* recurrent, const float* bias,
-                       std::int64_t features, std::int64_t units, float* packed);
-  void (*pack_backward)(const float* recurrent, std::int64_t units, float* packed);
   // Rows [begin, end) over every time step. `scratch` holds
   // forward_scratch(units) / backward_scratch(units) floats per row.
   void (*forward)(const ForwardArgs& args, std::int64_t begin, std::int64_t end, float* scratch);
