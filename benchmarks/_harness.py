@@ -290,8 +290,19 @@ def _minor_faults() -> int | None:
     return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+SETTLE_SECONDS = 0.03
+"""Idle time before each timed run. Rows share one process, and some leave
+threads busy after they return: torch's OpenMP workers spin for about 14 ms
+(libgomp's default spin count) waiting for more work, which takes a core from
+whatever runs next (ours on the seed shapes: 4.1 ms alone, 8.5 ms right after
+a torch call; benchmarks/NOTES.md, entry 13). Waiting this long first times
+each row as it runs in a process of its own."""
+
+
 def _timed(impl: Impl) -> tuple[float, float | None]:
-    """Seconds and minor page faults per unit of one ``impl.run()``."""
+    """Seconds and minor page faults per unit of one ``impl.run()``, after
+    :data:`SETTLE_SECONDS` of idling."""
+    time.sleep(SETTLE_SECONDS)
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
