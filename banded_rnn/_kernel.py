@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 try:
     from . import _lstm_cpu
@@ -218,6 +219,61 @@ def _recurrence_bwd(residuals, cotangents):
 recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
+ROW_AXES = ("batch", "bands")
+"""The axes of ``banded_rnn.training.make_mesh``: they split rows."""
+
+
+def _row_split(inputs: jax.Array) -> tuple[PartitionSpec, bool] | None:
+    """How the mesh this is traced under splits the rows of ``inputs [time,
+    batch, bands, features]``, and whether its axes are explicit; None if
+    it does not (no mesh, one device, or a split XLA must sort out).
+
+    XLA cannot partition a custom call: under a mesh it would gather every
+    row onto every device and run them all there. So the kernel runs in
+    ``shard_map`` instead, each device on its own rows: split as the inputs'
+    type says under explicit axes, and under automatic ones, as
+    :data:`ROW_AXES` name them (``make_train_step(mesh=...)`` traces under
+    its mesh).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None
+    kinds = set(mesh.axis_types)
+    if kinds == {jax.sharding.AxisType.Explicit}:
+        spec = tuple(jax.typeof(inputs).sharding.spec)
+        spec += (None,) * (inputs.ndim - len(spec))
+        if spec[0] is not None or spec[3] is not None or spec[1:3] == (None, None):
+            return None
+        return PartitionSpec(*spec[1:3]), True
+    if kinds != {jax.sharding.AxisType.Auto} or not set(mesh.axis_names) <= set(ROW_AXES):
+        return None
+    split = tuple(name if name in mesh.axis_names else None for name in ROW_AXES)
+    for size, name in zip(inputs.shape[1:3], split, strict=True):
+        if name is not None and size % mesh.shape[name]:
+            return None  # not evenly split: every device runs every row
+    return PartitionSpec(*split), False
+
+
+def _split_over_rows(function, rows: PartitionSpec, explicit: bool):
+    """``function(x, kernel, recurrent, bias, h0, c0, valid, dropmask)`` in
+    ``shard_map``: rows split by ``rows``, the weights on every device."""
+    time_rows, replicated = PartitionSpec(None, *rows), PartitionSpec()
+
+    def call(*args):
+        specs = (time_rows, replicated, replicated, replicated, rows, rows, time_rows, rows)
+        specs = tuple(None if a is None else s for a, s in zip(args, specs, strict=True))
+        if explicit:  # explicit axes: the arguments must already be split so
+            args = tuple(
+                a if a is None else jax.sharding.reshard(a, s)
+                for a, s in zip(args, specs, strict=True)
+            )
+        return jax.shard_map(
+            function, in_specs=specs, out_specs=(time_rows, rows), check_vma=False
+        )(*args)
+
+    return call
+
+
 def run_layer(weights, recurrent_mask, carry, xs):
     """``_scan_layer``'s contract on the kernel: one layer over ``xs = (inputs
     [time, batch, bands, features], valid [time, batch, bands] or None)`` from
@@ -229,7 +285,11 @@ def run_layer(weights, recurrent_mask, carry, xs):
     if inputs.shape[0] == 0:
         return carry, jnp.zeros((*inputs.shape[:-1], hidden.shape[-1]), hidden.dtype)
     kernel, recurrent, bias = weights
-    hs, cell = recurrence(inputs, kernel, recurrent, bias, hidden, cell, valid, recurrent_mask)
+    run = recurrence
+    split = _row_split(inputs)
+    if split is not None:
+        run = _split_over_rows(recurrence, *split)
+    hs, cell = run(inputs, kernel, recurrent, bias, hidden, cell, valid, recurrent_mask)
     if valid is None:
         return (hs[-1], cell), hs
     return (hs[-1], cell), jnp.where(valid[..., None], hs, 0.0)

@@ -3,8 +3,10 @@
 JAX fixes its CPU device count once, before it runs anything, and the test
 process already runs on one device; so the checks run in a fresh process with
 two CPU devices. Sequences or bands are split over the devices with GSPMD
-(``jax.jit`` on split inputs), under a mesh with explicit axes, and with
-``shard_map``; every result must equal the float64 NumPy loop.
+(``jax.jit`` on split inputs), under ``jax.set_mesh`` of ``make_mesh``'s
+mesh and of one with explicit axes (where the native kernel runs each
+device's rows, gathering nothing), and with ``shard_map``; every result must
+equal the float64 NumPy loop.
 """
 
 from __future__ import annotations
@@ -45,15 +47,27 @@ def check(name, start, final, outputs):
 def apply(state, inputs, lengths):
     return model.apply(variables, state, inputs, seq_lengths=lengths)
 
+def gathers(run, *args):
+    # Whether the compiled program gathers split arrays: it should not where
+    # the kernel runs in shard_map, each device on its own rows.
+    return "all-gather" in run.lower(*args).compile().as_text()
+
 explicit = jax.make_mesh((2,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
 for axis, spec in {"batch": P("batch"), "bands": P(None, "batch")}.items():
     split = NamedSharding(make_mesh(), spec)
     put = lambda a: jax.device_put(a, split)
     check(f"gspmd-{axis}", "given", *jax.jit(apply)(put(state), put(inputs), put(lengths)))
     check(f"gspmd-{axis}-zero", "zero", *jax.jit(apply)(None, put(inputs), put(lengths)))
+    with jax.set_mesh(make_mesh(bands=2 if axis == "bands" else 1)):
+        put = lambda a: jax.device_put(a, P("batch") if axis == "batch" else P(None, "bands"))
+        run = jax.jit(apply)
+        assert not gathers(run, put(state), put(inputs), put(lengths)), axis
+        check(f"mesh-{axis}", "given", *run(put(state), put(inputs), put(lengths)))
+        check(f"mesh-{axis}-zero", "zero", *run(None, put(inputs), put(lengths)))
     with jax.set_mesh(explicit):
         put = lambda a: jax.device_put(a, spec)
         run = jax.jit(apply)
+        assert not gathers(run, put(state), put(inputs), put(lengths)), axis
         check(f"explicit-{axis}", "given", *run(put(state), put(inputs), put(lengths)))
         check(f"explicit-{axis}-zero", "zero", *run(None, put(inputs), put(lengths)))
     mapped = jax.shard_map(
@@ -69,7 +83,7 @@ for axis, spec in {"batch": P("batch"), "bands": P(None, "batch")}.items():
 
 CHECKS = [
     f"{kind}-{axis}{start}"
-    for kind in ("gspmd", "explicit", "shard_map")
+    for kind in ("gspmd", "mesh", "explicit", "shard_map")
     for axis in ("batch", "bands")
     for start in ("", "-zero")
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -188,6 +189,11 @@ class _Step:
             )
 
     # -- placement ----------------------------------------------------------------------
+    def _under_mesh(self) -> contextlib.AbstractContextManager:
+        """Traces under the mesh, so that the native kernel (which XLA cannot
+        partition) runs in ``shard_map``, each device on its own rows."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
     def _place(self, train_state, state, inputs, targets, rng):
         if self.mesh is None:
             return train_state, state, inputs, targets, rng
@@ -241,13 +247,15 @@ class TrainStep(_Step):
         self, train_state: TrainState, state: Any, inputs: Any, targets: Any, rng: Rng = None
     ) -> tuple[TrainState, Any, Metrics]:
         self.check(train_state, state, inputs, targets, rng)
-        return self._jitted(*self._place(train_state, state, inputs, targets, rng))
+        with self._under_mesh():
+            return self._jitted(*self._place(train_state, state, inputs, targets, rng))
 
     def lower(
         self, train_state: TrainState, state: Any, inputs: Any, targets: Any, rng: Rng = None
     ) -> jax.stages.Lowered:
         self.check(train_state, state, inputs, targets, rng)
-        return self._jitted.lower(*self._place(train_state, state, inputs, targets, rng))
+        with self._under_mesh():
+            return self._jitted.lower(*self._place(train_state, state, inputs, targets, rng))
 
 
 class EvalStep(_Step):
@@ -276,7 +284,8 @@ class EvalStep(_Step):
         self, train_state: TrainState, state: Any, inputs: Any, targets: Any
     ) -> tuple[Any, Metrics]:
         self.check(train_state, state, inputs, targets)
-        return self._jitted(*self._place(train_state, state, inputs, targets, None)[:4])
+        with self._under_mesh():
+            return self._jitted(*self._place(train_state, state, inputs, targets, None)[:4])
 
 
 def make_train_step(
