@@ -8,6 +8,8 @@ differences of the float64 reference, results do not depend on the number of
 threads, and a NaN stays in its row.
 """
 
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -78,6 +80,16 @@ def test_the_extension_is_built_and_auto_takes_it_on_cpu():
     before = _kernel.calls()
     BandedLSTM(6, implementation="scan").apply(variables, None, x)
     assert _kernel.calls() == before
+
+
+def test_info_command_reports_the_kernel():
+    """The README's ``python -m banded_rnn info``, in a process of its own."""
+    done = subprocess.run(
+        [sys.executable, "-m", "banded_rnn", "info"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    isa = _kernel.info()["isa"]
+    assert done.stdout.startswith(f"banded_rnn: native CPU kernel, {isa} "), done.stdout
 
 
 def test_info_names_the_instruction_set():
