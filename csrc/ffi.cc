@@ -48,11 +48,15 @@ std::vector<const Kernel*> SupportedKernels() {
   std::vector<const Kernel*> kernels;
 #if defined(BRNN_X86)
   __builtin_cpu_init();
-  // GCC reports a feature only when the OS also saves its registers.
-  if (__builtin_cpu_supports("avx512f")) kernels.push_back(kAvx512Kernel);
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    kernels.push_back(kAvx2Kernel);
+  // GCC reports a feature only when the OS also saves its registers. The
+  // AVX-512 build is compiled for F, VL, DQ and BW (every AVX-512 CPU since
+  // Skylake-SP has them all), and with AVX2 and FMA.
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw")) {
+    kernels.push_back(kAvx512Kernel);
   }
+  if (avx2) kernels.push_back(kAvx2Kernel);
 #endif
   kernels.push_back(kPortableKernel);
   return kernels;
@@ -137,19 +141,35 @@ std::pair<int64_t, int64_t> RowRange(int index, int threads, int64_t rows, int r
   return {begin, end};
 }
 
-// `size` floats that stay with the calling thread for its later calls: fresh
-// memory on every call would cost a page fault per 4 KiB touched. `Tag`
-// gives each use its own buffer.
-// Aligned to 64 bytes, so that no vector load of packed weights spans two
-// cache lines.
+// The most floats (8 MiB) a thread keeps between calls, per use.
+constexpr std::size_t kKeptFloats = (std::size_t{8} << 20) / sizeof(float);
+
+// `size` floats, aligned to 64 bytes so that no vector load of packed weights
+// spans two cache lines. Up to kKeptFloats they stay with the thread for its
+// later calls (fresh memory on every call would cost a page fault per 4 KiB
+// touched, 0.9 ms of a 3.7 ms streamed frame); a larger buffer belongs to
+// this call only, whose work then dwarfs the faults. `Tag` gives each use
+// its own kept buffer.
 template <class Tag>
-float* ThreadBuffer(std::size_t size) {
-  constexpr std::size_t kAlign = 64 / sizeof(float);
-  thread_local std::vector<float> buffer;
-  if (buffer.size() < size + kAlign) buffer.resize(size + kAlign);
-  const auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
-  return buffer.data() + (kAlign - address / sizeof(float) % kAlign) % kAlign;
-}
+class Buffer {
+ public:
+  explicit Buffer(std::size_t size) {
+    constexpr std::size_t kAlign = 64 / sizeof(float);
+    std::vector<float>& storage = size <= kKeptFloats ? Kept() : own_;
+    if (storage.size() < size + kAlign) storage.resize(size + kAlign);
+    const auto address = reinterpret_cast<std::uintptr_t>(storage.data());
+    data_ = storage.data() + (kAlign - address / sizeof(float) % kAlign) % kAlign;
+  }
+  float* data() const { return data_; }
+
+ private:
+  static std::vector<float>& Kept() {
+    thread_local std::vector<float> kept;
+    return kept;
+  }
+  std::vector<float> own_;
+  float* data_ = nullptr;
+};
 
 struct ScratchTag {};
 struct PackedTag {};
@@ -158,18 +178,18 @@ struct PackedTag {};
 class PackedWeights {
  public:
   PackedWeights(std::size_t size, int64_t blocks)
-      : packed_(ThreadBuffer<PackedTag>(size)),
+      : packed_(size),
         state_(new std::atomic<std::uint8_t>[static_cast<std::size_t>(blocks)]()),
         blocks_(blocks) {}
 
   // Panels for the next group of weights: every block unpacked.
   Panels Reset() {
     for (int64_t i = 0; i < blocks_; ++i) state_[i].store(0, std::memory_order_relaxed);
-    return Panels{packed_, state_.get()};
+    return Panels{packed_.data(), state_.get()};
   }
 
  private:
-  float* packed_;
+  Buffer<PackedTag> packed_;
   std::unique_ptr<std::atomic<std::uint8_t>[]> state_;
   int64_t blocks_;
 };
@@ -183,8 +203,8 @@ void OverRows(ffi::ThreadPool& pool, int64_t rows, int64_t work, std::size_t scr
   RunParallel(pool, threads, [&](int index) {
     const auto [begin, end] = RowRange(index, threads, rows, kernel.row_tile);
     if (begin >= end) return;
-    kernel_fn(begin, end,
-              ThreadBuffer<ScratchTag>(static_cast<std::size_t>(end - begin) * scratch_per_row));
+    Buffer<ScratchTag> scratch(static_cast<std::size_t>(end - begin) * scratch_per_row);
+    kernel_fn(begin, end, scratch.data());
   });
 }
 

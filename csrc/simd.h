@@ -103,7 +103,8 @@ inline Vec floor(Vec x) {
 #endif
 }
 
-// y * 2^n for an integer-valued n in [-127, 128] with a normal result.
+// y * 2^n for an integer-valued n in [-126, 127]; n = -127 gives 0 (a
+// denormal 2^-127 * y under AVX-512), which is what exp needs there.
 inline Vec scale_by_power_of_two(Vec y, Vec n) {
 #if BRNN_ISA == 3
   return (Vec)_mm512_scalef_ps((__m512)y, (__m512)n);
@@ -131,20 +132,22 @@ inline Vec exp(Vec x) {
   return scale_by_power_of_two(fma(p, r * r, r) + 1.0f, n);
 }
 
+// r + r * (1 - x * r): one Newton step towards 1 / x, squaring the error.
+inline Vec newton_reciprocal(Vec x, Vec r) { return fma(r, fma(-x, r, splat(1.0f)), r); }
+
 // 1 / x for finite x > 0 (or a NaN, which it returns): the hardware estimate
-// (relative error < 2^-14 with AVX-512, 1.5 * 2^-12 with AVX) refined by
-// one Newton step, within a few ulp; a division in the portable build. A
-// division costs 10-16 cycles of one port; this, three instructions.
+// refined by Newton steps, within a few ulp (and 1 / 1 = 1, so a saturated
+// sigmoid reaches 1); a division in the portable build. A division costs
+// 10-16 cycles of one port; this, three or five instructions.
 inline Vec reciprocal(Vec x) {
 #if BRNN_ISA == 3
-  const Vec estimate = (Vec)_mm512_rcp14_ps((__m512)x);
+  // Relative error < 2^-14: one step.
+  return newton_reciprocal(x, (Vec)_mm512_rcp14_ps((__m512)x));
 #elif BRNN_ISA == 2
-  const Vec estimate = (Vec)_mm256_rcp_ps((__m256)x);
+  // Relative error < 1.5 * 2^-12: one step leaves 1 / 1 at 1 - 2^-24, two reach it.
+  return newton_reciprocal(x, newton_reciprocal(x, (Vec)_mm256_rcp_ps((__m256)x)));
 #else
   return 1.0f / x;
-#endif
-#if BRNN_ISA >= 2
-  return fma(estimate, fma(-x, estimate, splat(1.0f)), estimate);
 #endif
 }
 
