@@ -60,13 +60,30 @@ def _register() -> None:
     with _lock:
         if _registered:
             return
+        isa, threads = _settings_from_environment()
         for name, capsule in _lstm_cpu.targets().items():
             jax.ffi.register_ffi_target(name, capsule, platform="cpu")
-        if os.environ.get(ISA_ENV):
-            _lstm_cpu.set_isa(os.environ[ISA_ENV])
-        if os.environ.get(THREADS_ENV):
-            set_threads(int(os.environ[THREADS_ENV]))
+        if isa is not None:
+            _lstm_cpu.set_isa(isa)
+        if threads is not None:
+            _lstm_cpu.set_threads(threads)
         _registered = True
+
+
+def _settings_from_environment() -> tuple[str | None, int | None]:
+    """:data:`ISA_ENV` and :data:`THREADS_ENV`, checked (None where unset)."""
+    isa = os.environ.get(ISA_ENV) or None
+    if isa is not None and isa not in _lstm_cpu.isas():
+        raise ValueError(
+            f"{ISA_ENV}: expected one of {_lstm_cpu.isas()} (what this CPU can run); "
+            f"received {isa!r}"
+        )
+    threads = os.environ.get(THREADS_ENV) or None
+    if threads is not None:
+        if not threads.isdigit():
+            raise ValueError(f"{THREADS_ENV}: expected an integer >= 0; received {threads!r}")
+        threads = int(threads)
+    return isa, threads
 
 
 def warn_unavailable() -> None:

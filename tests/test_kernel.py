@@ -8,6 +8,7 @@ differences of the float64 reference, results do not depend on the number of
 threads, and a NaN stays in its row.
 """
 
+import os
 import subprocess
 import sys
 import warnings
@@ -288,3 +289,55 @@ def test_without_the_extension_auto_warns_once_and_runs_the_scan(monkeypatch):
     np.testing.assert_allclose(np.asarray(y), expected, rtol=0, atol=2e-6)
     with pytest.raises(RuntimeError, match="not built"):
         BandedLSTM(5, implementation="kernel").apply(variables, None, x)
+
+
+@pytest.mark.parametrize(
+    "variable, value", [("BANDED_RNN_ISA", "sse9"), ("BANDED_RNN_THREADS", "two")]
+)
+def test_a_bad_environment_setting_is_a_clear_error(variable, value):
+    code = "import banded_rnn; banded_rnn.kernel_info()"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, variable: value},
+    )
+    assert done.returncode != 0
+    assert f"ValueError: {variable}: expected" in done.stderr and repr(value) in done.stderr
+
+
+def test_environment_settings_apply():
+    code = (
+        "import jax, banded_rnn\n"
+        "from banded_rnn import BandedLSTM\n"
+        "x = jax.numpy.ones((4, 9, 5, 3))\n"
+        "m = BandedLSTM(8)\n"
+        "m.apply(m.init(jax.random.key(0), None, x), None, x)\n"
+        "info = banded_rnn.kernel_info()\n"
+        "print(info['isa'], info['threads'], info['last_call_threads'])\n"
+    )
+    env = {**os.environ, "BANDED_RNN_ISA": "portable", "BANDED_RNN_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["portable", "1", "1"]
+
+
+def test_forward_mode_needs_the_scan():
+    """The kernel has reverse-mode derivatives only; ``jvp`` (``jacfwd``,
+    ``hessian``) runs on ``implementation="scan"``, as the docstring says."""
+    model = _model(6, 1)
+    variables, x = _variables(model, (1, 2, 4, 3))
+
+    def outputs(model, x):
+        return model.apply(variables, None, x)[1]
+
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda x: outputs(model, x), (x,), (jnp.ones_like(x),))
+    scan = model.clone(implementation="scan")
+    _, tangent = jax.jvp(lambda x: outputs(scan, x), (x,), (jnp.ones_like(x),))
+    step = 1e-3
+    numeric = (outputs(scan, x + step) - outputs(scan, x - step)) / (2 * step)
+    np.testing.assert_allclose(tangent, numeric, rtol=0, atol=2e-3)
