@@ -209,7 +209,10 @@ class BandedLSTM(nn.Module):
         that XLA compiles, for every platform and dtype. ``"auto"`` (the
         default): the kernel where it applies (float32 arithmetic, CPU
         backend, extension built), else the scan. Both give the same results
-        to float32 rounding; ``unroll`` applies to the scan only.
+        to float32 rounding; ``unroll`` applies to the scan only. The kernel
+        has first-order reverse-mode derivatives only (``grad``, ``vjp``) and
+        is a custom call that ``jax.export`` refuses: use ``"scan"`` for
+        ``jvp``, ``jacfwd``, ``hessian``, gradients of gradients and exports.
     """
 
     units: int
