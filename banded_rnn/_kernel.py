@@ -151,9 +151,9 @@ def _require() -> None:
 # ------------------------------------------------------------------- calls
 
 
-def _empty(x: jax.Array | None) -> jax.Array:
-    """``x``, or an empty array that tells the kernel there is none."""
-    return jnp.zeros((0,), jnp.float32) if x is None else x
+def _empty(x: jax.Array | None, dtype: Any = jnp.float32) -> jax.Array:
+    """``x``, or an empty array of ``dtype`` that tells the kernel there is none."""
+    return jnp.zeros((0,), dtype) if x is None else x
 
 
 def _ffi(name: str, results: tuple[jax.ShapeDtypeStruct, ...], *args: jax.Array):
@@ -171,9 +171,8 @@ def _forward(x, kernel, recurrent, bias, h0, c0, valid, dropmask, *, train: bool
         results = (hs, hs, acts)
     else:
         results = (hs, state)
-    args = (x, kernel, recurrent, bias, h0, c0)
-    valid = jnp.zeros((0,), jnp.bool_) if valid is None else valid
-    return _ffi(FORWARD_TRAIN if train else FORWARD, results, *args, valid, _empty(dropmask))
+    args = (x, kernel, recurrent, bias, h0, c0, _empty(valid, jnp.bool_), _empty(dropmask))
+    return _ffi(FORWARD_TRAIN if train else FORWARD, results, *args)
 
 
 @jax.custom_vjp
@@ -203,7 +202,6 @@ def _recurrence_fwd(x, kernel, recurrent, bias, h0, c0, valid, dropmask):
 def _recurrence_bwd(residuals, cotangents):
     x, kernel, recurrent, h0, c0, valid, dropmask, hs, cs, acts = residuals
     d_hs, d_c_final = cotangents
-    valid_arg = jnp.zeros((0,), jnp.bool_) if valid is None else valid
     dgates, dh0, dc0 = _ffi(
         BACKWARD,
         (
@@ -213,7 +211,7 @@ def _recurrence_bwd(residuals, cotangents):
         ),
         recurrent,
         c0,
-        valid_arg,
+        _empty(valid, jnp.bool_),
         _empty(dropmask),
         cs,
         acts,
@@ -237,7 +235,8 @@ recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 ROW_AXES = ("batch", "bands")
-"""The axes of ``banded_rnn.training.make_mesh``: they split rows."""
+"""Mesh axes that split rows: those of ``banded_rnn.training.make_mesh``,
+which takes its names from here."""
 
 
 def _row_split(inputs: jax.Array) -> tuple[PartitionSpec, bool] | None:

@@ -518,7 +518,7 @@ PyMethodDef kMethods[] = {
 
 PyModuleDef kModule = {
     PyModuleDef_HEAD_INIT, "_lstm_cpu", "The native CPU kernel of the LSTM recurrence.", -1,
-    kMethods,
+    kMethods, nullptr, nullptr, nullptr, nullptr,
 };
 
 }  // namespace

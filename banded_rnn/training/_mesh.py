@@ -10,9 +10,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .. import _validate
+from .._kernel import ROW_AXES
 
-BATCH = "batch"
-BANDS = "bands"
+BATCH, BANDS = ROW_AXES  # the native kernel splits rows over axes of these names
 
 
 def make_mesh(bands: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
