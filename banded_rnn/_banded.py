@@ -128,9 +128,10 @@ def _scan_layer(weights, recurrent_mask, carry, xs, *, unroll):
     return jax.lax.scan(step, carry, xs, unroll=unroll)
 
 
-def _run_layer(weights, recurrent_mask, carry, xs, *, unroll, remat_chunk, kernel):
-    """One layer over ``xs``: on the native CPU kernel if ``kernel``, else
-    ``_scan_layer``; optionally rematerialised in chunks of ``remat_chunk`` steps.
+def _run_layer(weights, recurrent_mask, carry, xs, *, unroll, remat_chunk, kernel, packed=None):
+    """One layer over ``xs``: on the native CPU kernel if ``kernel`` (reading
+    ``packed`` weights if given), else ``_scan_layer``; optionally
+    rematerialised in chunks of ``remat_chunk`` steps.
 
     Every (sequence, band) pair is one row of each step's matmul: bands are
     folded into the batch, and rows never mix, so this is vmap over bands with
@@ -143,7 +144,9 @@ def _run_layer(weights, recurrent_mask, carry, xs, *, unroll, remat_chunk, kerne
     boundaries and recomputes each chunk, so a training step's memory no
     longer grows with ``time * 4 * units``.
     """
-    layer = _kernel.run_layer if kernel else partial(_scan_layer, unroll=unroll)
+    layer = (
+        partial(_kernel.run_layer, packed=packed) if kernel else partial(_scan_layer, unroll=unroll)
+    )
     if remat_chunk is None or xs[0].shape[0] <= remat_chunk:
         return layer(weights, recurrent_mask, carry, xs)
     run_chunk = jax.checkpoint(partial(layer, weights, recurrent_mask))
@@ -301,25 +304,47 @@ class BandedLSTM(nn.Module):
         final_state = []
         for layer, layer_state in enumerate(state):
             weights = layer_weights(name=f"layer_{layer}")(layer_inputs.shape[-1])
+            weights = tuple(w.astype(dtype) for w in weights)
             input_mask, recurrent_mask = dropout_masks[layer]
             if input_mask is not None:
                 layer_inputs = layer_inputs * input_mask.astype(dtype)[None]
             carry = tuple(_shard_like(c.astype(dtype), layer_inputs) for c in layer_state)
             (hidden, cell), layer_inputs = _run_layer(
-                tuple(w.astype(dtype) for w in weights),
+                weights,
                 None if recurrent_mask is None else recurrent_mask.astype(dtype),
                 carry,
                 (layer_inputs, valid),
                 unroll=self.unroll,
                 remat_chunk=self.remat_chunk,
                 kernel=kernel,
+                packed=self._packed_weights(f"layer_{layer}", weights) if kernel else None,
             )
             final_state.append(LSTMState(hidden, cell))
         return tuple(final_state), jnp.moveaxis(layer_inputs, 0, 2)
 
+    def _packed_weights(self, name: str, weights: tuple[jax.Array, ...]) -> jax.Array | None:
+        """Layer ``name``'s forward weights packed ahead of time, or None.
+
+        Read from :data:`~banded_rnn._kernel.PACKED_COLLECTION` where a
+        ``Stream`` stored them, if laid out for the instruction set in use;
+        stored there (and returned) inside ``_kernel.packing()`` with the
+        collection mutable. Nothing else creates the collection, so
+        ``init`` and training never carry a copy that could go stale.
+        """
+        collection = _kernel.PACKED_COLLECTION
+        if self.has_variable(collection, name):
+            packed = self.get_variable(collection, name)
+            expected = _kernel.packed_shape(weights[0].shape[0], self.units)
+            return packed if packed.shape == expected else None
+        if _kernel.packing_requested() and self.is_mutable_collection(collection):
+            packed = _kernel.pack_forward(*weights)
+            self.put_variable(collection, name, packed)
+            return packed
+        return None
+
     def _uses_kernel(self, dtype: Any) -> bool:
         """Whether this call runs the native kernel (see ``implementation``)."""
-        if self.implementation == "scan":
+        if self.implementation == "scan" or _kernel.scan_forced():
             return False
         backend = jax.default_backend()
         fits = jnp.dtype(dtype) == jnp.float32 and backend == "cpu"

@@ -194,6 +194,21 @@ class PackedWeights {
   int64_t blocks_;
 };
 
+// Weights packed ahead of the call, by XLA (see banded_rnn/_kernel.py,
+// `pack_forward`): every block is ready.
+class ReadyPanels {
+ public:
+  explicit ReadyPanels(int64_t blocks)
+      : state_(new std::atomic<std::uint8_t>[static_cast<std::size_t>(blocks)]) {
+    for (int64_t i = 0; i < blocks; ++i) state_[i].store(2, std::memory_order_relaxed);
+  }
+  // The kernel never writes to panels whose blocks are all ready.
+  Panels For(const float* packed) const { return Panels{const_cast<float*>(packed), state_.get()}; }
+
+ private:
+  std::unique_ptr<std::atomic<std::uint8_t>[]> state_;
+};
+
 // Runs kernel_fn(begin, end, scratch) over the rows, split between threads.
 void OverRows(ffi::ThreadPool& pool, int64_t rows, int64_t work, std::size_t scratch_per_row,
               const Kernel& kernel,
@@ -260,7 +275,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
                    ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
                    ffi::Buffer<ffi::PRED> valid, ffi::Buffer<ffi::F32> dropmask,
                    ffi::Result<ffi::Buffer<ffi::F32>> hs, float* cs, float* acts,
-                   float* c_final) {
+                   float* c_final, const ffi::Buffer<ffi::F32>* prepacked) {
   Groups groups{};
   BRNN_RETURN_IF_ERROR(GroupsOf(recurrent, groups));
   const auto dims = x.dimensions();
@@ -280,7 +295,22 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 
   const Kernel& k = *Current();
   g_calls.fetch_add(1, std::memory_order_relaxed);
-  PackedWeights packed(k.forward_packed_size(F, H), k.forward_blocks(H));
+  const std::size_t packed_size = k.forward_packed_size(F, H);
+  const bool has_prepacked = prepacked != nullptr && prepacked->element_count() != 0;
+  if (has_prepacked) {
+    // [groups..., blocks, 1 + features + units, 4, width]: the width names the
+    // instruction set's layout, which another set's kernel must not read.
+    const auto packed_dims = prepacked->dimensions();
+    if (packed_dims.size() == 0 || packed_dims[packed_dims.size() - 1] != k.width) {
+      return ffi::Error::InvalidArgument(
+          "packed: expected weights packed for vectors of " + std::to_string(k.width) +
+          " floats (" + k.name + ")");
+    }
+    BRNN_RETURN_IF_ERROR(
+        Expect("packed", *prepacked, G * static_cast<int64_t>(packed_size), false));
+  }
+  PackedWeights packed(has_prepacked ? 0 : packed_size, k.forward_blocks(H));
+  const ReadyPanels ready(has_prepacked ? k.forward_blocks(H) : 0);
   const bool has_valid = valid.element_count() != 0, has_dropmask = dropmask.element_count() != 0;
   for (int64_t g = 0; g < G; ++g) {
     ForwardArgs args{};
@@ -292,7 +322,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     args.kernel = kernel.typed_data() + g * F * 4 * H;
     args.recurrent = recurrent.typed_data() + g * H * 4 * H;
     args.bias = bias.typed_data() + g * 4 * H;
-    args.panels = packed.Reset();
+    args.panels = has_prepacked ? ready.For(prepacked->typed_data() + g * packed_size)
+                                : packed.Reset();
     args.h0 = h0.typed_data() + g * R * H;
     args.c0 = c0.typed_data() + g * R * H;
     args.valid = has_valid ? reinterpret_cast<const std::uint8_t*>(valid.typed_data()) + g * T * R
@@ -314,11 +345,12 @@ ffi::Error ForwardInference(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> recurrent,
                             ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> h0,
                             ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> valid,
-                            ffi::Buffer<ffi::F32> dropmask, ffi::Result<ffi::Buffer<ffi::F32>> hs,
+                            ffi::Buffer<ffi::F32> dropmask, ffi::Buffer<ffi::F32> packed,
+                            ffi::Result<ffi::Buffer<ffi::F32>> hs,
                             ffi::Result<ffi::Buffer<ffi::F32>> c_final) {
   BRNN_RETURN_IF_ERROR(Expect("c_final", *c_final, c0.element_count(), false));
   return Forward(pool, x, kernel, recurrent, bias, h0, c0, valid, dropmask, hs, nullptr, nullptr,
-                 c_final->typed_data());
+                 c_final->typed_data(), &packed);
 }
 
 ffi::Error ForwardTraining(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -331,7 +363,7 @@ ffi::Error ForwardTraining(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   BRNN_RETURN_IF_ERROR(Expect("cs", *cs, hs->element_count(), false));
   BRNN_RETURN_IF_ERROR(Expect("acts", *acts, 4 * hs->element_count(), false));
   return Forward(pool, x, kernel, recurrent, bias, h0, c0, valid, dropmask, hs, cs->typed_data(),
-                 acts->typed_data(), nullptr);
+                 acts->typed_data(), nullptr, nullptr);
 }
 
 // --------------------------------------------------------------- backward
@@ -407,6 +439,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> recurrent,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BandedRnnLstmForward, banded_rnn::ForwardInference,
                               ffi::Ffi::Bind()
                                   .BRNN_FORWARD_ARGS
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // packed, or empty
                                   .Ret<ffi::Buffer<ffi::F32>>()   // hs
                                   .Ret<ffi::Buffer<ffi::F32>>());  // c_final
 

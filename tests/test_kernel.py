@@ -239,6 +239,79 @@ def test_nan_in_one_row_reaches_no_other_row_nor_its_gradient():
     np.testing.assert_allclose(y[clean], expected[clean], rtol=0, atol=2e-6)
 
 
+# -- weights packed ahead of time (what a Stream does once) ---------------------------
+
+
+def _packed(model, variables, x):
+    """The variables plus the packed collection, as a Stream prepares them."""
+    with _kernel.packing():
+        _, packed = model.apply(variables, None, x, mutable=[_kernel.PACKED_COLLECTION])
+    return {**variables, **packed}
+
+
+@pytest.mark.parametrize("units, num_layers", [(5, 2), (20, 1), (64, 1)])
+def test_prepacked_weights_give_the_kernels_own_results_bit_for_bit(isa, units, num_layers):
+    model = _model(units, num_layers)
+    variables, x = _variables(model, (2, 3, 6, 4))
+    prepared = _packed(model, variables, x[:, :, :1])
+    layer = prepared[_kernel.PACKED_COLLECTION]["layer_0"]
+    assert layer.shape == _kernel.packed_shape(4, units)
+    state = random_state(model, 2, 3, 1)
+    final, y = jax.jit(model.apply)(prepared, state, x)
+    expected_final, expected = jax.jit(model.apply)(variables, state, x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(expected))
+    jax.tree.map(np.testing.assert_array_equal, final, expected_final)
+    _, reference = lstm_reference(params_from_variables(variables), x, [tuple(s) for s in state])
+    np.testing.assert_allclose(np.asarray(y), reference, rtol=0, atol=2e-6)
+
+
+def test_weights_packed_for_another_instruction_set_are_not_read():
+    model = _model(8, 1)
+    variables, x = _variables(model, (1, 2, 4, 4))
+    default = _kernel.info()["isa"]
+    prepared = _packed(model, variables, x)  # laid out for the default set's vector width
+    _, expected = lstm_reference(params_from_variables(variables), x)
+    try:
+        for isa in _kernel.isas():  # another width: the kernel packs them itself
+            _kernel.set_isa(isa)
+            _, y = model.apply(prepared, None, x)
+            np.testing.assert_allclose(np.asarray(y), expected, rtol=0, atol=2e-6)
+    finally:
+        _kernel.set_isa(default)
+
+
+def _layer_weights(variables):
+    return tuple(variables["params"]["layer_0"][k] for k in ("kernel", "recurrent_kernel", "bias"))
+
+
+def test_the_kernel_refuses_weights_packed_for_another_width():
+    model = _model(8, 1)
+    variables, x = _variables(model, (1, 2, 4, 4))
+    weights = _layer_weights(variables)
+    packed = _kernel.pack_forward(*weights)
+    wrong = packed.reshape(*packed.shape[:-2], 8, -1)  # as many floats, half the width
+    h0 = jnp.zeros((2, 8))
+    inputs = jnp.moveaxis(x[0], 1, 0)  # [time, rows, features]
+    with pytest.raises(Exception, match=r"packed: expected weights packed for vectors of"):
+        jax.block_until_ready(_kernel.recurrence(inputs, *weights, h0, h0, None, None, wrong))
+
+
+def test_init_and_training_never_carry_packed_weights():
+    model = _model(6, 1)
+    x = random_inputs(0, (1, 2, 3, 4))
+    variables = model.init(jax.random.key(0), None, x)
+    assert set(variables) == {"params"}
+    _, mutated = model.apply(variables, None, x, mutable=True)  # every collection mutable
+    assert _kernel.PACKED_COLLECTION not in mutated
+
+    def loss(variables):
+        return model.apply(variables, None, x)[1].sum()
+
+    # The derivative packs its own weights, from the parameters.
+    with_packed = jax.grad(loss)(_packed(model, variables, x))["params"]
+    jax.tree.map(np.testing.assert_array_equal, with_packed, jax.grad(loss)(variables)["params"])
+
+
 def test_vmap_over_weights_runs_each_entry_with_its_own():
     model = _model(6, 1)
     variables, x = _variables(model, (2, 3, 5, 4))
