@@ -1,8 +1,8 @@
 """The recurrent state of a banded LSTM, and every operation on it.
 
-The state is named, never a bare ``(c, h)`` pair. Zeros, resets and the flat
-form that ``jax.export`` artifacts take are written here once, for the Flax
-module, :class:`~banded_rnn.Stream`, the training loop and the Keras layer.
+The state is named, never a bare ``(c, h)`` pair. Zeros and resets are
+written here once, for the Flax module, :class:`~banded_rnn.Stream`, the
+training loop and the Keras layer.
 """
 
 from __future__ import annotations
@@ -84,15 +84,3 @@ def batch_mask(indices: Any, shape: tuple[int, int]) -> np.ndarray:
     mask = np.zeros(shape, np.bool_)
     mask[slice(None) if indices is None else list(indices)] = True
     return mask
-
-
-def flatten_state(state: State) -> tuple[jax.Array, ...]:
-    """``(hidden_0, cell_0, hidden_1, cell_1, ...)``: the state as plain arrays,
-    the signature of an exported streaming step."""
-    return tuple(field for layer in state for field in layer)
-
-
-def unflatten_state(flat: Any) -> State:
-    """The inverse of :func:`flatten_state`."""
-    flat = tuple(flat)
-    return tuple(LSTMState(*flat[i : i + 2]) for i in range(0, len(flat), 2))

@@ -6,14 +6,18 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import _stream_file, _validate
-from ._banded import BandedLSTM
 from ._compile_count import CompileCounter
-from ._state import State, batch_mask, reset_state, zero_state
-from ._stream_step import stream_spec, stream_step
+from ._state import batch_mask, reset_state
+from ._stream_step import stream_spec, stream_step, with_packed_weights
+
+OUTPUTS = ("numpy", "device")
+"""``Stream``'s ``outputs`` values."""
 
 
 def _default_buckets(max_chunk: int) -> list[int]:
@@ -26,15 +30,27 @@ class Stream:
     their state carried from call to call on the device.
 
     ``stream(chunk)`` feeds ``chunk [batch, bands, time, features]`` of any
-    ``time >= 1`` and returns the outputs ``[batch, bands, time, units]`` as a
-    NumPy array. A chunk runs as pieces of bucket lengths, the longest that
-    fits first (13 steps with the default buckets of ``max_chunk=16``: 8, 4
-    and 1), so the stream runs only ``len(buckets)`` compiled shapes: after
-    :meth:`warmup` no call compiles again, whatever the chunk lengths. Pieces
-    are never padded while the buckets include 1 (the default), and streaming
-    then equals one whole-sequence ``apply`` bit for bit. (With custom buckets
-    that lack 1, a remainder shorter than the smallest bucket is zero-padded up
-    to it and the padding masked, which rounds differently: about 1e-6.)
+    ``time >= 1`` and returns the outputs ``[batch, bands, time, ...]`` as a
+    NumPy array (or a device array, with ``outputs="device"``). A chunk runs as
+    pieces of bucket lengths, the longest that fits first (13 steps with the
+    default buckets of ``max_chunk=16``: 8, 4 and 1), so the stream runs only
+    ``len(buckets)`` compiled shapes: after :meth:`warmup` no call compiles
+    again, whatever the chunk lengths. Pieces are never padded while the
+    buckets include 1 (the default), and streaming then equals one
+    whole-sequence ``apply`` bit for bit. (With custom buckets that lack 1, a
+    remainder shorter than the smallest bucket is zero-padded up to it and the
+    padding masked with ``seq_lengths``, which rounds differently: about 1e-6.)
+
+    The model is a ``BandedLSTM`` or any Flax module with its calling
+    convention, ``model.apply(variables, state, inputs, ...) -> (final_state,
+    outputs)``, e.g. per-band layers before and after one or more
+    ``BandedLSTM``. Given ``state=None`` it starts from its zero state (as
+    ``BandedLSTM`` does, and as ``fit`` relies on); its state may be any pytree
+    whose leaves are ``[batch, bands, ...]``, and must come back with the same
+    structure and shapes. Its layers outside the ``BandedLSTM`` s must act on
+    each time step alone (dense, per-band layers): whatever crosses a chunk
+    boundary has to be in the state. ``deterministic=True`` is passed where
+    ``model.__call__`` takes it, so dropout is off.
 
     >>> import jax, numpy as np
     >>> model = BandedLSTM(units=8)
@@ -49,19 +65,26 @@ class Stream:
     >>> stream.reset(batch=[1])                        # restart sequence 1 only
 
     Args:
-      model: the ``BandedLSTM``.
+      model: the ``BandedLSTM``, or a Flax module with its calling convention.
       variables: its variables; moved to the device once, here.
       batch_size, num_bands: the stream's ``[batch, bands]``.
       max_chunk: the longest piece run in one compiled call.
       buckets: the piece lengths compiled; by default the powers of two below
-        ``max_chunk``, and ``max_chunk``. Must contain ``max_chunk``.
+        ``max_chunk``, and ``max_chunk``. Must contain ``max_chunk``; may lack 1
+        only if ``model.__call__`` takes ``seq_lengths``.
       dtype: the floating dtype chunks are cast to on the host (one dtype, so
         one compilation per bucket).
+      features: the chunks' last axis. Read from the variables of a
+        ``BandedLSTM``; required for other models.
+      outputs: ``"numpy"`` (the default): each call returns a NumPy array,
+        waiting for the computation. ``"device"``: a ``jax.Array`` on the
+        device, returned as soon as the work is dispatched, for callers that
+        chain more JAX work or convert later.
     """
 
     def __init__(
         self,
-        model: BandedLSTM,
+        model: nn.Module,
         variables: Any,
         batch_size: int,
         num_bands: int,
@@ -69,17 +92,35 @@ class Stream:
         *,
         buckets: Sequence[int] | None = None,
         dtype: Any = np.float32,
+        features: int | None = None,
+        outputs: str = "numpy",
     ) -> None:
-        spec = stream_spec(model, variables, batch_size, num_bands, dtype)
+        spec = stream_spec(model, variables, batch_size, num_bands, dtype, features)
+        if outputs not in OUTPUTS:
+            raise ValueError(f"outputs: expected one of {OUTPUTS}; received {outputs!r}")
         self.batch_size, self.num_bands = spec.batch_size, spec.num_bands
         self.features, self.dtype = spec.features, spec.dtype
+        self.outputs = outputs
+        self._device_outputs = outputs == "device"
         self._chunk_shape = (self.batch_size, self.num_bands, self.features)
         self.max_chunk = _validate.positive_int(max_chunk, "max_chunk")
         self.buckets = self._check_buckets(buckets)
+        if self.buckets[0] > 1 and not spec.takes_seq_lengths:
+            raise ValueError(
+                f"buckets: without 1, a remainder shorter than {self.buckets[0]} steps is "
+                f"padded and the padding masked with seq_lengths, which "
+                f"{type(model).__name__}.__call__ does not take; received {list(self.buckets)}"
+            )
         self._spec = spec
         self._model = model
         self._compiles = CompileCounter()
         self._variables = jax.device_put(variables)
+        with self._compiles:  # one compilation, where the kernel runs
+            self._step_variables = with_packed_weights(
+                model,
+                self._variables,
+                np.zeros((*self._chunk_shape[:2], 1, self.features), self.dtype),
+            )
         self._fingerprint: dict[str, Any] | None = None
         self._compiled_step = stream_step(model)
         self._copy_state = jax.jit(reset_state)  # a fresh copy, pending resets applied
@@ -105,12 +146,8 @@ class Stream:
             )
         return tuple(buckets)
 
-    def _zeros(self) -> State:
-        def put_zeros(shape, dtype):
-            return jax.device_put(np.zeros(shape, dtype))
-
-        spec = self._spec
-        return zero_state(self._model.num_layers, spec.state_shape, spec.state_dtype, put_zeros)
+    def _zeros(self) -> Any:
+        return self._spec.zeros(lambda shape, dtype: jax.device_put(np.zeros(shape, dtype)))
 
     @property
     def compile_count(self) -> int:
@@ -118,19 +155,26 @@ class Stream:
         return self._compiles.count
 
     @property
-    def state(self) -> State:
-        """A copy of the current state: ``num_layers`` LSTMState, each field
-        ``[batch, bands, units]``, with pending resets applied. Later calls
-        never invalidate it."""
+    def state(self) -> Any:
+        """A copy of the current state, with pending resets applied: for a
+        ``BandedLSTM``, ``num_layers`` LSTMState, each field ``[batch, bands,
+        units]``; for another model, the pytree it returns.
+        Later calls never invalidate it."""
+        mask = self._pending_reset
         with self._compiles:
-            return self._copy_state(self._state, self._reset_mask(None))
+            return self._copy_state(self._state, self._no_reset if mask is None else mask)
 
-    def _check_chunk(self, chunk: Any) -> Any:
-        """``chunk`` as an array of the stream's dtype, or raises."""
-        if not hasattr(chunk, "shape") or not hasattr(chunk, "dtype"):
-            chunk = np.asarray(chunk)
-        shape = tuple(chunk.shape)
-        if shape[:2] + shape[3:] != self._chunk_shape or chunk.dtype != self.dtype or not shape[2]:
+    def _check_chunk(self, chunk: Any) -> tuple[Any, int]:
+        """``chunk`` as an array of the stream's dtype, and its length; or raises."""
+        kind = type(chunk)
+        if kind is not np.ndarray and not isinstance(chunk, jax.Array):
+            chunk, kind = np.asarray(chunk), np.ndarray
+        shape, dtype = chunk.shape, chunk.dtype
+        if (
+            (shape[0], shape[1], *shape[3:]) != self._chunk_shape
+            or dtype != self.dtype
+            or not shape[2]
+        ):
             _validate.check_inputs(  # the full checks, off the common path
                 chunk,
                 "chunk",
@@ -138,14 +182,16 @@ class Stream:
                 batch_bands=(self.batch_size, self.num_bands),
                 nonempty=True,
             )
-        if type(chunk) is np.ndarray:
-            return chunk if chunk.dtype == self.dtype else chunk.astype(self.dtype)
-        if isinstance(chunk, jax.Array) and chunk.dtype == self.dtype and shape[2] in self.buckets:
-            return chunk  # already on the device, and runs as it is: one bucket
-        return np.asarray(chunk, self.dtype)
+        time = shape[2]
+        if kind is np.ndarray:
+            return (chunk if dtype == self.dtype else chunk.astype(self.dtype)), time
+        if dtype == self.dtype and time in self.buckets:
+            return chunk, time  # already on the device, and runs as it is: one bucket
+        return np.asarray(chunk, self.dtype), time
 
-    def _reset_mask(self, reset: Any) -> jax.Array:
-        """The pending resets and ``reset`` (checked), as a device mask ``[batch, bands]``."""
+    def _reset_mask(self, reset: Any) -> np.ndarray | None:
+        """The pending resets and ``reset`` (checked), as a mask ``[batch,
+        bands]``; None if there are none."""
         mask = self._pending_reset
         if reset is not None:
             _validate.check_batch_mask(reset, self.batch_size, self.num_bands)
@@ -153,7 +199,14 @@ class Stream:
                 np.asarray(reset).reshape(self.batch_size, -1), (self.batch_size, self.num_bands)
             )
             mask = given if mask is None else mask | given
-        return self._no_reset if mask is None else jax.device_put(mask)
+        return mask
+
+    def _apply_resets(self, mask: np.ndarray | None) -> None:
+        """Zeroes the states under ``mask``, with the compiled state copy: the
+        step itself then has one compiled form per bucket, with no mask to
+        pass on every call."""
+        self._state = self._copy_state(self._state, mask)
+        self._pending_reset = None
 
     def _split(self, time: int) -> list[int]:
         """The lengths of the pieces ``time`` steps run as: the longest bucket
@@ -170,39 +223,42 @@ class Stream:
             time -= piece
         return pieces
 
-    def _run_piece(self, piece: Any, reset_mask: jax.Array) -> jax.Array:
-        """Runs one piece of a bucket's length, or shorter than every bucket
-        (padded, the padding masked); returns its outputs, padding included."""
-        length = piece.shape[2]
-        lengths = None
-        if length < self.buckets[0]:
-            padded = np.zeros((*piece.shape[:2], self.buckets[0], self.features), self.dtype)
-            padded[:, :, :length] = piece
-            piece, lengths = padded, self._padding_lengths[length]
+    def _run_piece(self, piece: Any, length: int) -> jax.Array:
+        """Runs one piece of ``length`` steps, a bucket's or shorter than every
+        bucket (padded, the padding masked); returns its outputs, padding included."""
+        if length >= self.buckets[0]:
+            self._state, out = self._compiled_step(self._step_variables, self._state, piece)
+            return out
+        padded = np.zeros((*piece.shape[:2], self.buckets[0], self.features), self.dtype)
+        padded[:, :, :length] = piece
         self._state, out = self._compiled_step(
-            self._variables, self._state, piece, reset_mask, lengths
+            self._step_variables, self._state, padded, None, self._padding_lengths[length]
         )
-        self._pending_reset = None
         return out
 
-    def __call__(self, chunk: Any, reset: Any = None) -> np.ndarray:
+    def __call__(self, chunk: Any, reset: Any = None) -> Any:
         """Feeds ``chunk [batch, bands, time, features]`` and returns the outputs
-        ``[batch, bands, time, units]`` (NumPy). ``reset``, a bool mask
-        ``[batch]`` or ``[batch, bands]``, restarts those streams from zeros
-        before the chunk. Bad input raises before the state is touched."""
-        chunk = self._check_chunk(chunk)
-        reset_mask = self._reset_mask(reset)
-        pieces = self._split(chunk.shape[2])
+        ``[batch, bands, time, ...]``: NumPy, or a ``jax.Array`` with
+        ``outputs="device"``. ``reset``, a bool mask ``[batch]`` or ``[batch,
+        bands]``, restarts those streams from zeros before the chunk. Bad input
+        raises before the state is touched."""
+        chunk, time = self._check_chunk(chunk)
+        mask = self._pending_reset if reset is None else self._reset_mask(reset)
         with self._compiles:
-            if len(pieces) == 1:
-                return np.asarray(self._run_piece(chunk, reset_mask))[:, :, : pieces[0]]
+            if mask is not None:
+                self._apply_resets(mask)
+            if time in self.buckets:  # the common case: one compiled call, nothing to cut
+                self._state, out = self._compiled_step(self._step_variables, self._state, chunk)
+                return out if self._device_outputs else np.asarray(out)
             outputs, start = [], 0
-            for length in pieces:
-                out = self._run_piece(chunk[:, :, start : start + length], reset_mask)
-                outputs.append((out, length))  # converted after all are dispatched
+            for length in self._split(time):
+                out = self._run_piece(chunk[:, :, start : start + length], length)
+                outputs.append(out if length >= self.buckets[0] else out[:, :, :length])
                 start += length
-                reset_mask = self._no_reset
-            return np.concatenate([np.asarray(out)[:, :, :n] for out, n in outputs], axis=2)
+            if self._device_outputs:
+                return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=2)
+            # Converted after every piece is dispatched.
+            return np.concatenate([np.asarray(out) for out in outputs], axis=2)
 
     def reset(self, batch: Sequence[int] | int | None = None) -> None:
         """Restarts sequences from a zero state: all of them, or those at the
@@ -218,35 +274,40 @@ class Stream:
         than 1) and the state copy, on a scratch state: the stream's own state
         is left as it is."""
         shape = (self.batch_size, self.num_bands)
-        runs = [(bucket, None) for bucket in self.buckets]
-        runs += [(self.buckets[0], lengths) for lengths in list(self._padding_lengths.values())[:1]]
+        # Called exactly as _run_piece calls: the padded piece with its lengths.
+        runs = [(bucket, ()) for bucket in self.buckets]
+        runs += [(self.buckets[0], (None, lengths)) for lengths in self._padding_lengths.values()]
         with self._compiles:
             scratch = self._zeros()
-            for bucket, lengths in runs:
+            for bucket, extra in runs[: len(self.buckets) + 1]:
                 chunk = np.zeros((*shape, bucket, self.features), self.dtype)
-                scratch, out = self._compiled_step(
-                    self._variables, scratch, chunk, self._no_reset, lengths
-                )
+                scratch, out = self._compiled_step(self._step_variables, scratch, chunk, *extra)
             jax.block_until_ready((self._copy_state(scratch, self._no_reset), out))
 
     def _expected_fingerprint(self) -> dict[str, Any]:
         if self._fingerprint is None:
             self._fingerprint = _stream_file.fingerprint(
-                self._model, self._variables, self.batch_size, self.num_bands
+                self._model,
+                self._variables,
+                self._spec.state_layout(),
+                self.batch_size,
+                self.num_bands,
             )
         return self._fingerprint
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the state (pending resets applied) to ``path`` (``.npz``) with a
-        fingerprint of the model: config, variable shapes and a weights digest."""
-        state = jax.tree.map(np.asarray, self.state)
-        _stream_file.save(path, state, self._expected_fingerprint())
+        fingerprint of the model: its class, variable shapes, a weights digest
+        and the state's layout. The file is replaced atomically."""
+        leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(self.state)]
+        _stream_file.save(path, leaves, self._expected_fingerprint())
 
     def load(self, path: str | os.PathLike) -> None:
         """Replaces the state by the one saved at ``path``. A file from another
         model, weights or stream shape raises ``ValueError`` and changes nothing."""
-        state = _stream_file.load(
-            path, self._expected_fingerprint(), self._spec.state_shape, self._spec.state_dtype
+        leaves = _stream_file.load(path, self._expected_fingerprint())
+        self._state = jax.tree.unflatten(
+            jax.tree.structure(self._spec.state),
+            [jax.device_put(np.array(leaf)) for leaf in leaves],
         )
-        self._state = jax.tree.map(lambda a: jax.device_put(np.array(a)), state)
         self._pending_reset = None

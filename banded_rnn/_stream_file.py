@@ -1,4 +1,4 @@
-"""The stream state file: the state arrays plus a fingerprint of the model they belong to."""
+"""The stream state file: the state's arrays plus a fingerprint of the model they belong to."""
 
 from __future__ import annotations
 
@@ -11,17 +11,26 @@ import jax
 import numpy as np
 
 from ._banded import BandedLSTM
-from ._state import LSTMState, State
+from ._state import LSTMState
 
-FORMAT = "banded_rnn.stream_state/1"
+FORMAT = "banded_rnn.stream_state/2"
+"""Format 2 numbers the state's leaves (``state_0``, ``state_1``, ... in
+``jax.tree`` order) and records their layout, for a state of any structure."""
+FORMAT_1 = "banded_rnn.stream_state/1"
+"""Format 1 (``BandedLSTM`` streams only) named them ``hidden_{layer}`` and
+``cell_{layer}``; files in it still load."""
 
 
 def fingerprint(
-    model: BandedLSTM, variables: Any, batch_size: int, num_bands: int
+    model: Any,
+    variables: Any,
+    state_layout: list[list[Any]],
+    batch_size: int,
+    num_bands: int,
 ) -> dict[str, Any]:
-    """What a state depends on: the model's shape-relevant config, every
-    variable's path, shape and dtype, a digest of the weights, and the stream's
-    ``[batch, bands]``. JSON-serialisable."""
+    """What a state depends on: the model's class, every variable's path, shape
+    and dtype, a digest of the weights, the state's layout (``[path, shape,
+    dtype]`` per leaf) and the stream's ``[batch, bands]``. JSON-serialisable."""
     leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
     digest = hashlib.sha256()
     layout = []
@@ -31,31 +40,62 @@ def fingerprint(
         digest.update(np.ascontiguousarray(array).tobytes())
     return {
         "format": FORMAT,
-        "model": {
-            "class": type(model).__name__,
-            "units": model.units,
-            "num_layers": model.num_layers,
-            "param_dtype": np.dtype(model.param_dtype).name,
-        },
+        "model": _model_config(model),
         "variables": layout,
         "weights_sha256": digest.hexdigest(),
+        "state": state_layout,
         "batch_size": batch_size,
         "num_bands": num_bands,
     }
 
 
-def save(path: str | os.PathLike, state: State, expected: dict[str, Any]) -> None:
-    """Writes ``state`` and ``expected`` (a fingerprint) as one ``.npz`` file,
-    atomically: a crash mid-write never leaves a half-written file at ``path``."""
+def _model_config(model: Any) -> dict[str, Any]:
+    """The model's class, and for a ``BandedLSTM`` its shape-relevant config
+    (named in the error when a file of another one is loaded)."""
+    config: dict[str, Any] = {"class": type(model).__name__}
+    if isinstance(model, BandedLSTM):
+        config.update(
+            units=model.units,
+            num_layers=model.num_layers,
+            param_dtype=np.dtype(model.param_dtype).name,
+        )
+    return config
+
+
+def save(path: str | os.PathLike, leaves: list[np.ndarray], expected: dict[str, Any]) -> None:
+    """Writes the state's ``leaves`` and ``expected`` (a fingerprint) as one
+    ``.npz`` file, atomically: the file is written and synced beside ``path``,
+    then renamed over it, so a crash never leaves a half-written file there."""
     arrays = {"fingerprint": np.asarray(json.dumps(expected, sort_keys=True))}
-    for layer, layer_state in enumerate(state):
-        for field, value in zip(LSTMState._fields, layer_state, strict=True):
-            arrays[f"{field}_{layer}"] = np.asarray(value)
+    arrays.update((f"state_{index}", np.asarray(leaf)) for index, leaf in enumerate(leaves))
     path = os.fspath(path)
     partial = f"{path}.partial"
     with open(partial, "wb") as file:
         np.savez(file, **arrays)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(partial, path)
+
+
+def _from_format_1(saved: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """A format-1 fingerprint and its arrays in format 2's terms: ``hidden_i``,
+    ``cell_i`` become the leaves ``[i].hidden``, ``[i].cell`` of a tuple of
+    ``LSTMState``, as a ``BandedLSTM``'s state flattens."""
+    model = saved.get("model") if isinstance(saved.get("model"), dict) else {}
+    layers = model.get("num_layers")
+    names = [
+        (f"[{layer}].{field}", f"{field}_{layer}")
+        for layer in range(layers if isinstance(layers, int) else 0)
+        for field in LSTMState._fields
+    ]
+    layout = []
+    for index, (path, name) in enumerate(names):
+        value = arrays.pop(name, None)
+        if value is None:
+            break
+        arrays[f"state_{index}"] = value
+        layout.append([path, list(value.shape), value.dtype.name])
+    return {**saved, "format": FORMAT, "state": layout}
 
 
 def _differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[str]:
@@ -66,22 +106,32 @@ def _differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[str]:
                 f"{key}: saved {saved.get('model', {}).get(key)!r}, this model {value!r}"
             )
     if saved.get("variables") != expected["variables"]:
-        differences.append(
-            f"variables: saved {saved.get('variables')!r}, this model {expected['variables']!r}"
-        )
+        differences.append(_layout_difference("variables", saved.get("variables"), expected))
     elif saved.get("weights_sha256") != expected["weights_sha256"]:
         differences.append("weights: same shapes, different values (another trained model)")
+    if saved.get("state") != expected["state"]:
+        differences.append(_layout_difference("state", saved.get("state"), expected))
     for key in ("batch_size", "num_bands"):
         if saved.get(key) != expected[key]:
             differences.append(f"{key}: saved {saved.get(key)!r}, this stream {expected[key]!r}")
     return differences
 
 
-def load(
-    path: str | os.PathLike, expected: dict[str, Any], shape: tuple[int, ...], dtype: Any
-) -> State:
-    """Reads a file written by :func:`save` and returns its state as NumPy
-    arrays, or raises ``ValueError`` if it belongs to another model or stream."""
+def _layout_difference(key: str, saved: Any, expected: dict[str, Any]) -> str:
+    """The first entry where two ``[path, shape, dtype]`` layouts differ."""
+    ours = expected[key]
+    if not isinstance(saved, list):
+        return f"{key}: saved {saved!r}, this stream {len(ours)} arrays"
+    for theirs, mine in zip(saved, ours, strict=False):
+        if theirs != mine:
+            return f"{key}: saved {theirs!r}, this stream {mine!r} (as [path, shape, dtype])"
+    return f"{key}: saved {len(saved)} arrays, this stream {len(ours)}"
+
+
+def load(path: str | os.PathLike, expected: dict[str, Any]) -> list[np.ndarray]:
+    """Reads a file written by :func:`save` (or in format 1) and returns the
+    state's leaves as NumPy arrays, or raises ``ValueError`` if it belongs to
+    another model or stream."""
     try:
         with np.load(path, allow_pickle=False) as file:
             arrays = {name: file[name] for name in file.files}
@@ -95,6 +145,8 @@ def load(
         saved = json.loads(str(arrays["fingerprint"]))
     except (KeyError, json.JSONDecodeError):
         saved = None
+    if isinstance(saved, dict) and saved.get("format") == FORMAT_1:
+        saved = _from_format_1(saved, arrays)
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise ValueError(
             f"path: {os.fspath(path)!r} is not a stream state file (expected format {FORMAT!r})"
@@ -105,17 +157,13 @@ def load(
             f"path: the state in {os.fspath(path)!r} belongs to another model or stream; "
             + "; ".join(differences)
         )
-    dtype = np.dtype(dtype)
-    state = []
-    for layer in range(expected["model"]["num_layers"]):
-        fields = []
-        for field in LSTMState._fields:
-            value = arrays.get(f"{field}_{layer}")
-            if value is None or value.shape != tuple(shape) or value.dtype != dtype:
-                raise ValueError(
-                    f"path: {os.fspath(path)!r} holds no {dtype.name} {field}_{layer} of "
-                    f"shape [batch, bands, units] = {tuple(shape)}"
-                )
-            fields.append(value)
-        state.append(LSTMState(*fields))
-    return tuple(state)
+    leaves = []
+    for index, (where, shape, dtype) in enumerate(expected["state"]):
+        value = arrays.get(f"state_{index}")
+        if value is None or value.shape != tuple(shape) or value.dtype.name != dtype:
+            raise ValueError(
+                f"path: {os.fspath(path)!r} holds no {dtype} state_{index} (the state's "
+                f"{where}) of shape {tuple(shape)}"
+            )
+        leaves.append(value)
+    return leaves

@@ -35,7 +35,10 @@ OURS_SHARDED = "ours-sharded"
 """Ours with the batch split over several CPU devices, where that applies."""
 OURS_SCAN = "ours-scan"
 """Ours on the XLA scan (``implementation="scan"``) instead of the native kernel."""
-OURS_VARIANTS = (OURS_SHARDED, OURS_SCAN)
+OURS_STEP = "ours-step"
+"""Streaming through the pure ``stream_step`` instead of ``Stream``: the
+forward weights are packed inside every call."""
+OURS_VARIANTS = (OURS_SHARDED, OURS_SCAN, OURS_STEP)
 """Rows that run our own code another way: checked against ours, but they do
 not count as the baseline that ours must agree with."""
 

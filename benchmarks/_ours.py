@@ -4,7 +4,10 @@
 kernel); :func:`build_scan` is the same with the XLA scan.
 
 * full sequence: ``jax.jit(model.apply)``;
-* streaming: ``banded_rnn.stream_step(model)`` (the state donated);
+* streaming: ``banded_rnn.Stream(..., outputs="device")`` fed device-resident
+  frames, as the baselines are (NumPy frames in and out cost a few us more
+  per frame, benchmarks/NOTES.md entry 14); :func:`build_step` is the pure
+  ``banded_rnn.stream_step(model)`` (the state donated);
 * training: one optimiser step (forward, backward, ``optax.adam``, MSE on a
   linear head ``units -> features``): ``banded_rnn.training.make_train_step``
   (the parameters and the optimiser state donated).
@@ -25,7 +28,7 @@ import optax
 from flax.training.train_state import TrainState
 from jax.sharding import PartitionSpec
 
-from banded_rnn import BandedLSTM, stream_step
+from banded_rnn import BandedLSTM, Stream, stream_step
 from banded_rnn.training import make_mesh, make_train_step
 
 from ._configs import Config
@@ -34,6 +37,8 @@ from ._harness import (
     OURS,
     OURS_SCAN,
     OURS_SHARDED,
+    OURS_STEP,
+    PARITY_FRAMES,
     Impl,
     compile_seconds,
     jax_stream_impl,
@@ -134,18 +139,50 @@ def _inference(
     )
 
 
+def _frames(config: Config, inputs: np.ndarray) -> list[jax.Array]:
+    return [jnp.asarray(inputs[:, :, t : t + 1]) for t in range(config.frames)]
+
+
 def _stream(
     config: Config, weights: Weights, inputs: np.ndarray, implementation: str = "auto"
 ) -> Impl:
     model = _model(config, implementation=implementation)
-    variables = jax.device_put(to_ours(weights))
-    frames = [jnp.asarray(inputs[:, :, t : t + 1]) for t in range(config.frames)]
+    start = time.perf_counter()
+    stream = Stream(
+        model, to_ours(weights), config.batch, config.bands, max_chunk=1, outputs="device"
+    )
+    stream.warmup()
+    compile_s = time.perf_counter() - start
+    frames = _frames(config, inputs)
+
+    def outputs():
+        stream.reset()
+        first = [np.asarray(stream(frame))[:, :, 0] for frame in frames[:PARITY_FRAMES]]
+        return {"outputs": np.stack(first)}
+
+    def run():
+        for frame in frames:
+            stream(frame).block_until_ready()
+
+    note = "banded_rnn.Stream(model, ..., outputs='device'), device-resident frames"
+    return Impl(OURS, outputs, run, per_run=len(frames), compile_seconds=compile_s, note=note)
+
+
+def build_step(
+    config: Config, weights: Weights, inputs: np.ndarray, targets: np.ndarray
+) -> Impl | None:
+    """Streaming through the pure ``stream_step`` (:data:`OURS_STEP`); None
+    for the other modes."""
+    del targets
+    if config.mode != "stream":
+        return None
+    model = _model(config)
     return jax_stream_impl(
-        OURS,
+        OURS_STEP,
         stream_step(model),
-        variables,
+        jax.device_put(to_ours(weights)),
         lambda: model.initial_state(config.batch, config.bands),
-        frames,
+        _frames(config, inputs),
         "banded_rnn.stream_step(model)",
     )
 

@@ -23,6 +23,7 @@ from ._configs import CONFIGS, MEMORY_REMAT_CHUNK, MEMORY_TIME, Config  # noqa: 
 from ._harness import (  # noqa: E402
     OURS_SCAN,
     OURS_SHARDED,
+    OURS_STEP,
     Impl,
     Result,
     Row,
@@ -69,7 +70,7 @@ def build_impls(
     weights = random_weights(config, seed)
     inputs, targets = random_data(config, seed + 1)
     impls = [_ours.build(config, weights, inputs, targets)]
-    builders = {OURS_SCAN: _ours.build_scan}
+    builders = {OURS_STEP: _ours.build_step, OURS_SCAN: _ours.build_scan}
     if sharded:
         builders[OURS_SHARDED] = _ours.build_sharded
     builders.update((name, _baselines.BUILDERS[name]) for name in baselines)

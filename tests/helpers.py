@@ -43,6 +43,26 @@ def random_state(model: BandedLSTM, batch: int, bands: int, seed: int):
     )
 
 
+def random_lengths(seed: int, total: int, longest: int) -> list[int]:
+    """Random chunk lengths in ``[1, longest]`` that add up to ``total``."""
+    rng = np.random.default_rng(seed)
+    lengths = []
+    while sum(lengths) < total:
+        lengths.append(int(rng.integers(1, longest + 1)))
+    lengths[-1] -= sum(lengths) - total
+    return [t for t in lengths if t > 0]
+
+
+def run_chunks(stream, inputs, lengths) -> np.ndarray:
+    """``inputs [batch, bands, time, ...]`` through ``stream`` in chunks of
+    ``lengths`` steps; the outputs joined along time, as NumPy."""
+    outputs, start = [], 0
+    for t in lengths:
+        outputs.append(np.asarray(stream(inputs[:, :, start : start + t])))
+        start += t
+    return np.concatenate(outputs, axis=2)
+
+
 class WithHead(nn.Module):
     """A banded LSTM followed by a linear head ``units -> 1``, with BandedLSTM's
     call signature (what ``make_train_step`` expects of ``apply_fn``)."""
@@ -55,6 +75,37 @@ class WithHead(nn.Module):
             state, inputs, deterministic=deterministic
         )
         return state, nn.Dense(1, name="head")(hidden)
+
+
+class SubbandMask(nn.Module):
+    """A small sub-band enhancer: a per-band input layer, a banded LSTM stack
+    (with dropout, off when streaming), and a per-band head producing a mask
+    in (0, 1) that scales the input."""
+
+    hidden: int
+    units: int
+    num_layers: int = 2
+
+    @nn.compact
+    def __call__(self, state, inputs, *, seq_lengths=None, deterministic=True):
+        encoded = nn.tanh(nn.Dense(self.hidden, name="encoder")(inputs))
+        lstm = BandedLSTM(self.units, num_layers=self.num_layers, dropout=0.2, name="lstm")
+        state, outputs = lstm(state, encoded, seq_lengths=seq_lengths, deterministic=deterministic)
+        mask = nn.sigmoid(nn.Dense(inputs.shape[-1], name="head")(outputs))
+        return state, mask * inputs
+
+
+class TwoInSeries(nn.Module):
+    """Two ``BandedLSTM`` in series with a dense layer between them; the state
+    is a dict of their states. Takes no ``seq_lengths``."""
+
+    @nn.compact
+    def __call__(self, state, inputs):
+        state = {"low": None, "high": None} if state is None else state
+        low, hidden = BandedLSTM(5, name="low")(state["low"], inputs)
+        hidden = nn.Dense(4, name="mid")(hidden)
+        high, outputs = BandedLSTM(3, num_layers=2, name="high")(state["high"], hidden)
+        return {"low": low, "high": high}, outputs
 
 
 ROOT = Path(__file__).resolve().parents[1]

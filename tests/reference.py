@@ -80,3 +80,30 @@ def lstm_reference(params, inputs, state=None, seq_lengths=None, mask=None):
                 sequence = layer_out
             outputs[b, n] = sequence
     return final, outputs
+
+
+def _dense(params, x: np.ndarray) -> np.ndarray:
+    return x @ np.asarray(params["kernel"], np.float64) + np.asarray(params["bias"], np.float64)
+
+
+def subband_mask_reference(params, inputs, state=None, seq_lengths=None):
+    """``tests.helpers.SubbandMask`` in float64: ``tanh`` encoder, the LSTM
+    stack, a sigmoid mask times the inputs. ``params`` is the model's
+    ``variables["params"]``; ``state`` per layer ``(hidden, cell)``."""
+    x = np.asarray(inputs, np.float64)
+    lstm = params_from_variables({"params": params["lstm"]})
+    final, outputs = lstm_reference(
+        lstm, np.tanh(_dense(params["encoder"], x)), state, seq_lengths=seq_lengths
+    )
+    return final, _sigmoid(_dense(params["head"], outputs)) * x
+
+
+def two_in_series_reference(params, inputs, state=None):
+    """``tests.helpers.TwoInSeries`` in float64; ``state`` a dict ``low`` /
+    ``high`` of per-layer ``(hidden, cell)``."""
+    state = state or {"low": None, "high": None}
+    low_params = params_from_variables({"params": params["low"]})
+    high_params = params_from_variables({"params": params["high"]})
+    low, hidden = lstm_reference(low_params, inputs, state["low"])
+    high, outputs = lstm_reference(high_params, _dense(params["mid"], hidden), state["high"])
+    return {"low": low, "high": high}, outputs
