@@ -53,6 +53,7 @@ class Stream:
     ``model.__call__`` takes it, so dropout is off.
 
     >>> import jax, numpy as np
+    >>> from banded_rnn import BandedLSTM
     >>> model = BandedLSTM(units=8)
     >>> x = np.random.default_rng(0).standard_normal((2, 3, 10, 4), np.float32)
     >>> variables = model.init(jax.random.key(0), None, x)

@@ -12,6 +12,11 @@
 * ``fused``: a step's gate matmul as one ``[x, h] @ W``, as two dots, or with
   the input projection hoisted out of the loop as one large GEMM.
 * ``unroll``: ``BandedLSTM(unroll=k)`` on ``seed`` and ``subband-offline``.
+* ``frame``: where the time of one streamed frame goes, for ``seed-stream``
+  and ``subband-stream``: a jitted function of the step's signature that does
+  no work (dispatch alone), the compiled step with the weights packed ahead,
+  ``stream_step`` (packing them in the call), and ``Stream`` with device or
+  NumPy frames and outputs.
 
 Every group is timed round-robin in this process; compare within a group.
 """
@@ -25,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from banded_rnn import BandedLSTM
+from banded_rnn import BandedLSTM, Stream, stream_step
 
 from ._configs import CONFIGS
 from ._harness import sgemm_rates
@@ -213,7 +218,64 @@ def unroll(repeats: int, factors=(1, 2, 4, 8, 16)) -> list[str]:
     return lines
 
 
-PROBES = {"gemm": gemm, "loop": loop, "fused": fused, "unroll": unroll}
+def _frame_runners(config) -> dict:
+    model = BandedLSTM(config.units, config.layers)
+    variables = to_ours(random_weights(config))
+    frame = (
+        np.random.default_rng(1)
+        .standard_normal((config.batch, config.bands, 1, config.features))
+        .astype(np.float32)
+    )
+    on_device = jax.device_put(frame)
+    host = Stream(model, variables, config.batch, config.bands, max_chunk=1)
+    device = Stream(model, variables, config.batch, config.bands, max_chunk=1, outputs="device")
+    step = stream_step(model)
+    packed = device._step_variables  # what the stream's step is given: weights packed once
+    idle = jax.jit(lambda variables, state, chunk: (state, chunk + 1.0), donate_argnums=1)
+    carried = {name: [model.initial_state(config.batch, config.bands)] for name in "ips"}
+
+    def call(name, fn, variables):
+        def run():
+            carried[name][0], out = fn(variables, carried[name][0], on_device)
+            out.block_until_ready()
+
+        return run
+
+    return {
+        "jit of the step's signature, no work": call("i", idle, packed),
+        "compiled step, weights packed ahead": call("p", step, packed),
+        "stream_step (packs in the call)": call("s", step, jax.device_put(variables)),
+        "Stream, device frame, outputs='device'": lambda: device(on_device).block_until_ready(),
+        "Stream, NumPy frame, NumPy outputs": lambda: host(frame),
+    }
+
+
+def frame(repeats: int) -> list[str]:
+    lines = ["| per frame | " + " | ".join(f"`{n}`" for n in ("seed-stream", "subband-stream"))]
+    lines[0] += " |"
+    lines.append("|---|---|---|")
+    medians = []
+    for name in ("seed-stream", "subband-stream"):
+        config = CONFIGS[name]
+        runners = _frame_runners(config)
+        per_run = 200 if config.units < 100 else 1
+
+        def repeated(fn, count=per_run):
+            def run():
+                for _ in range(count):
+                    fn()
+
+            return run
+
+        timed = interleaved({k: repeated(f) for k, f in runners.items()}, repeats)
+        medians.append({k: v / per_run for k, v in timed.items()})
+    for row in medians[0]:
+        cells = [f"{m[row] * 1e6:.1f} us" for m in medians]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines
+
+
+PROBES = {"gemm": gemm, "loop": loop, "fused": fused, "unroll": unroll, "frame": frame}
 
 
 def main(argv: list[str] | None = None) -> int:
