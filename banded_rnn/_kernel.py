@@ -217,8 +217,8 @@ def pack_forward(kernel: jax.Array, recurrent: jax.Array, bias: jax.Array) -> ja
     """The layout the forward kernel reads its weights in, computed by XLA:
     ``packed[block, k, gate, lane] = [bias; kernel; recurrent][k, gate * u +
     block * width + lane]``, zero past ``units``. Given to :func:`recurrence`,
-    it spares the kernel packing them on every call (about 0.4 ms per frame
-    for two layers of 384 units)."""
+    it spares the kernel packing them on every call (0.9 ms of a 3.8 ms
+    frame for two layers of 384 units, benchmarks/NOTES.md entry 14)."""
     features, units = kernel.shape[0], recurrent.shape[0]
     blocks, rows, gates, width = packed_shape(features, units)
     stacked = jnp.concatenate([bias[None], kernel, recurrent], axis=0).reshape(rows, gates, units)
@@ -248,7 +248,9 @@ def recurrence(x, kernel, recurrent, bias, h0, c0, valid, dropmask, packed):
       dropmask: ``[rows..., u]`` float32 or None: multiplies ``h`` before the recurrent kernel.
       packed: None, or the same weights as :func:`pack_forward` lays them out
         (the forward pass without differentiation reads them instead of
-        packing; the differentiated one packs its own).
+        packing; the differentiated one packs its own, and so does a call
+        whose instruction set has another vector width than they were laid
+        out for).
 
     Returns:
       ``(hs, c_final)``: the carried ``h`` after every step ``[time, rows..., u]``

@@ -8,13 +8,12 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from . import _stream_file, _validate
 from ._compile_count import CompileCounter
 from ._state import batch_mask, reset_state
-from ._stream_step import stream_spec, stream_step, with_packed_weights
+from ._stream_step import stream_spec, stream_step, with_packed_weights, without_packed_weights
 
 OUTPUTS = ("numpy", "device")
 """``Stream``'s ``outputs`` values."""
@@ -80,7 +79,9 @@ class Stream:
       outputs: ``"numpy"`` (the default): each call returns a NumPy array,
         waiting for the computation. ``"device"``: a ``jax.Array`` on the
         device, returned as soon as the work is dispatched, for callers that
-        chain more JAX work or convert later.
+        chain more JAX work or convert later. (A chunk that runs as several
+        pieces is joined on the host and put back on the device: no
+        compilation, two copies.)
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class Stream:
         features: int | None = None,
         outputs: str = "numpy",
     ) -> None:
+        variables = without_packed_weights(variables)  # a Stream packs its own, below
         spec = stream_spec(model, variables, batch_size, num_bands, dtype, features)
         if outputs not in OUTPUTS:
             raise ValueError(f"outputs: expected one of {OUTPUTS}; received {outputs!r}")
@@ -171,11 +173,7 @@ class Stream:
         if kind is not np.ndarray and not isinstance(chunk, jax.Array):
             chunk, kind = np.asarray(chunk), np.ndarray
         shape, dtype = chunk.shape, chunk.dtype
-        if (
-            (shape[0], shape[1], *shape[3:]) != self._chunk_shape
-            or dtype != self.dtype
-            or not shape[2]
-        ):
+        if shape[:2] + shape[3:] != self._chunk_shape or dtype != self.dtype or not shape[2]:
             _validate.check_inputs(  # the full checks, off the common path
                 chunk,
                 "chunk",
@@ -251,15 +249,16 @@ class Stream:
             if time in self.buckets:  # the common case: one compiled call, nothing to cut
                 self._state, out = self._compiled_step(self._step_variables, self._state, chunk)
                 return out if self._device_outputs else np.asarray(out)
-            outputs, start = [], 0
+            pieces, start = [], 0
             for length in self._split(time):
-                out = self._run_piece(chunk[:, :, start : start + length], length)
-                outputs.append(out if length >= self.buckets[0] else out[:, :, :length])
+                pieces.append(
+                    (self._run_piece(chunk[:, :, start : start + length], length), length)
+                )
                 start += length
-            if self._device_outputs:
-                return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=2)
-            # Converted after every piece is dispatched.
-            return np.concatenate([np.asarray(out) for out in outputs], axis=2)
+            # Joined on the host after every piece is dispatched: JAX ops would
+            # compile once per new pattern of pieces, after warmup.
+            joined = np.concatenate([np.asarray(out)[:, :, :n] for out, n in pieces], axis=2)
+            return jax.device_put(joined) if self._device_outputs else joined
 
     def reset(self, batch: Sequence[int] | int | None = None) -> None:
         """Restarts sequences from a zero state: all of them, or those at the

@@ -296,18 +296,32 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const Kernel& k = *Current();
   g_calls.fetch_add(1, std::memory_order_relaxed);
   const std::size_t packed_size = k.forward_packed_size(F, H);
-  const bool has_prepacked = prepacked != nullptr && prepacked->element_count() != 0;
+  bool has_prepacked = prepacked != nullptr && prepacked->element_count() != 0;
   if (has_prepacked) {
-    // [groups..., blocks, 1 + features + units, 4, width]: the width names the
-    // instruction set's layout, which another set's kernel must not read.
-    const auto packed_dims = prepacked->dimensions();
-    if (packed_dims.size() == 0 || packed_dims[packed_dims.size() - 1] != k.width) {
+    // [groups..., blocks, 1 + features + units, 4, width]. The width names the
+    // instruction set the weights were laid out for: after a switch to a set of
+    // another width they are not read, and this call packs its own.
+    const auto d = prepacked->dimensions();
+    const std::size_t n = d.size();
+    const int64_t blocks = k.forward_blocks(H);
+    if (n < 4) {
       return ffi::Error::InvalidArgument(
-          "packed: expected weights packed for vectors of " + std::to_string(k.width) +
-          " floats (" + k.name + ")");
+          "packed: expected [..., blocks, 1 + features + units, 4, width]; received rank " +
+          std::to_string(n));
     }
-    BRNN_RETURN_IF_ERROR(
-        Expect("packed", *prepacked, G * static_cast<int64_t>(packed_size), false));
+    if (d[n - 1] != k.width) {
+      has_prepacked = false;
+    } else if (d[n - 2] != 4 || d[n - 3] != 1 + F + H || d[n - 4] != blocks) {
+      return ffi::Error::InvalidArgument(
+          "packed: expected [..., blocks, 1 + features + units, 4, width] = [..., " +
+          std::to_string(blocks) + ", " + std::to_string(1 + F + H) + ", 4, " +
+          std::to_string(k.width) + "]; received [..., " + std::to_string(d[n - 4]) + ", " +
+          std::to_string(d[n - 3]) + ", " + std::to_string(d[n - 2]) + ", " +
+          std::to_string(d[n - 1]) + "]");
+    } else {
+      BRNN_RETURN_IF_ERROR(
+          Expect("packed", *prepacked, G * static_cast<int64_t>(packed_size), false));
+    }
   }
   PackedWeights packed(has_prepacked ? 0 : packed_size, k.forward_blocks(H));
   const ReadyPanels ready(has_prepacked ? k.forward_blocks(H) : 0);

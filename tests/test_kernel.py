@@ -21,7 +21,7 @@ import pytest
 import banded_rnn
 from banded_rnn import BandedLSTM, _kernel
 
-from helpers import random_inputs, random_state
+from helpers import SubbandMask, random_inputs, random_state
 from reference import lstm_reference, params_from_variables
 
 pytestmark = pytest.mark.skipif(
@@ -284,16 +284,41 @@ def _layer_weights(variables):
     return tuple(variables["params"]["layer_0"][k] for k in ("kernel", "recurrent_kernel", "bias"))
 
 
-def test_the_kernel_refuses_weights_packed_for_another_width():
+def _one_layer_call(variables, x, packed):
+    h0 = jnp.zeros((x.shape[1] * x.shape[0], 8))
+    inputs = jnp.moveaxis(x[0], 1, 0)  # [time, rows, features]
+    return _kernel.recurrence(inputs, *_layer_weights(variables), h0, h0, None, None, packed)
+
+
+def test_packed_weights_are_what_the_kernel_reads():
     model = _model(8, 1)
     variables, x = _variables(model, (1, 2, 4, 4))
-    weights = _layer_weights(variables)
-    packed = _kernel.pack_forward(*weights)
-    wrong = packed.reshape(*packed.shape[:-2], 8, -1)  # as many floats, half the width
-    h0 = jnp.zeros((2, 8))
-    inputs = jnp.moveaxis(x[0], 1, 0)  # [time, rows, features]
-    with pytest.raises(Exception, match=r"packed: expected weights packed for vectors of"):
-        jax.block_until_ready(_kernel.recurrence(inputs, *weights, h0, h0, None, None, wrong))
+    others, _ = _variables(model, (1, 2, 4, 4), seed=3)
+    packed = _kernel.pack_forward(*_layer_weights(others))
+    hs, _ = _one_layer_call(variables, x, packed)  # reads the packed weights, not these
+    _, expected = lstm_reference(params_from_variables(others), x)
+    np.testing.assert_allclose(np.moveaxis(np.asarray(hs), 0, 1)[None], expected, atol=2e-6)
+    # And through a Stream, inside a model: its LSTM reads what was packed for it.
+    stream_model = SubbandMask(hidden=8, units=8, num_layers=1)
+    stream_variables = stream_model.init(jax.random.key(0), None, x)
+    stream = banded_rnn.Stream(stream_model, stream_variables, 1, 2, features=4)
+    packed = stream._step_variables[_kernel.PACKED_COLLECTION]["lstm"]["layer_0"]
+    lstm = stream_variables["params"]["lstm"]["layer_0"]
+    weights = (lstm["kernel"], lstm["recurrent_kernel"], lstm["bias"])
+    np.testing.assert_array_equal(np.asarray(packed), np.asarray(_kernel.pack_forward(*weights)))
+
+
+def test_a_packed_layout_of_another_width_is_not_read_and_a_wrong_one_is_refused():
+    model = _model(8, 1)
+    variables, x = _variables(model, (1, 2, 4, 4))
+    packed = _kernel.pack_forward(*_layer_weights(variables))
+    _, expected = lstm_reference(params_from_variables(variables), x)
+    narrower = packed.reshape(*packed.shape[:-2], 8, -1)  # as many floats, half the width
+    hs, _ = _one_layer_call(variables, x, narrower)  # packs its own instead
+    np.testing.assert_allclose(np.moveaxis(np.asarray(hs), 0, 1)[None], expected, atol=2e-6)
+    swapped = jnp.swapaxes(packed, 0, 1)  # this width, blocks and rows exchanged
+    with pytest.raises(Exception, match=r"packed: expected \[\.\.\., blocks, 1 \+ features"):
+        jax.block_until_ready(_one_layer_call(variables, x, swapped))
 
 
 def test_init_and_training_never_carry_packed_weights():

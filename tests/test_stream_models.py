@@ -307,3 +307,55 @@ def test_a_wrong_chunk_is_named_and_the_state_is_left_as_it_was():
     with pytest.raises(ValueError, match=r"chunk: expected shape \[batch, bands, time, features\]"):
         stream(X[:2, :, 5:9])
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, stream.state), before)
+
+
+def test_no_compilation_after_warmup_with_padded_pieces_and_device_outputs():
+    for outputs in ("numpy", "device"):
+        stream = Stream(
+            MASK_MODEL,
+            MASK_VARIABLES,
+            BATCH,
+            BANDS,
+            8,
+            buckets=[4, 8],
+            features=FEATURES,
+            outputs=outputs,
+        )
+        stream.warmup()
+        warm = stream.compile_count
+        rng = np.random.default_rng(7)
+        start, pieces = 0, []
+        while start < X.shape[2]:  # lengths 1 to 19: padded pieces, several pieces a call
+            t = min(int(rng.integers(1, 20)), X.shape[2] - start)
+            pieces.append(np.asarray(stream(X[:, :, start : start + t])))
+            start += t
+        assert stream.compile_count == warm, outputs
+        np.testing.assert_allclose(np.concatenate(pieces, axis=2), mask_reference(X)[1], atol=ATOL)
+
+
+def test_chunks_of_too_few_axes_are_a_value_error():
+    stream = Stream(MASK_MODEL, MASK_VARIABLES, BATCH, BANDS, features=FEATURES)
+    for chunk in (np.zeros(5, np.float32), [], np.float32(1.0)):
+        with pytest.raises(ValueError, match=r"chunk: expected rank 4"):
+            stream(chunk)
+
+
+def test_packed_weights_that_came_with_the_variables_are_never_read():
+    others = init_model(MASK_MODEL, X, seed=5)
+    stale = Stream(MASK_MODEL, others, BATCH, BANDS, features=FEATURES)._step_variables
+    stale = {**stale, "params": MASK_VARIABLES["params"]}  # these params, others' packing
+    stream = Stream(MASK_MODEL, stale, BATCH, BANDS, features=FEATURES)
+    np.testing.assert_allclose(stream(X[:, :, :6]), mask_reference(X[:, :, :6])[1], atol=ATOL)
+
+
+class TakesAnything(nn.Module):
+    @nn.compact
+    def __call__(self, state, inputs, **kwargs):  # would drop seq_lengths
+        return BandedLSTM(4, name="lstm")(state, inputs)
+
+
+def test_a_model_taking_kwargs_does_not_count_as_masking_padding():
+    variables = {"params": {"lstm": BANDED_PARAMS}}
+    with pytest.raises(ValueError, match=r"buckets: without 1, .*TakesAnything"):
+        Stream(TakesAnything(), variables, BATCH, BANDS, 4, buckets=[2, 4], features=FEATURES)
+    Stream(TakesAnything(), variables, BATCH, BANDS, features=FEATURES)  # with 1: fine
