@@ -4,8 +4,8 @@ One call of :func:`recurrence` runs one layer over a whole chunk: per step and
 row (sequence, band), ``bias + x_t @ kernel + h @ recurrent_kernel``, the gate
 maths and the state update, rows split over threads with no per-step
 synchronisation. Its gradient is a second kernel that walks time backwards
-(``jax.custom_vjp``); the weight gradients are then one XLA matmul each over
-every step and row.
+(``jax.custom_vjp``); the kernel's and the recurrent kernel's gradients are
+then one XLA GEMM over every step and row.
 
 The extension module ``banded_rnn._lstm_cpu`` is compiled at install time
 (CMake, through scikit-build-core); if it is missing, :func:`available` is

@@ -7,7 +7,6 @@ training loop and the Keras layer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -36,14 +35,9 @@ State = tuple[LSTMState, ...]
 """The state of a whole stack: one :class:`LSTMState` per layer."""
 
 
-def zero_state(
-    num_layers: int,
-    shape: tuple[int, int, int],
-    dtype: Any = jnp.float32,
-    make: Callable[[tuple[int, ...], Any], Any] = jnp.zeros,
-) -> State:
+def zero_state(num_layers: int, shape: tuple[int, int, int], dtype: Any = jnp.float32) -> State:
     """``num_layers`` ``LSTMState`` of zeros, each field of ``shape [batch, bands,
-    units]``, made by ``make(shape, dtype)`` (``jnp.zeros`` by default).
+    units]``.
 
     Every field is its own buffer, so the state can be donated: XLA refuses to
     donate one buffer twice.
@@ -53,7 +47,7 @@ def zero_state(
     (2, (1, 3, 4))
     """
     return tuple(
-        LSTMState(*(make(shape, dtype) for _ in LSTMState._fields)) for _ in range(num_layers)
+        LSTMState(*(jnp.zeros(shape, dtype) for _ in LSTMState._fields)) for _ in range(num_layers)
     )
 
 
@@ -65,7 +59,7 @@ def reset_state(state: Any, reset: Any) -> Any:
     Pure and traceable: under ``jit``, which states are reset never
     recompiles.
 
-    >>> state = zero_state(1, (2, 3, 4), make=jnp.ones)
+    >>> state = jax.tree.map(jnp.ones_like, zero_state(1, (2, 3, 4)))
     >>> reset_state(state, jnp.array([True, False]))[0].hidden[:, 0, 0]
     Array([0., 1.], dtype=float32)
     """

@@ -200,7 +200,7 @@ class Stream:
             mask = given if mask is None else mask | given
         return mask
 
-    def _apply_resets(self, mask: np.ndarray | None) -> None:
+    def _apply_resets(self, mask: np.ndarray) -> None:
         """Zeroes the states under ``mask``, with the compiled state copy: the
         step itself then has one compiled form per bucket, with no mask to
         pass on every call."""

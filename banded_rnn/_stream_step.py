@@ -194,15 +194,13 @@ def stream_step(model: nn.Module) -> StepFn:
 class StreamSpec:
     """What a stream of a model is, checked once: ``[batch, bands]``, the
     chunks' features and dtype, the state (a pytree of ``ShapeDtypeStruct``,
-    as the model returns it), one step's outputs, and whether the model takes
-    ``seq_lengths``."""
+    as the model returns it), and whether the model takes ``seq_lengths``."""
 
     batch_size: int
     num_bands: int
     features: int
     dtype: np.dtype
     state: Any
-    outputs: jax.ShapeDtypeStruct
     takes_seq_lengths: bool
 
     def zeros(self, make: Callable[[tuple[int, ...], Any], Any] = np.zeros) -> Any:
@@ -264,7 +262,6 @@ def stream_spec(
         features,
         dtype,
         state,
-        outputs,
         # By name: a **kwargs that dropped it would let padded steps run.
         takes_keyword(model, "seq_lengths", by_name=True),
     )

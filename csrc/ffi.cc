@@ -259,6 +259,25 @@ ffi::Error GroupsOf(const ffi::Buffer<ffi::F32>& recurrent, Groups& groups) {
   return ffi::Error::Success();
 }
 
+// The axes of a call: G groups and H units from `recurrent`, then T steps, R
+// rows and the last axis of `sequence` [G..., time, rows..., last].
+struct Layout {
+  int64_t G, H, T, R, last;
+};
+
+ffi::Error LayoutOf(const ffi::Buffer<ffi::F32>& recurrent, const ffi::Buffer<ffi::F32>& sequence,
+                    const char* expected, Layout& layout) {
+  Groups groups{};
+  BRNN_RETURN_IF_ERROR(GroupsOf(recurrent, groups));
+  const auto dims = sequence.dimensions();
+  if (static_cast<int>(dims.size()) < groups.rank + 2) {
+    return ffi::Error::InvalidArgument(expected);
+  }
+  layout = Layout{groups.count, groups.units, dims[groups.rank],
+                  Product(dims, groups.rank + 1, dims.size() - 1), dims[dims.size() - 1]};
+  return ffi::Error::Success();
+}
+
 template <class Buffer>
 ffi::Error Expect(const char* name, const Buffer& buffer, int64_t expected, bool may_be_empty) {
   const std::size_t count = buffer.element_count();
@@ -276,15 +295,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
                    ffi::Buffer<ffi::PRED> valid, ffi::Buffer<ffi::F32> dropmask,
                    ffi::Result<ffi::Buffer<ffi::F32>> hs, float* cs, float* acts,
                    float* c_final, const ffi::Buffer<ffi::F32>* prepacked) {
-  Groups groups{};
-  BRNN_RETURN_IF_ERROR(GroupsOf(recurrent, groups));
-  const auto dims = x.dimensions();
-  if (static_cast<int>(dims.size()) < groups.rank + 2) {
-    return ffi::Error::InvalidArgument("x: expected [..., time, rows..., features]");
-  }
-  const int64_t G = groups.count, H = groups.units, T = dims[groups.rank];
-  const int64_t F = dims[dims.size() - 1];
-  const int64_t R = Product(dims, groups.rank + 1, dims.size() - 1);
+  Layout layout{};
+  BRNN_RETURN_IF_ERROR(
+      LayoutOf(recurrent, x, "x: expected [..., time, rows..., features]", layout));
+  const int64_t G = layout.G, H = layout.H, T = layout.T, R = layout.R, F = layout.last;
   BRNN_RETURN_IF_ERROR(Expect("kernel", kernel, G * F * 4 * H, false));
   BRNN_RETURN_IF_ERROR(Expect("bias", bias, G * 4 * H, false));
   BRNN_RETURN_IF_ERROR(Expect("h0", h0, G * R * H, false));
@@ -388,14 +402,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> recurrent,
                     ffi::Buffer<ffi::F32> acts, ffi::Buffer<ffi::F32> dhs,
                     ffi::Buffer<ffi::F32> dc_last, ffi::Result<ffi::Buffer<ffi::F32>> dgates,
                     ffi::Result<ffi::Buffer<ffi::F32>> dh0, ffi::Result<ffi::Buffer<ffi::F32>> dc0) {
-  Groups groups{};
-  BRNN_RETURN_IF_ERROR(GroupsOf(recurrent, groups));
-  const auto dims = cs.dimensions();
-  if (static_cast<int>(dims.size()) < groups.rank + 2) {
-    return ffi::Error::InvalidArgument("cs: expected [..., time, rows..., units]");
-  }
-  const int64_t G = groups.count, H = groups.units, T = dims[groups.rank];
-  const int64_t R = Product(dims, groups.rank + 1, dims.size() - 1);
+  Layout layout{};
+  BRNN_RETURN_IF_ERROR(
+      LayoutOf(recurrent, cs, "cs: expected [..., time, rows..., units]", layout));
+  const int64_t G = layout.G, H = layout.H, T = layout.T, R = layout.R;
   BRNN_RETURN_IF_ERROR(Expect("cs", cs, G * T * R * H, false));
   BRNN_RETURN_IF_ERROR(Expect("c0", c0, G * R * H, false));
   BRNN_RETURN_IF_ERROR(Expect("valid", valid, G * T * R, true));
