@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import warnings
+import zlib
 from typing import Any, NamedTuple
 
 import jax
@@ -12,6 +14,9 @@ import orbax.checkpoint as ocp
 from flax.training.train_state import TrainState
 
 from .._validate import is_typed_key
+from ._orbax_noise import drop_orbax_teardown_errors, quiet_orbax_logs
+
+_DAMAGED = "damaged"  # the subdirectory damaged checkpoints are moved to
 
 
 class Restored(NamedTuple):
@@ -21,6 +26,10 @@ class Restored(NamedTuple):
     state: Any
     rng: jax.Array
     stream: dict[str, np.ndarray] | None
+
+
+class _Damaged(Exception):
+    """A checkpoint that cannot be read back as it was saved; the message says why."""
 
 
 def _abstract(tree: Any) -> Any:
@@ -33,28 +42,39 @@ class Checkpointer:
     A checkpoint holds the parameters, the optimiser state and the step count
     of the ``TrainState``, the carried recurrent ``state``, the dropout ``rng``
     and, when given, the position of a :class:`ChunkStream` (which sequence and
-    chunk every batch entry is at). Restoring all of them and going on gives
-    the losses of the uninterrupted run, bit for bit.
+    chunk every batch entry is at), with a checksum of all of them. Restoring
+    all of them and going on gives the losses of the uninterrupted run, bit for
+    bit; :meth:`restore` passes over damaged checkpoints.
 
     Saves are synchronous: the training step donates the training state's
     buffers, so a background save could read memory already reused. Only the
-    newest ``max_to_keep`` checkpoints are kept. Use as a context manager, or
-    call :meth:`close`.
+    newest ``max_to_keep`` checkpoints are kept. A save cut short (a killed
+    process) leaves a temporary directory that never counts as a checkpoint and
+    is removed when a ``Checkpointer`` is next opened on ``directory``, so open
+    only one on a directory that a running process saves to. Use as a context
+    manager, or call :meth:`close`.
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3) -> None:
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=False,
+            create=True,
+            cleanup_tmp_directories=True,
         )
         self.directory = os.path.abspath(os.fspath(directory))
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        with quiet_orbax_logs():  # it reads every checkpoint's metadata, damaged or not
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
+            )
 
     def latest_step(self) -> int | None:
         """The step of the newest checkpoint, or None if there is none."""
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
+        """The steps of all checkpoints, oldest first."""
+        return sorted(self._manager.all_steps())
 
     def save(
         self,
@@ -65,8 +85,12 @@ class Checkpointer:
     ) -> int:
         """Saves a checkpoint under ``int(train_state.step)``; returns that step."""
         step = int(train_state.step)
+        items = self._items(train_state, state, rng, stream)
+        checksum = _checksum(items)
         self._manager.save(
-            step, args=ocp.args.StandardSave(self._items(train_state, state, rng, stream))
+            step,
+            args=ocp.args.StandardSave(items),
+            custom_metadata={} if checksum is None else {"crc32": checksum},
         )
         return step
 
@@ -78,24 +102,57 @@ class Checkpointer:
         stream: dict[str, np.ndarray] | None = None,
         step: int | None = None,
     ) -> Restored:
-        """Restores the checkpoint of ``step`` (default: the newest).
+        """Restores the checkpoint of ``step`` (default: the newest that is intact).
 
         ``train_state``, ``state``, ``rng`` and ``stream`` are templates: their
         structure, shapes, dtypes and shardings say what to read back and where
         to place it; ``apply_fn`` and ``tx`` are kept from ``train_state``.
+
+        A checkpoint is damaged if it cannot be read, its arrays differ from
+        their checksum, or ``train_state`` or ``state`` has a non-finite value.
+        With ``step=None`` the newest intact checkpoint is restored, and the
+        damaged ones after it are moved to ``directory/damaged`` with a
+        ``UserWarning``; if all are damaged, a ``ValueError`` says why and
+        nothing is moved. A damaged ``step`` given explicitly raises a
+        ``ValueError``, as does a checkpoint whose structure or shapes differ
+        from the templates; neither is moved.
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
+        template = self._items(train_state, state, rng, stream)
+        drop_orbax_teardown_errors()
+        if step is not None:
+            if step not in self.all_steps():
+                self._manager.reload()  # another process may have saved it since
+            if step not in self.all_steps():
+                raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}")
+            try:
+                items = self._read(step, template)
+            except _Damaged as damage:
+                raise ValueError(
+                    f"the checkpoint of step {step} in {self.directory} is damaged: {damage}"
+                ) from None
+            return self._restored(items, train_state, rng)
+        if self.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        template = _abstract(self._items(train_state, state, rng, stream))
-        items = self._manager.restore(step, args=ocp.args.StandardRestore(template))
-        restored_rng = items["rng"]
-        if is_typed_key(rng):
-            restored_rng = jax.random.wrap_key_data(restored_rng, impl=jax.random.key_impl(rng))
-        train_state = train_state.replace(
-            step=jnp.asarray(items["step"]), params=items["params"], opt_state=items["opt_state"]
+        damaged = []  # (step, reason), newest first
+        for step in reversed(self.all_steps()):
+            try:
+                items = self._read(step, template)
+            except _Damaged as damage:
+                damaged.append((step, str(damage)))
+                continue
+            for bad_step, reason in damaged:
+                moved_to = self._move_aside(bad_step)
+                warnings.warn(
+                    f"Checkpointer: the checkpoint of step {bad_step} in {self.directory} is "
+                    f"damaged ({reason}); moved it to {moved_to}, restoring step {step}.",
+                    stacklevel=2,
+                )
+            return self._restored(items, train_state, rng)
+        raise ValueError(
+            f"no checkpoint in {self.directory} can be restored, all are damaged: "
+            + "; ".join(f"step {bad_step}: {reason}" for bad_step, reason in damaged)
+            + ". Nothing was moved or deleted; move or delete them to start from scratch."
         )
-        return Restored(train_state, items["state"], restored_rng, items.get("stream"))
 
     def close(self) -> None:
         self._manager.close()
@@ -118,3 +175,113 @@ class Checkpointer:
         if stream is not None:
             items["stream"] = stream
         return items
+
+    @staticmethod
+    def _restored(items: dict[str, Any], train_state: TrainState, rng: jax.Array) -> Restored:
+        restored_rng = items["rng"]
+        if is_typed_key(rng):
+            restored_rng = jax.random.wrap_key_data(restored_rng, impl=jax.random.key_impl(rng))
+        train_state = train_state.replace(
+            step=jnp.asarray(items["step"]), params=items["params"], opt_state=items["opt_state"]
+        )
+        return Restored(train_state, items["state"], restored_rng, items.get("stream"))
+
+    def _read(self, step: int, template: dict[str, Any]) -> dict[str, Any]:
+        """The items of ``step``'s checkpoint; raises ``_Damaged`` if it is damaged, and
+        ``ValueError`` if it holds other structures or shapes than ``template``."""
+        with quiet_orbax_logs():
+            try:
+                metadata = self._manager.metadata(step)
+            except Exception as error:  # orbax and tensorstore raise many kinds
+                raise _Damaged(f"unreadable metadata: {_one_line(error)}") from error
+            if metadata.item_metadata is None:
+                raise _Damaged("its array metadata (default/_METADATA) is missing")
+            stored = _flat_shapes_and_dtypes(metadata.item_metadata.tree)
+            given = _flat_shapes_and_dtypes(ocp.tree.serialize_tree(template))
+            _check_same_shapes(stored, given, f"the checkpoint of step {step} in {self.directory}")
+            try:
+                items = self._manager.restore(
+                    step, args=ocp.args.StandardRestore(_abstract(template))
+                )
+            except Exception as error:
+                raise _Damaged(_one_line(error)) from error
+        for key in ("params", "opt_state", "state"):
+            for path, leaf in jax.tree_util.tree_leaves_with_path(items[key]):
+                if not _all_finite(leaf):
+                    raise _Damaged(f"non-finite values in {key}{jax.tree_util.keystr(path)}")
+        expected = (metadata.custom_metadata or {}).get("crc32")
+        if expected is not None and stored == given:  # not if restored into other dtypes
+            actual = _checksum(items)
+            if actual is not None and actual != expected:
+                raise _Damaged(f"the arrays differ from their checksum ({actual} != {expected})")
+        return items
+
+    def _move_aside(self, step: int) -> str:
+        """Moves ``step``'s checkpoint to ``directory/damaged/<step>`` (``<step>.1``, ... if
+        taken), where orbax neither lists nor deletes it; returns where it went."""
+        source = os.path.join(self.directory, str(step))
+        os.makedirs(os.path.join(self.directory, _DAMAGED), exist_ok=True)
+        target, copy = os.path.join(self.directory, _DAMAGED, str(step)), 0
+        while os.path.exists(target):
+            copy += 1
+            target = os.path.join(self.directory, _DAMAGED, f"{step}.{copy}")
+        os.rename(source, target)
+        with quiet_orbax_logs():
+            self._manager.reload()
+        return target
+
+
+def _checksum(items: dict[str, Any]) -> int | None:
+    """A CRC-32 of the leaves of ``items`` (dtype, shape and bytes), or None when some
+    leaf is not all on this process (a multi-process array)."""
+    crc = 0
+    for leaf in jax.tree.leaves(items):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return None
+        array = np.asarray(leaf)
+        crc = zlib.crc32(f"{array.dtype.str}{array.shape}".encode(), crc)
+        crc = zlib.crc32(np.ascontiguousarray(array).view(np.uint8), crc)
+    return crc
+
+
+def _all_finite(leaf: Any) -> bool:
+    if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+        return True
+    if isinstance(leaf, jax.Array):
+        return bool(jnp.isfinite(leaf).all())
+    return bool(np.isfinite(leaf).all())
+
+
+def _flat_shapes_and_dtypes(tree: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], Any]]:
+    """``{path: (shape, dtype)}`` of the array leaves of an orbax-serialised tree."""
+    return {
+        path: (tuple(leaf.shape), np.dtype(leaf.dtype))
+        for path, leaf in ocp.tree.to_flat_dict(tree).items()
+        if hasattr(leaf, "shape")
+    }
+
+
+def _check_same_shapes(stored: dict, given: dict, what: str) -> None:
+    """Raises ``ValueError`` if the paths or shapes of ``stored`` and ``given`` differ."""
+    differences = [
+        f"{'/'.join(path)}: "
+        + (f"{stored[path][0]} saved" if path in stored else "not saved")
+        + (f", {given[path][0]} given" if path in given else ", not given")
+        for path in sorted(stored.keys() | given.keys())
+        if path not in stored or path not in given or stored[path][0] != given[path][0]
+    ]
+    if differences:
+        raise ValueError(
+            f"{what} does not match the given train_state, state, rng and stream: "
+            + "; ".join(differences[:5])
+            + ("; ..." if len(differences) > 5 else "")
+        )
+
+
+def _one_line(error: BaseException) -> str:
+    """The innermost cause of ``error`` as one short line, without tensorstore's spec."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    message = (str(error).strip().splitlines() or [""])[0].split(" [tensorstore_spec=")[0]
+    message = f"{type(error).__name__}: {message}"
+    return message if len(message) <= 300 else message[:297] + "..."
