@@ -12,6 +12,7 @@ from ._checkpoint import Restored as Restored
 from ._loop import Chunk as Chunk
 from ._loop import ChunkStream as ChunkStream
 from ._loop import FitResult as FitResult
+from ._loop import NonFiniteError as NonFiniteError
 from ._loop import evaluate as evaluate
 from ._loop import fit as fit
 from ._mesh import make_mesh as make_mesh
@@ -26,6 +27,7 @@ __all__ = [
     "ChunkStream",
     "EvalStep",
     "FitResult",
+    "NonFiniteError",
     "Restored",
     "TrainStep",
     "evaluate",

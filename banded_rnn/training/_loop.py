@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -188,7 +189,8 @@ class FitResult(NamedTuple):
       train_state: the trained ``TrainState``.
       state: the carried state after the last step.
       history: NumPy arrays: ``step``, ``loss`` and ``grad_norm`` for every step
-        run by this call, and ``eval_step``, ``eval_loss`` for every evaluation.
+        run by this call, ``eval_step``, ``eval_loss`` for every evaluation,
+        and ``skipped_step``, the steps whose window was skipped as non-finite.
     """
 
     train_state: TrainState
@@ -257,17 +259,63 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
+class NonFiniteError(ValueError):
+    """:func:`fit` met a window whose loss or gradient is NaN or infinite, and
+    stopped before applying it.
+
+    Attributes:
+      step: the step that was not applied.
+      train_state: the training state of the step before (its buffers are
+        live: the donated one was not updated).
+      state: the carried state before that window.
+      sequences: per batch entry, the index into the stream's ``inputs`` of
+        the sequence it was playing.
+      chunks: per batch entry, the index of that window within its sequence.
+    """
+
+    def __init__(self, message, *, step, train_state, state, sequences, chunks) -> None:
+        super().__init__(message)
+        self.step, self.train_state, self.state = step, train_state, state
+        self.sequences, self.chunks = sequences, chunks
+
+
+ON_NONFINITE = ("stop", "skip")
+"""``fit``'s ``on_nonfinite`` values."""
+
+
 class _History:
-    """The per-step metrics and the evaluations of one :func:`fit` call."""
+    """The per-step metrics and the evaluations of one :func:`fit` call.
+
+    A step's metrics stay on the device until :meth:`flush` fetches every
+    pending step's at once, into compact host arrays (4 to 8 bytes per value:
+    no device buffer is kept per step)."""
 
     def __init__(self) -> None:
-        self.steps: dict[str, list[Any]] = {"step": [], "loss": [], "grad_norm": []}
+        self.steps = {"step": array.array("q"), "loss": array.array("f")}
+        self.steps["grad_norm"] = array.array("f")
+        self.steps["skipped_step"] = array.array("q")
         self.evaluations: dict[str, list[Any]] = {"eval_step": [], "eval_loss": []}
+        self._pending: list[tuple[int, jax.Array, jax.Array]] = []
 
     def record_step(self, step: int, metrics: dict[str, jax.Array]) -> None:
-        self.steps["step"].append(step)
-        self.steps["loss"].append(metrics["loss"])  # on the device: no sync per step
-        self.steps["grad_norm"].append(metrics["grad_norm"])
+        self._pending.append((step, metrics["loss"], metrics["grad_norm"]))
+
+    def flush(self) -> list[tuple[int, float, float]]:
+        """Fetches the pending steps' metrics; returns ``(step, loss,
+        grad_norm)`` of those that were not finite (their windows were skipped)."""
+        if not self._pending:
+            return []
+        steps, losses, norms = zip(*self._pending, strict=True)
+        self._pending.clear()
+        nonfinite = []
+        for step, loss, norm in zip(steps, *jax.device_get((losses, norms)), strict=True):
+            self.steps["step"].append(step)
+            self.steps["loss"].append(loss)
+            self.steps["grad_norm"].append(norm)
+            if not (np.isfinite(loss) and np.isfinite(norm)):
+                self.steps["skipped_step"].append(step)
+                nonfinite.append((step, float(loss), float(norm)))
+        return nonfinite
 
     def record_evaluation(self, step: int, loss: float) -> None:
         self.evaluations["eval_step"].append(step)
@@ -277,7 +325,8 @@ class _History:
         return bool(self.evaluations["eval_step"]) and self.evaluations["eval_step"][-1] == step
 
     def as_arrays(self) -> dict[str, np.ndarray]:
-        arrays = {k: np.asarray(jax.device_get(v)) for k, v in self.steps.items()}
+        self.flush()
+        arrays = {k: np.array(v) for k, v in self.steps.items()}
         arrays.update({k: np.asarray(v) for k, v in self.evaluations.items()})
         return arrays
 
@@ -306,12 +355,44 @@ def _finished_already(step: int, num_steps: int, checkpointer: Checkpointer | No
 
 
 def _train_one(train_step, train_state, state, stream, rng, carry_state, keys_per_entry):
-    """Takes the next chunk, restarts the entries that begin a sequence, runs one step."""
+    """Takes the next chunk, restarts the entries that begin a sequence, runs
+    one step; returns the step's results and the chunk."""
     chunk = next(stream)
     reset = chunk.reset if carry_state else np.ones_like(chunk.reset)
     state, keys = _start_sequences(state, reset, rng, chunk.sequence)
     keys = keys if keys_per_entry else None
-    return train_step(train_state, state, chunk.inputs, chunk.targets, keys)
+    return *train_step(train_state, state, chunk.inputs, chunk.targets, keys), chunk
+
+
+def _nonfinite_error(step, loss, grad_norm, chunk, stream, train_state, state):
+    """The :class:`NonFiniteError` for ``step``, naming the batch it ran."""
+    sequences = [stream._sequence_index(int(n)) for n in chunk.sequence]
+    chunks = [int(c) - 1 for c in stream.position()["entry_chunk"]]
+    batch = ", ".join(f"inputs[{s}] chunk {c}" for s, c in zip(sequences, chunks, strict=True))
+    entries = [
+        entry
+        for entry in range(len(sequences))
+        if not (np.isfinite(chunk.inputs[entry]).all() and np.isfinite(chunk.targets[entry]).all())
+    ]
+    cause = (
+        f"non-finite inputs or targets in batch entries {entries}"
+        if entries
+        else "inputs and targets are finite: the model or the loss diverged"
+    )
+    message = (
+        f"fit: step {step} has loss {loss} and gradient norm {grad_norm} ({cause}); its "
+        f"update was not applied, and training stopped. The batch: {batch}. The error's "
+        f"train_state and state are those before it (step {step - 1}); checkpoints stop there "
+        "too. Pass on_nonfinite='skip' to skip such windows and go on."
+    )
+    return NonFiniteError(
+        message,
+        step=step,
+        train_state=train_state.replace(step=train_state.step - 1),
+        state=state,
+        sequences=sequences,
+        chunks=chunks,
+    )
 
 
 def fit(
@@ -329,6 +410,7 @@ def fit(
     checkpoint_every: int | None = None,
     progress: bool = True,
     log_every: int = 10,
+    on_nonfinite: str = "stop",
 ) -> FitResult:
     """Trains until ``train_state.step == num_steps`` on the chunks of ``stream``.
 
@@ -347,6 +429,19 @@ def fit(
     state is already at ``num_steps`` (a finished run resumed), nothing is
     trained or evaluated, and a ``UserWarning`` says so.
 
+    A window whose loss or gradient is NaN or infinite is never applied (see
+    :func:`make_train_step`). With ``on_nonfinite="stop"`` (the default),
+    ``fit`` then raises :class:`NonFiniteError`, naming the step and the
+    sequences and chunks of its batch, and holding the training state and
+    carried state of the step before; no checkpoint is saved after the last
+    good step, so the checkpoints are untouched. With ``"skip"``, training
+    goes on from the state before that window (the step count advances), the
+    step is listed in ``history["skipped_step"]``, and a ``UserWarning`` at the
+    end says how many were skipped. ``"stop"`` fetches each step's loss to the
+    host before the next step is dispatched (on a model whose step takes 0.15
+    ms, that doubles its time; on larger ones it is lost in the noise);
+    ``"skip"`` fetches them every ``log_every`` steps.
+
     Args:
       train_step: from :func:`make_train_step`.
       train_state: the ``TrainState`` to start from (donated to the step).
@@ -361,11 +456,15 @@ def fit(
       checkpoint_every: steps between checkpoints (default: only at the end).
       progress: show a progress bar (rich).
       log_every: steps between updates of the loss shown on the progress bar.
+      on_nonfinite: ``"stop"`` or ``"skip"``, for a non-finite window.
 
     Returns:
       A :class:`FitResult` ``(train_state, state, history)``.
     """
     num_steps = _validate.positive_int(num_steps, "num_steps", minimum=0)
+    log_every = _validate.positive_int(log_every, "log_every")
+    if on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"on_nonfinite: expected one of {ON_NONFINITE}; received {on_nonfinite!r}")
     if not isinstance(stream, ChunkStream):
         raise TypeError(f"stream: expected a ChunkStream; received {type(stream).__name__}")
     if eval_data is not None and eval_step is None:
@@ -387,18 +486,33 @@ def fit(
     with _progress(progress) as bar:
         task = bar.add_task("training", total=num_steps, completed=step, status="")
         while step < num_steps:
-            train_state, state, metrics = _train_one(
+            train_state, state, metrics, chunk = _train_one(
                 train_step, train_state, state, stream, rng, carry_state, keys_per_entry
             )
             step += 1
             history.record_step(step, metrics)
+            logged = step % log_every == 0 or step == num_steps
+            # "stop" checks every step before the next is dispatched; "skip" needs no sync.
+            if on_nonfinite == "stop" or logged:
+                nonfinite = history.flush()
+                if nonfinite and on_nonfinite == "stop":
+                    raise _nonfinite_error(*nonfinite[0], chunk, stream, train_state, state)
             if eval_data is not None and eval_every and step % eval_every == 0:
                 run_evaluation()
             if checkpointer is not None and checkpoint_every and step % checkpoint_every == 0:
                 checkpointer.save(train_state, state, rng, stream.position())
-            if step % log_every == 0 or step == num_steps:
-                bar.update(task, status=f"loss {float(metrics['loss']):.4g}")
+            if logged:
+                bar.update(task, status=f"loss {history.steps['loss'][-1]:.4g}")
             bar.update(task, completed=step)
+    history.flush()
+    skipped = history.steps["skipped_step"]
+    if skipped:
+        warnings.warn(
+            f"fit: skipped {len(skipped)} window(s) with a non-finite loss or gradient, at "
+            f"steps {list(skipped[:10])}{' ...' if len(skipped) > 10 else ''} "
+            "(history['skipped_step'])",
+            stacklevel=2,
+        )
     if eval_data is not None and not history.evaluated_at(step):
         run_evaluation()
     if checkpointer is not None and checkpointer.latest_step() != step:

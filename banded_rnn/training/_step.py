@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import flax.errors
@@ -145,7 +146,7 @@ class _Step:
         self._checked.add(signature)
 
     def _check(self, train_state, state, inputs, targets, rng) -> None:
-        inputs = _validate.check_inputs(inputs)
+        inputs = _validate.check_inputs(inputs, nonempty=True)
         batch, bands, time, _ = inputs.shape
         if rng is not None:
             _validate.check_rng(rng, batch)
@@ -241,7 +242,15 @@ class TrainStep(_Step):
 
         (loss, final_state), grads = jax.value_and_grad(loss_of, has_aux=True)(train_state.params)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-        return train_state.apply_gradients(grads=grads), final_state, metrics
+        # A window whose loss or gradient is not finite would make every
+        # parameter NaN: it changes nothing but the step count (as
+        # optax.apply_if_finite does), and its state is the one it started from.
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        updated = train_state.apply_gradients(grads=grads)
+        kept = train_state.replace(step=updated.step)
+        start = jax.tree.map(jnp.zeros_like, final_state) if state is None else state
+        keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        return keep(updated, kept), keep(final_state, start), metrics
 
     def __call__(
         self, train_state: TrainState, state: Any, inputs: Any, targets: Any, rng: Rng = None
@@ -303,6 +312,10 @@ def make_train_step(
     targets)``, applies one optimiser update, and returns the updated training
     state, the final state to carry into the next call, and ``metrics``
     (``{"loss", "grad_norm"}``, scalars of the window before the update).
+    A window whose loss or gradient norm is NaN or infinite is not applied:
+    the parameters and the optimiser state come back unchanged (only
+    ``step`` advances, the window having been consumed), the state returned
+    is the one passed in, and the metrics show the non-finite values.
 
     What the step relies on:
 
