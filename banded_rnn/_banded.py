@@ -268,7 +268,11 @@ class BandedLSTM(nn.Module):
             state and the arithmetic are at least float32.
           seq_lengths: optional integers, ``[batch]`` or ``[batch, bands]``.
             Steps at or past a sequence's length leave its state unchanged and
-            output zeros; lengths longer than ``time`` mean every step is valid.
+            output zeros; lengths longer than ``time`` mean every step is valid,
+            also past int32 (they are clipped to ``time`` before the cast).
+            Under ``jax.jit`` with 64-bit types off, JAX itself casts int64
+            arguments to int32 (2**40 becomes 0) before the model sees them:
+            pass int32 or uint32 lengths there.
           mask: optional booleans, ``[batch, time]`` or ``[batch, bands, time]``:
             a false step leaves that sequence's state unchanged and outputs
             zeros, wherever it is. Give ``seq_lengths`` or ``mask``, not both.
@@ -280,7 +284,10 @@ class BandedLSTM(nn.Module):
           ``[batch, bands, time, units]``.
         """
         features = _validate.input_features(self.variables)  # None while initialising
+        if features is None and not self.is_initializing():
+            _validate.check_variables(self, self.variables)  # raises, naming what is missing
         inputs = _validate.check_inputs(inputs, features=features)
+        _validate.check_devices(variables=self.variables, state=state, inputs=inputs)
         batch, bands, time, features = inputs.shape
         if state is None:
             state = self.initial_state(batch, bands)
@@ -399,7 +406,7 @@ def _valid_steps(seq_lengths, mask, batch, bands, time) -> jax.Array | None:
     if seq_lengths is not None and mask is not None:
         raise ValueError("seq_lengths, mask: give one or the other, not both")
     if seq_lengths is not None:
-        lengths = _validate.check_seq_lengths(seq_lengths, batch, bands)
+        lengths = _validate.check_seq_lengths(seq_lengths, batch, bands, time)
         return jnp.arange(time)[:, None, None] < lengths[None]
     if mask is not None:
         return jnp.moveaxis(_validate.check_mask(mask, batch, bands, time), 2, 0)

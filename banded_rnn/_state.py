@@ -78,3 +78,19 @@ def batch_mask(indices: Any, shape: tuple[int, int]) -> np.ndarray:
     mask = np.zeros(shape, np.bool_)
     mask[slice(None) if indices is None else list(indices)] = True
     return mask
+
+
+def all_finite(state: Any) -> jax.Array:
+    """Whether every value of every leaf of ``state`` is finite: one bool scalar."""
+    return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(state)]))
+
+
+def nonfinite_rows(state: Any) -> list[tuple[int, int]]:
+    """The ``(sequence, band)`` rows where some leaf of ``state`` holds a NaN or
+    an infinity, computed on the host."""
+    bad = None
+    for leaf in jax.tree.leaves(state):
+        leaf = np.asarray(leaf)
+        rows = ~np.isfinite(leaf).reshape(*leaf.shape[:2], -1).all(axis=-1)
+        bad = rows if bad is None else bad | rows
+    return [] if bad is None else [(int(b), int(n)) for b, n in np.argwhere(bad)]

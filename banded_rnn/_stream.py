@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -12,8 +14,14 @@ import numpy as np
 
 from . import _stream_file, _validate
 from ._compile_count import CompileCounter
-from ._state import batch_mask, reset_state
-from ._stream_step import stream_spec, stream_step, with_packed_weights, without_packed_weights
+from ._state import all_finite, batch_mask, nonfinite_rows, reset_state
+from ._stream_step import (
+    stream_apply,
+    stream_spec,
+    stream_step,
+    with_packed_weights,
+    without_packed_weights,
+)
 
 OUTPUTS = ("numpy", "device")
 """``Stream``'s ``outputs`` values."""
@@ -82,6 +90,16 @@ class Stream:
         chain more JAX work or convert later. (A chunk that runs as several
         pieces is joined on the host and put back on the device: no
         compilation, two copies.)
+      check_finite: refuse, with a ``ValueError``, a chunk holding a NaN or an
+        infinity, and a call whose new state would hold one, leaving the
+        stored state and pending resets as they were (one NaN would otherwise
+        stay in that stream's state until it is reset). Costs a pass over
+        each chunk on the host and a check of the state on the device per
+        call; the state is then not updated in place (not donated).
+
+    One ``Stream`` may be shared by threads: calls, :meth:`reset`,
+    :meth:`save`, :meth:`load` and :attr:`state` are serialised by a lock,
+    and each call runs from the state the one before it left.
     """
 
     def __init__(
@@ -96,6 +114,7 @@ class Stream:
         dtype: Any = np.float32,
         features: int | None = None,
         outputs: str = "numpy",
+        check_finite: bool = False,
     ) -> None:
         variables = without_packed_weights(variables)  # a Stream packs its own, below
         spec = stream_spec(model, variables, batch_size, num_bands, dtype, features)
@@ -125,7 +144,13 @@ class Stream:
                 np.zeros((*self._chunk_shape[:2], 1, self.features), self.dtype),
             )
         self._fingerprint: dict[str, Any] | None = None
-        self._compiled_step = stream_step(model)
+        self.check_finite = bool(check_finite)
+        # With check_finite, a refused call must leave the state it started from.
+        self._compiled_step = (
+            jax.jit(partial(stream_apply, model)) if check_finite else stream_step(model)
+        )
+        self._all_finite = jax.jit(all_finite)
+        self._lock = threading.Lock()
         self._copy_state = jax.jit(reset_state)  # a fresh copy, pending resets applied
         self._no_reset = jax.device_put(np.zeros((self.batch_size, self.num_bands), np.bool_))
         # A remainder shorter than the smallest bucket is padded up to it, and
@@ -163,15 +188,15 @@ class Stream:
         ``BandedLSTM``, ``num_layers`` LSTMState, each field ``[batch, bands,
         units]``; for another model, the pytree it returns.
         Later calls never invalidate it."""
-        mask = self._pending_reset
-        with self._compiles:
+        with self._lock, self._compiles:
+            mask = self._pending_reset
             return self._copy_state(self._state, self._no_reset if mask is None else mask)
 
     def _check_chunk(self, chunk: Any) -> tuple[Any, int]:
         """``chunk`` as an array of the stream's dtype, and its length; or raises."""
         kind = type(chunk)
         if kind is not np.ndarray and not isinstance(chunk, jax.Array):
-            chunk, kind = np.asarray(chunk), np.ndarray
+            chunk, kind = np.asarray(_validate.as_array(chunk, "chunk")), np.ndarray
         shape, dtype = chunk.shape, chunk.dtype
         if shape[:2] + shape[3:] != self._chunk_shape or dtype != self.dtype or not shape[2]:
             _validate.check_inputs(  # the full checks, off the common path
@@ -182,6 +207,8 @@ class Stream:
                 nonempty=True,
             )
         time = shape[2]
+        if self.check_finite:
+            _refuse_nonfinite_chunk(chunk)
         if kind is np.ndarray:
             return (chunk if dtype == self.dtype else chunk.astype(self.dtype)), time
         if dtype == self.dtype and time in self.buckets:
@@ -189,23 +216,13 @@ class Stream:
         return np.asarray(chunk, self.dtype), time
 
     def _reset_mask(self, reset: Any) -> np.ndarray | None:
-        """The pending resets and ``reset`` (checked), as a mask ``[batch,
-        bands]``; None if there are none."""
-        mask = self._pending_reset
-        if reset is not None:
-            _validate.check_batch_mask(reset, self.batch_size, self.num_bands)
-            given = np.broadcast_to(
-                np.asarray(reset).reshape(self.batch_size, -1), (self.batch_size, self.num_bands)
-            )
-            mask = given if mask is None else mask | given
-        return mask
-
-    def _apply_resets(self, mask: np.ndarray) -> None:
-        """Zeroes the states under ``mask``, with the compiled state copy: the
-        step itself then has one compiled form per bucket, with no mask to
-        pass on every call."""
-        self._state = self._copy_state(self._state, mask)
-        self._pending_reset = None
+        """``reset`` (checked) as a mask ``[batch, bands]``; None for None."""
+        if reset is None:
+            return None
+        _validate.check_batch_mask(reset, self.batch_size, self.num_bands)
+        return np.broadcast_to(
+            np.asarray(reset).reshape(self.batch_size, -1), (self.batch_size, self.num_bands)
+        )
 
     def _split(self, time: int) -> list[int]:
         """The lengths of the pieces ``time`` steps run as: the longest bucket
@@ -222,18 +239,17 @@ class Stream:
             time -= piece
         return pieces
 
-    def _run_piece(self, piece: Any, length: int) -> jax.Array:
+    def _run_piece(self, state: Any, piece: Any, length: int) -> tuple[Any, jax.Array]:
         """Runs one piece of ``length`` steps, a bucket's or shorter than every
-        bucket (padded, the padding masked); returns its outputs, padding included."""
+        bucket (padded, the padding masked); returns the state and the outputs,
+        padding included."""
         if length >= self.buckets[0]:
-            self._state, out = self._compiled_step(self._step_variables, self._state, piece)
-            return out
+            return self._compiled_step(self._step_variables, state, piece)
         padded = np.zeros((*piece.shape[:2], self.buckets[0], self.features), self.dtype)
         padded[:, :, :length] = piece
-        self._state, out = self._compiled_step(
-            self._step_variables, self._state, padded, None, self._padding_lengths[length]
+        return self._compiled_step(
+            self._step_variables, state, padded, None, self._padding_lengths[length]
         )
-        return out
 
     def __call__(self, chunk: Any, reset: Any = None) -> Any:
         """Feeds ``chunk [batch, bands, time, features]`` and returns the outputs
@@ -242,23 +258,40 @@ class Stream:
         bands]``, restarts those streams from zeros before the chunk. Bad input
         raises before the state is touched."""
         chunk, time = self._check_chunk(chunk)
-        mask = self._pending_reset if reset is None else self._reset_mask(reset)
-        with self._compiles:
-            if mask is not None:
-                self._apply_resets(mask)
+        given = self._reset_mask(reset)
+        with self._lock, self._compiles:
+            mask = self._pending_reset
+            if given is not None:
+                mask = given if mask is None else mask | given
+            # Resets go through the compiled state copy: the step then has one
+            # compiled form per bucket, with no mask to pass on every call.
+            state = self._state if mask is None else self._copy_state(self._state, mask)
             if time in self.buckets:  # the common case: one compiled call, nothing to cut
-                self._state, out = self._compiled_step(self._step_variables, self._state, chunk)
+                state, out = self._compiled_step(self._step_variables, state, chunk)
+                self._commit(state)
                 return out if self._device_outputs else np.asarray(out)
             pieces, start = [], 0
             for length in self._split(time):
-                pieces.append(
-                    (self._run_piece(chunk[:, :, start : start + length], length), length)
-                )
+                state, out = self._run_piece(state, chunk[:, :, start : start + length], length)
+                pieces.append((out, length))
                 start += length
+            self._commit(state)
             # Joined on the host after every piece is dispatched: JAX ops would
             # compile once per new pattern of pieces, after warmup.
             joined = np.concatenate([np.asarray(out)[:, :, :n] for out, n in pieces], axis=2)
             return jax.device_put(joined) if self._device_outputs else joined
+
+    def _commit(self, state: Any) -> None:
+        """Makes ``state`` the stream's, pending resets done; with
+        ``check_finite``, first refuses a state that is not finite."""
+        if self.check_finite and not bool(self._all_finite(state)):
+            rows = nonfinite_rows(state)
+            raise ValueError(
+                f"chunk: the state it leads to holds NaN or infinite values at [sequence, "
+                f"band] {rows[:8]}{' ...' if len(rows) > 8 else ''} (check_finite=True); the "
+                "call is refused and the stream's state left as it was"
+            )
+        self._state, self._pending_reset = state, None
 
     def reset(self, batch: Sequence[int] | int | None = None) -> None:
         """Restarts sequences from a zero state: all of them, or those at the
@@ -266,8 +299,9 @@ class Stream:
         if batch is not None:
             batch = _validate.check_batch_indices(batch, self.batch_size)
         mask = batch_mask(batch, (self.batch_size, self.num_bands))
-        pending = self._pending_reset
-        self._pending_reset = mask if pending is None else pending | mask
+        with self._lock:
+            pending = self._pending_reset
+            self._pending_reset = mask if pending is None else pending | mask
 
     def warmup(self) -> None:
         """Compiles every bucket (and the padded smallest one, if it is longer
@@ -282,7 +316,9 @@ class Stream:
             for bucket, extra in runs[: len(self.buckets) + 1]:
                 chunk = np.zeros((*shape, bucket, self.features), self.dtype)
                 scratch, out = self._compiled_step(self._step_variables, scratch, chunk, *extra)
-            jax.block_until_ready((self._copy_state(scratch, self._no_reset), out))
+            scratch = self._copy_state(scratch, self._no_reset)
+            finite = self._all_finite(scratch) if self.check_finite else None
+            jax.block_until_ready((scratch, out, finite))
 
     def _expected_fingerprint(self) -> dict[str, Any]:
         if self._fingerprint is None:
@@ -295,19 +331,37 @@ class Stream:
             )
         return self._fingerprint
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, *, allow_nonfinite: bool = False) -> None:
         """Writes the state (pending resets applied) to ``path`` (``.npz``) with a
         fingerprint of the model: its class, variable shapes, a weights digest
-        and the state's layout. The file is replaced atomically."""
+        and the state's layout. The file is written beside ``path``, synced,
+        renamed over it and the directory synced: a crash at any point leaves
+        the old file or the new one. A state holding NaN or infinities raises
+        ``ValueError`` unless ``allow_nonfinite``."""
         leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(self.state)]
-        _stream_file.save(path, leaves, self._expected_fingerprint())
+        _stream_file.save(path, leaves, self._expected_fingerprint(), allow_nonfinite)
 
-    def load(self, path: str | os.PathLike) -> None:
-        """Replaces the state by the one saved at ``path``. A file from another
-        model, weights or stream shape raises ``ValueError`` and changes nothing."""
-        leaves = _stream_file.load(path, self._expected_fingerprint())
-        self._state = jax.tree.unflatten(
+    def load(self, path: str | os.PathLike, *, allow_nonfinite: bool = False) -> None:
+        """Replaces the state by the one saved at ``path``. A file that is
+        damaged, not a state file, from another model, weights or stream
+        shape, or (unless ``allow_nonfinite``) holding NaN or infinities,
+        raises ``ValueError`` naming it and changes nothing."""
+        leaves = _stream_file.load(path, self._expected_fingerprint(), allow_nonfinite)
+        state = jax.tree.unflatten(
             jax.tree.structure(self._spec.state),
             [jax.device_put(np.array(leaf)) for leaf in leaves],
         )
-        self._pending_reset = None
+        with self._lock:
+            self._state, self._pending_reset = state, None
+
+
+def _refuse_nonfinite_chunk(chunk: Any) -> None:
+    """``ValueError`` naming the first ``[sequence, band, step]`` of ``chunk``
+    that holds a NaN or an infinity (checked on the host)."""
+    finite = np.isfinite(np.asarray(chunk))
+    if not finite.all():
+        where = tuple(int(i) for i in np.argwhere(~finite)[0][:3])
+        raise ValueError(
+            f"chunk: expected finite values (check_finite=True); received NaN or infinity, "
+            f"first at [sequence, band, step] = {list(where)}; nothing was run"
+        )

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from ._banded import BandedLSTM
-from ._state import LSTMState
+from ._state import LSTMState, nonfinite_rows
 
 FORMAT = "banded_rnn.stream_state/2"
 """Format 2 numbers the state's leaves (``state_0``, ``state_1``, ... in
@@ -62,19 +62,51 @@ def _model_config(model: Any) -> dict[str, Any]:
     return config
 
 
-def save(path: str | os.PathLike, leaves: list[np.ndarray], expected: dict[str, Any]) -> None:
+def save(
+    path: str | os.PathLike,
+    leaves: list[np.ndarray],
+    expected: dict[str, Any],
+    allow_nonfinite: bool = False,
+) -> None:
     """Writes the state's ``leaves`` and ``expected`` (a fingerprint) as one
-    ``.npz`` file, atomically: the file is written and synced beside ``path``,
-    then renamed over it, so a crash never leaves a half-written file there."""
+    ``.npz`` file, atomically: the file is written and synced beside ``path``
+    as ``path + ".partial"`` (replacing one a killed save left), renamed over
+    ``path``, and the directory synced, so a crash leaves the old file or the
+    new one, never a half-written one. Non-finite states raise ``ValueError``
+    unless ``allow_nonfinite``."""
+    path = os.fspath(path)
+    if not allow_nonfinite:
+        _refuse_nonfinite(leaves, f"state: not saved to {path!r}")
     arrays = {"fingerprint": np.asarray(json.dumps(expected, sort_keys=True))}
     arrays.update((f"state_{index}", np.asarray(leaf)) for index, leaf in enumerate(leaves))
-    path = os.fspath(path)
     partial = f"{path}.partial"
     with open(partial, "wb") as file:
         np.savez(file, **arrays)
         file.flush()
         os.fsync(file.fileno())
     os.replace(partial, path)
+    _sync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def _sync_directory(directory: str) -> None:
+    """Makes a rename inside ``directory`` durable (POSIX; a no-op elsewhere)."""
+    if os.name != "posix":
+        return
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _refuse_nonfinite(leaves: list[np.ndarray], what: str) -> None:
+    rows = nonfinite_rows(leaves)  # every leaf is [batch, bands, ...]
+    if rows:
+        raise ValueError(
+            f"{what}: the state holds NaN or infinite values at [sequence, band] "
+            f"{rows[:8]}{' ...' if len(rows) > 8 else ''}; pass allow_nonfinite=True to "
+            "accept it"
+        )
 
 
 def _from_format_1(saved: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -128,18 +160,24 @@ def _layout_difference(key: str, saved: Any, expected: dict[str, Any]) -> str:
     return f"{key}: saved {len(saved)} arrays, this stream {len(ours)}"
 
 
-def load(path: str | os.PathLike, expected: dict[str, Any]) -> list[np.ndarray]:
+def load(
+    path: str | os.PathLike, expected: dict[str, Any], allow_nonfinite: bool = False
+) -> list[np.ndarray]:
     """Reads a file written by :func:`save` (or in format 1) and returns the
-    state's leaves as NumPy arrays, or raises ``ValueError`` if it belongs to
-    another model or stream."""
+    state's leaves as NumPy arrays, or raises ``ValueError`` if it is damaged
+    (truncated, empty, bit-flipped: the zip's CRC-32 covers every array), not
+    a state file, of another model or stream, or non-finite (unless
+    ``allow_nonfinite``). A missing file raises ``FileNotFoundError``."""
     try:
-        with np.load(path, allow_pickle=False) as file:
+        # Opened here, so that it is closed whatever np.load raises.
+        with open(path, "rb") as opened, np.load(opened, allow_pickle=False) as file:
             arrays = {name: file[name] for name in file.files}
-    except (OSError, ValueError) as error:
-        if isinstance(error, FileNotFoundError):
-            raise
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # noqa: BLE001  (a damaged zip raises a dozen kinds)
         raise ValueError(
-            f"path: {os.fspath(path)!r} is not a stream state file ({error})"
+            f"path: {os.fspath(path)!r} is not a stream state file or is damaged "
+            f"({type(error).__name__}: {error})"
         ) from None
     try:
         saved = json.loads(str(arrays["fingerprint"]))
@@ -166,4 +204,6 @@ def load(path: str | os.PathLike, expected: dict[str, Any]) -> list[np.ndarray]:
                 f"{where}) of shape {tuple(shape)}"
             )
         leaves.append(value)
+    if not allow_nonfinite:
+        _refuse_nonfinite(leaves, f"path: {os.fspath(path)!r} not loaded")
     return leaves

@@ -123,6 +123,38 @@ def _missing_axis_hint(shape: Shape, expected: Shape) -> str:
     return ""
 
 
+def as_array(value: Any, name: str) -> Any:
+    """``value`` as an array: a NumPy or JAX array, a tracer or a Keras tensor
+    as it is; nested lists converted. Refuses what would lose information or
+    has no values (a masked array, a ``ShapeDtypeStruct``), ``None``,
+    strings, ragged lists and objects, naming ``name``."""
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name}: expected an array; received a NumPy masked array, whose mask would be "
+            "dropped. Pass its data (np.ma.getdata(x) or x.filled(0)) and give the mask "
+            "where the call takes one (mask= or seq_lengths=)"
+        )
+    if isinstance(value, jax.ShapeDtypeStruct):
+        raise TypeError(
+            f"{name}: expected an array with values; received a jax.ShapeDtypeStruct of shape "
+            f"{value.shape} (shapes alone: call through jax.eval_shape)"
+        )
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return value
+    if value is None or isinstance(value, str | bytes):
+        raise TypeError(f"{name}: expected an array; received {type(value).__name__}")
+    try:
+        array = np.asarray(value)
+    except ValueError:
+        raise ValueError(
+            f"{name}: expected a rectangular array; received nested sequences of unequal "
+            "lengths (ragged)"
+        ) from None
+    if array.dtype == object:
+        raise TypeError(f"{name}: expected an array of numbers; received {type(value).__name__}")
+    return array
+
+
 def check_inputs(
     inputs: Any,
     name: str = "inputs",
@@ -132,18 +164,44 @@ def check_inputs(
     nonempty: bool = False,
 ) -> jax.Array:
     """``inputs`` as an array ``[batch, bands, time, features]`` of a floating
-    dtype (``time >= 1`` if ``nonempty``), or raises."""
-    if not hasattr(inputs, "shape") or not hasattr(inputs, "dtype"):
-        inputs = np.asarray(inputs)
+    dtype (with ``nonempty``, at least one sequence, band and time step), or
+    raises."""
+    inputs = as_array(inputs, name)
     check_input_shape(inputs.shape, name, features=features, batch_bands=batch_bands)
     if not jnp.issubdtype(inputs.dtype, jnp.floating):
         raise TypeError(f"{name}: expected a floating dtype; received {inputs.dtype}")
-    if nonempty and inputs.shape[2] < 1:
+    if nonempty and 0 in tuple(inputs.shape)[:3]:
         raise ValueError(
-            f"{name}: expected at least one time step, [batch, bands, time >= 1, features]; "
-            f"received shape {tuple(inputs.shape)}"
+            f"{name}: expected at least one sequence, band and time step, [batch >= 1, "
+            f"bands >= 1, time >= 1, features]; received shape {tuple(inputs.shape)}"
         )
     return inputs
+
+
+def check_devices(**arrays: Any) -> None:
+    """Raises ``ValueError`` when the concrete, committed ``jax.Array`` s among
+    the named pytrees ``arrays`` live on different devices (a jitted call would
+    refuse them, naming its internals). Tracers and uncommitted arrays go
+    anywhere."""
+    seen: tuple[str, Any] | None = None
+    for name, tree in arrays.items():
+        for leaf in jax.tree.leaves(tree):
+            if (
+                not isinstance(leaf, jax.Array)
+                or isinstance(leaf, jax.core.Tracer)
+                or not leaf.committed
+            ):
+                continue
+            devices = leaf.sharding.device_set
+            if seen is None:
+                seen = (name, devices)
+            elif devices != seen[1]:
+                ids = sorted(d.id for d in seen[1]), sorted(d.id for d in devices)
+                raise ValueError(
+                    f"{name}: on device(s) {ids[1]}, but {seen[0]} on {ids[0]}; put them on "
+                    f"the same devices (jax.device_put({name}, ...))"
+                )
+            break  # one leaf per argument: a pytree on several device sets is XLA's to refuse
 
 
 # -- state ----------------------------------------------------------------------------
@@ -224,9 +282,12 @@ def check_batch_indices(indices: Any, batch_size: int, name: str = "batch") -> l
 
 
 def check_seq_lengths(
-    seq_lengths: Any, batch: int, bands: int, name: str = "seq_lengths"
+    seq_lengths: Any, batch: int, bands: int, time: int, name: str = "seq_lengths"
 ) -> jax.Array:
-    """``seq_lengths`` broadcast to ``[batch, bands]``, or raises."""
+    """``seq_lengths`` as ``int32 [batch, bands]``, lengths beyond ``time``
+    clipped to it (they mean every step is valid) before the cast, so that no
+    length wraps around; or raises."""
+    seq_lengths = as_array(seq_lengths, name)
     shape = shape_of(seq_lengths)
     if shape not in ((batch,), (batch, bands)):
         raise ValueError(
@@ -235,9 +296,14 @@ def check_seq_lengths(
         )
     if not jnp.issubdtype(dtype_of(seq_lengths), jnp.integer):
         raise TypeError(f"{name}: expected an integer dtype; received {dtype_of(seq_lengths)}")
-    if not isinstance(seq_lengths, jax.core.Tracer) and np.any(np.asarray(seq_lengths) < 0):
-        raise ValueError(f"{name}: expected lengths >= 0; received {np.asarray(seq_lengths)}")
-    seq_lengths = jnp.asarray(seq_lengths)
+    if isinstance(seq_lengths, jax.core.Tracer):
+        seq_lengths = jnp.minimum(seq_lengths, time)  # in its own dtype: nothing wraps
+    else:
+        seq_lengths = np.asarray(seq_lengths)
+        if np.any(seq_lengths < 0):
+            raise ValueError(f"{name}: expected lengths >= 0; received {seq_lengths}")
+        seq_lengths = np.minimum(seq_lengths, time)
+    seq_lengths = jnp.asarray(seq_lengths, jnp.int32)
     if seq_lengths.ndim == 1:
         seq_lengths = seq_lengths[:, None]
     return jnp.broadcast_to(seq_lengths, (batch, bands))

@@ -367,6 +367,12 @@ class BandedLSTMLayer(keras.layers.Layer):
         state_shape = (batch, bands, self.units)
         return _validate.check_state(initial_state, self.num_layers, state_shape, "initial_state")
 
+    def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        # Ahead of Keras's own argument handling, whose messages for None, a
+        # string or ragged lists do not say what the layer expected; and a
+        # NumPy masked array would lose its mask.
+        return super().__call__(_validate.as_array(inputs, "inputs"), *args, **kwargs)
+
     def call(
         self,
         inputs: Any,

@@ -131,3 +131,9 @@ def run_fresh_process(script: str) -> subprocess.CompletedProcess:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def rss_bytes() -> int:
+    """This process's resident memory, from ``/proc`` (Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -3,7 +3,6 @@
 import gc
 import os
 import pathlib
-import resource
 import subprocess
 import sys
 import textwrap
@@ -17,7 +16,14 @@ from hypothesis import strategies as st
 
 from banded_rnn import BandedLSTM, Stream, kernel_info, stream_step
 
-from helpers import init_model, random_inputs, random_lengths, random_state, run_chunks
+from helpers import (
+    init_model,
+    random_inputs,
+    random_lengths,
+    random_state,
+    rss_bytes,
+    run_chunks,
+)
 from reference import lstm_reference, params_from_variables
 
 BATCH, BANDS, FEATURES, UNITS = 3, 4, 6, 5
@@ -109,7 +115,7 @@ def test_stream_step_masks_padding_with_seq_lengths():
         (X[:2, :, :2], None, r"chunk: expected shape .* = \(3, 4, time, 6\); received shape \(2,"),
         (X[:, :3, :2], None, r"chunk: expected shape .* = \(3, 4, time, 6\); received shape \(3,"),
         (X[:, :, :2, :5], None, r"chunk: expected 6 features.*received shape \(3, 4, 2, 5\)"),
-        (X[:, :, :0], None, r"chunk: expected at least one time step.*\(3, 4, 0, 6\)"),
+        (X[:, :, :0], None, r"chunk: expected at least one sequence.*\(3, 4, 0, 6\)"),
         (X[:, :, :2], np.ones(2, bool), r"reset: expected a bool mask.*\(3,\).*\(3, 4\).*\(2,\)"),
         (X[:, :, :2], np.ones((3, 2), bool), r"reset: .*received shape \(3, 2\)"),
     ],
@@ -327,7 +333,7 @@ BAD_CALLS = {
     "empty": (
         lambda s: s(X[:, :, :0]),
         ValueError,
-        r"chunk: expected at least one time step.*\(3, 4, 0, 6\)",
+        r"chunk: expected at least one sequence, band and time.*\(3, 4, 0, 6\)",
     ),
     "integer": (
         lambda s: s(X[:, :, :3].astype(np.int32)),
@@ -544,11 +550,6 @@ def test_save_then_a_new_process_loads_and_continues_like_an_uninterrupted_strea
 
 
 # Soak: many calls, no growth in memory or compilations.
-
-
-def rss_bytes():
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
 
 
 @pytest.mark.slow
