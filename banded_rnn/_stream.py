@@ -271,10 +271,15 @@ class Stream:
                 self._commit(state)
                 return out if self._device_outputs else np.asarray(out)
             pieces, start = [], 0
-            for length in self._split(time):
-                state, out = self._run_piece(state, chunk[:, :, start : start + length], length)
-                pieces.append((out, length))
-                start += length
+            try:
+                for length in self._split(time):
+                    state, out = self._run_piece(state, chunk[:, :, start : start + length], length)
+                    pieces.append((out, length))
+                    start += length
+            except BaseException:  # an interrupt between pieces: keep what they donated to
+                if pieces and not self.check_finite:
+                    self._state, self._pending_reset = state, None
+                raise
             self._commit(state)
             # Joined on the host after every piece is dispatched: JAX ops would
             # compile once per new pattern of pieces, after warmup.

@@ -168,17 +168,17 @@ def load(
     (truncated, empty, bit-flipped: the zip's CRC-32 covers every array), not
     a state file, of another model or stream, or non-finite (unless
     ``allow_nonfinite``). A missing file raises ``FileNotFoundError``."""
-    try:
-        # Opened here, so that it is closed whatever np.load raises.
-        with open(path, "rb") as opened, np.load(opened, allow_pickle=False) as file:
-            arrays = {name: file[name] for name in file.files}
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # noqa: BLE001  (a damaged zip raises a dozen kinds)
-        raise ValueError(
-            f"path: {os.fspath(path)!r} is not a stream state file or is damaged "
-            f"({type(error).__name__}: {error})"
-        ) from None
+    # Opened here, so that it is closed whatever np.load raises; a file that
+    # cannot be opened raises OSError (FileNotFoundError, PermissionError).
+    with open(path, "rb") as opened:
+        try:
+            with np.load(opened, allow_pickle=False) as file:
+                arrays = {name: file[name] for name in file.files}
+        except Exception as error:  # noqa: BLE001  (a damaged zip raises a dozen kinds)
+            raise ValueError(
+                f"path: {os.fspath(path)!r} is not a stream state file or is damaged "
+                f"({type(error).__name__}: {error})"
+            ) from None
     try:
         saved = json.loads(str(arrays["fingerprint"]))
     except (KeyError, json.JSONDecodeError):

@@ -296,14 +296,17 @@ def check_seq_lengths(
         )
     if not jnp.issubdtype(dtype_of(seq_lengths), jnp.integer):
         raise TypeError(f"{name}: expected an integer dtype; received {dtype_of(seq_lengths)}")
+    dtype = np.dtype(dtype_of(seq_lengths))
     if isinstance(seq_lengths, jax.core.Tracer):
-        seq_lengths = jnp.minimum(seq_lengths, time)  # in its own dtype: nothing wraps
+        if np.iinfo(dtype).max > np.iinfo(np.int32).max:  # clipped in its own dtype
+            seq_lengths = jnp.minimum(seq_lengths, jnp.asarray(time, dtype))
     else:
         seq_lengths = np.asarray(seq_lengths)
         if np.any(seq_lengths < 0):
             raise ValueError(f"{name}: expected lengths >= 0; received {seq_lengths}")
-        seq_lengths = np.minimum(seq_lengths, time)
-    seq_lengths = jnp.asarray(seq_lengths, jnp.int32)
+        wide = np.uint64 if dtype == np.uint64 else np.int64
+        seq_lengths = np.minimum(seq_lengths.astype(wide), time)
+    seq_lengths = jnp.asarray(seq_lengths).astype(jnp.int32)
     if seq_lengths.ndim == 1:
         seq_lengths = seq_lengths[:, None]
     return jnp.broadcast_to(seq_lengths, (batch, bands))

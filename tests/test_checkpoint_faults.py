@@ -359,3 +359,20 @@ def test_fit_resumes_through_a_damaged_newest_checkpoint(tmp_path, capfd):
                     strict=True):  # fmt: skip
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert noise(capfd.readouterr().err) == []
+
+
+def test_infinities_in_the_optimiser_state_are_no_damage(tmp_path):
+    """Some optimisers keep an infinity by design (reduce_on_plateau's best loss so
+    far, before the first): only the parameters and the carried state must be finite."""
+    tx = optax.chain(optax.adam(1e-2), optax.contrib.reduce_on_plateau())
+    train_state, state, rng = saved_values(1)
+    train_state = TrainState.create(apply_fn=None, params=train_state.params, tx=tx).replace(step=1)
+    assert any(np.isinf(np.asarray(leaf)).any() for leaf in jax.tree.leaves(train_state.opt_state))
+    with Checkpointer(tmp_path / "run") as checkpointer:
+        checkpointer.save(train_state, state, rng)
+        checkpointer.save(train_state.replace(step=2), state, rng)
+        restored = checkpointer.restore(train_state, state, jax.random.key(99))
+        assert int(restored.train_state.step) == 2 and checkpointer.all_steps() == [1, 2]
+    for a, b in zip(jax.tree.leaves(restored.train_state.opt_state),
+                    jax.tree.leaves(train_state.opt_state), strict=True):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -205,7 +205,8 @@ class Checkpointer:
                 )
             except Exception as error:
                 raise _Damaged(_one_line(error)) from error
-        for key in ("params", "opt_state", "state"):
+        # Not opt_state, which may hold infinities by design (a best loss so far, say).
+        for key in ("params", "state"):
             for path, leaf in jax.tree_util.tree_leaves_with_path(items[key]):
                 if not _all_finite(leaf):
                     raise _Damaged(f"non-finite values in {key}{jax.tree_util.keystr(path)}")

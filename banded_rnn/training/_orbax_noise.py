@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -60,9 +61,13 @@ def drop_orbax_teardown_errors() -> None:
 def _is_orbax_teardown_error(unraisable: Any) -> bool:
     error, trace = unraisable.exc_value, unraisable.exc_traceback
     if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-        while trace is not None and trace.tb_next is not None:
-            trace = trace.tb_next
-        return trace is not None and trace.tb_frame.f_code.co_name == "_check_closed"
+        # tensorstore's signature: a thread not started by Python calls
+        # call_soon_threadsafe straight from C (no Python caller in the trace).
+        return (
+            trace is not None
+            and trace.tb_frame.f_code.co_name == "call_soon_threadsafe"
+            and isinstance(threading.current_thread(), threading._DummyThread)
+        )
     code = getattr(unraisable.object, "cr_code", None)  # a coroutine's
     return (
         isinstance(getattr(error, "__cause__", None), GeneratorExit)
