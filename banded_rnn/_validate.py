@@ -123,18 +123,19 @@ def _missing_axis_hint(shape: Shape, expected: Shape) -> str:
     return ""
 
 
-def as_array(value: Any, name: str) -> Any:
+def as_array(value: Any, name: str, *, abstract: bool = False) -> Any:
     """``value`` as an array: a NumPy or JAX array, a tracer or a Keras tensor
     as it is; nested lists converted. Refuses what would lose information or
-    has no values (a masked array, a ``ShapeDtypeStruct``), ``None``,
-    strings, ragged lists and objects, naming ``name``."""
+    has no values (a masked array, a ``ShapeDtypeStruct`` unless
+    ``abstract``), ``None``, strings, ragged lists and objects, naming
+    ``name``."""
     if isinstance(value, np.ma.MaskedArray):
         raise TypeError(
             f"{name}: expected an array; received a NumPy masked array, whose mask would be "
             "dropped. Pass its data (np.ma.getdata(x) or x.filled(0)) and give the mask "
             "where the call takes one (mask= or seq_lengths=)"
         )
-    if isinstance(value, jax.ShapeDtypeStruct):
+    if isinstance(value, jax.ShapeDtypeStruct) and not abstract:
         raise TypeError(
             f"{name}: expected an array with values; received a jax.ShapeDtypeStruct of shape "
             f"{value.shape} (shapes alone: call through jax.eval_shape)"
@@ -162,11 +163,12 @@ def check_inputs(
     features: int | None = None,
     batch_bands: tuple[int, int] | None = None,
     nonempty: bool = False,
+    abstract: bool = False,
 ) -> jax.Array:
     """``inputs`` as an array ``[batch, bands, time, features]`` of a floating
     dtype (with ``nonempty``, at least one sequence, band and time step), or
     raises."""
-    inputs = as_array(inputs, name)
+    inputs = as_array(inputs, name, abstract=abstract)
     check_input_shape(inputs.shape, name, features=features, batch_bands=batch_bands)
     if not jnp.issubdtype(inputs.dtype, jnp.floating):
         raise TypeError(f"{name}: expected a floating dtype; received {inputs.dtype}")

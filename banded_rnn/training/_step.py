@@ -117,12 +117,20 @@ class _Step:
 
     # -- validation -------------------------------------------------------------------
     def check(
-        self, train_state: TrainState, state: Any, inputs: Any, targets: Any, rng: Rng = None
+        self,
+        train_state: TrainState,
+        state: Any,
+        inputs: Any,
+        targets: Any,
+        rng: Rng = None,
+        *,
+        abstract: bool = False,
     ) -> None:
         """Raises ValueError/TypeError for inputs the step cannot take.
 
         Runs nothing: shapes come from ``jax.eval_shape``. Each signature of
-        shapes and dtypes is checked once, then remembered.
+        shapes and dtypes is checked once, then remembered. ``abstract``
+        allows ``jax.ShapeDtypeStruct`` s (for :meth:`lower`).
         """
         if not isinstance(train_state, TrainState):
             raise TypeError(
@@ -136,17 +144,18 @@ class _Step:
         except TypeError:
             apply_fn = id(apply_fn)
         signature = (
+            abstract,
             treedef,
             apply_fn,
             tuple((_validate.shape_of(a), getattr(a, "dtype", type(a))) for a in leaves),
         )
         if signature in self._checked:
             return
-        self._check(train_state, state, inputs, targets, rng)
+        self._check(train_state, state, inputs, targets, rng, abstract)
         self._checked.add(signature)
 
-    def _check(self, train_state, state, inputs, targets, rng) -> None:
-        inputs = _validate.check_inputs(inputs, nonempty=True)
+    def _check(self, train_state, state, inputs, targets, rng, abstract) -> None:
+        inputs = _validate.check_inputs(inputs, nonempty=True, abstract=abstract)
         batch, bands, time, _ = inputs.shape
         if rng is not None:
             _validate.check_rng(rng, batch)
@@ -262,7 +271,7 @@ class TrainStep(_Step):
     def lower(
         self, train_state: TrainState, state: Any, inputs: Any, targets: Any, rng: Rng = None
     ) -> jax.stages.Lowered:
-        self.check(train_state, state, inputs, targets, rng)
+        self.check(train_state, state, inputs, targets, rng, abstract=True)
         with self._under_mesh():
             return self._jitted.lower(*self._place(train_state, state, inputs, targets, rng))
 
