@@ -26,6 +26,8 @@ BASH_COMMANDS = {
     "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/python -m interop demo",
     # CI runs the suite itself.
     "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest",
+    # tests/test_multihost.py::test_readme_slurm_script_runs_two_tasks runs it with two tasks.
+    "srun .venv/bin/python train.py",
     # tests/test_kernel.py::test_info_command_reports_the_kernel runs it.
     ".venv/bin/python -m banded_rnn info",
 }

@@ -4,7 +4,9 @@
 per-band state from chunk to chunk; ``ChunkStream`` and ``fit`` cut long
 sequences into chunks and run the loop (per-entry resets, evaluation, a
 progress bar, orbax checkpoints through ``Checkpointer``); ``make_mesh``
-splits the batch (and the bands) over devices.
+splits the batch (and the bands) over devices, and of several processes
+(``jax.distributed``): ``global_batch`` joins each process's rows into the
+global batch and ``gather_to_host`` brings split arrays back to every host.
 """
 
 from ._checkpoint import Checkpointer as Checkpointer
@@ -15,6 +17,8 @@ from ._loop import FitResult as FitResult
 from ._loop import NonFiniteError as NonFiniteError
 from ._loop import evaluate as evaluate
 from ._loop import fit as fit
+from ._mesh import gather_to_host as gather_to_host
+from ._mesh import global_batch as global_batch
 from ._mesh import make_mesh as make_mesh
 from ._step import EvalStep as EvalStep
 from ._step import TrainStep as TrainStep
@@ -32,6 +36,8 @@ __all__ = [
     "TrainStep",
     "evaluate",
     "fit",
+    "gather_to_host",
+    "global_batch",
     "make_eval_step",
     "make_mesh",
     "make_train_step",

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax.training.train_state import TrainState
+from jax.experimental import multihost_utils
 
 from .._validate import is_typed_key
 from ._orbax_noise import drop_orbax_teardown_errors, quiet_orbax_logs
@@ -33,7 +34,13 @@ class _Damaged(Exception):
 
 
 def _abstract(tree: Any) -> Any:
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    """What orbax restores onto: each ``jax.Array`` as its shape, dtype and
+    sharding; NumPy leaves (the step, rng, stream position) stay NumPy, read
+    back whole on every process."""
+    return jax.tree.map(
+        lambda leaf: ocp.utils.to_shape_dtype_struct(leaf) if isinstance(leaf, jax.Array) else leaf,
+        tree,
+    )
 
 
 class Checkpointer:
@@ -170,7 +177,8 @@ class Checkpointer:
             "opt_state": train_state.opt_state,
             "step": np.asarray(train_state.step, np.int32),
             "state": state,
-            "rng": jax.random.key_data(rng) if is_typed_key(rng) else rng,
+            # On the host: the same on every process, and saved once.
+            "rng": np.asarray(jax.random.key_data(rng) if is_typed_key(rng) else rng),
         }
         if stream is not None:
             items["stream"] = stream
@@ -226,7 +234,12 @@ class Checkpointer:
         while os.path.exists(target):
             copy += 1
             target = os.path.join(self.directory, _DAMAGED, f"{step}.{copy}")
-        os.rename(source, target)
+        if jax.process_count() > 1:  # every process has chosen the same target
+            multihost_utils.sync_global_devices(f"banded_rnn.move_aside.{step}.chosen")
+        if jax.process_index() == 0:
+            os.rename(source, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"banded_rnn.move_aside.{step}.moved")
         with quiet_orbax_logs():
             self._manager.reload()
         return target

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .. import _validate
 from .._state import reset_state
+from . import _mesh
 from ._checkpoint import Checkpointer
 from ._step import EvalStep, TrainStep, make_eval_step
 
@@ -31,6 +32,9 @@ class Chunk(NamedTuple):
       sequence: ``[batch]`` integers: the running number of the sequence each
         entry is playing, unique over the whole stream (the loop derives each
         sequence's dropout key from it).
+
+    With several processes, each field holds this process's entries only
+    (:attr:`ChunkStream.rows`): ``batch`` is its share of the global batch.
     """
 
     inputs: np.ndarray
@@ -65,14 +69,25 @@ class ChunkStream:
     The stream is a pure function of ``seed`` and its :meth:`position`, which
     a checkpoint saves and :meth:`set_position` restores.
 
+    With several processes (``jax.distributed``), ``batch_size`` is the global
+    batch and each process is dealt its own block of entries, ``batch_size //
+    process_count`` rows from ``process_index * rows`` on (:attr:`rows`): the
+    chunks of those entries alone are cut from ``inputs``, while every
+    process keeps the bookkeeping of the whole batch, so the entries play
+    exactly the sequences they would in one process. Every process passes the
+    same sequences (their lengths at least: it reads only the ones its
+    entries play) and seed.
+
     Args:
       inputs: sequences ``[bands, time_i, features]``: a list, or an array
         ``[sequences, bands, time, features]``.
       targets: the matching ``[bands, time_i, ...]``.
-      batch_size: entries per chunk.
+      batch_size: entries per chunk, over all processes.
       chunk_length: time steps per chunk; every ``time_i`` must be a multiple.
       seed: the shuffling seed.
       shuffle: if False, sequences are played in order, epoch after epoch.
+      process_index, process_count: this process's block of entries; by
+        default JAX's ``jax.process_index()`` and ``jax.process_count()``.
     """
 
     def __init__(
@@ -84,8 +99,11 @@ class ChunkStream:
         chunk_length: int,
         seed: int = 0,
         shuffle: bool = True,
+        process_index: int | None = None,
+        process_count: int | None = None,
     ) -> None:
         batch_size = _validate.positive_int(batch_size, "batch_size")
+        self.rows = _process_block(batch_size, process_index, process_count)
         chunk_length = _validate.positive_int(chunk_length, "chunk_length")
         self.inputs = _as_sequences(inputs, "inputs", 3)
         self.targets = _as_sequences(targets, "targets", None)
@@ -163,7 +181,7 @@ class ChunkStream:
         pos = self._position
         reset = np.zeros(self.batch_size, bool)
         inputs, targets = [], []
-        for entry in range(self.batch_size):
+        for entry in range(self.batch_size):  # every entry's bookkeeping; our rows' data
             number = pos["entry_sequence"][entry]
             if (
                 number < 0
@@ -173,13 +191,33 @@ class ChunkStream:
                 pos["next_sequence"] += 1
                 pos["entry_chunk"][entry] = 0
                 reset[entry] = True
-            index = self._sequence_index(int(pos["entry_sequence"][entry]))
-            start = int(pos["entry_chunk"][entry]) * self.chunk_length
-            window = slice(start, start + self.chunk_length)
-            inputs.append(self.inputs[index][:, window])
-            targets.append(self.targets[index][:, window])
+            if self.rows.start <= entry < self.rows.stop:
+                index = self._sequence_index(int(pos["entry_sequence"][entry]))
+                start = int(pos["entry_chunk"][entry]) * self.chunk_length
+                window = slice(start, start + self.chunk_length)
+                inputs.append(self.inputs[index][:, window])
+                targets.append(self.targets[index][:, window])
             pos["entry_chunk"][entry] += 1
-        return Chunk(np.stack(inputs), np.stack(targets), reset, pos["entry_sequence"].copy())
+        ours = self.rows
+        return Chunk(
+            np.stack(inputs), np.stack(targets), reset[ours], pos["entry_sequence"][ours].copy()
+        )
+
+
+def _process_block(batch_size: int, index: Any, count: Any) -> slice:
+    """The entries ``[start, stop)`` of process ``index`` of ``count``."""
+    count = _validate.positive_int(jax.process_count() if count is None else count, "process_count")
+    index = _validate.positive_int(
+        jax.process_index() if index is None else index, "process_index", minimum=0
+    )
+    if index >= count or batch_size % count:
+        raise ValueError(
+            f"batch_size, process_index: expected a batch_size divisible by process_count = "
+            f"{count} and 0 <= process_index < {count}; received batch_size={batch_size}, "
+            f"process_index={index}"
+        )
+    rows = batch_size // count
+    return slice(index * rows, (index + 1) * rows)
 
 
 class FitResult(NamedTuple):
@@ -198,11 +236,9 @@ class FitResult(NamedTuple):
     history: dict[str, np.ndarray]
 
 
-@jax.jit
-def _start_sequences(state, reset, rng, sequence):
-    """Zeros the state of the entries in ``reset``; one dropout key per entry's sequence."""
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, sequence)
-    return reset_state(state, reset), keys
+_reset = jax.jit(reset_state)
+_entry_keys = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
+"""One dropout key per batch entry: ``fold_in(rng, the entry's sequence number)``."""
 
 
 def evaluate(
@@ -228,17 +264,24 @@ def evaluate(
     by_length: dict[int, list[int]] = {}
     for index, x in enumerate(inputs):
         by_length.setdefault(x.shape[1], []).append(index)
+    split = 1 if eval_step.mesh is None else dict(eval_step.mesh.shape)[_mesh.BATCH]
+    here = None  # for a group the mesh cannot split: a step without it, and host copies
     total, weight = 0.0, 0
     for time, indices in sorted(by_length.items()):
         for start in range(0, len(indices), batch_size):
             group = indices[start : start + batch_size]
             x = np.stack([inputs[i] for i in group])
             y = np.stack([targets[i] for i in group])
+            step, weights = eval_step, train_state
+            if len(group) % split:
+                if here is None:
+                    here = make_eval_step(eval_step.loss_fn), _mesh.gather_to_host(train_state)
+                step, weights = here
             state = None
             losses = []
             for t in range(0, time, chunk_length):
                 window = slice(t, t + chunk_length)
-                state, metrics = eval_step(train_state, state, x[:, :, window], y[:, :, window])
+                state, metrics = step(weights, state, x[:, :, window], y[:, :, window])
                 losses.append((metrics["loss"], len(group) * (min(t + chunk_length, time) - t)))
             for loss, count in losses:
                 total += float(loss) * count
@@ -341,10 +384,29 @@ def _resume(checkpointer, train_state, state, rng, stream):
     return restored.train_state, restored.state, restored.rng
 
 
+def _main_process() -> bool:
+    """Whether this process logs: the only one, or the first of several."""
+    return jax.process_index() == 0
+
+
+def _check_rows(mesh, stream: ChunkStream) -> None:
+    """Raises unless ``stream`` deals this process the rows its devices hold."""
+    rows = _mesh.process_rows(mesh, stream.batch_size)
+    if rows != stream.rows:
+        raise ValueError(
+            f"stream: deals this process the batch rows [{stream.rows.start}, "
+            f"{stream.rows.stop}), but its devices on the step's mesh hold [{rows.start}, "
+            f"{rows.stop}); build the ChunkStream with process_index and process_count "
+            "matching the mesh (by default, JAX's)"
+        )
+
+
 def _finished_already(step: int, num_steps: int, checkpointer: Checkpointer | None) -> bool:
     """True, with a warning, when a run (resumed) at ``step`` has nothing left to train."""
     if step < num_steps or num_steps == 0:
         return False
+    if not _main_process():
+        return True
     where = "" if checkpointer is None else f" (resumed from {checkpointer.directory})"
     warnings.warn(
         f"fit: train_state is already at step {step}{where}, and num_steps={num_steps}: "
@@ -356,18 +418,23 @@ def _finished_already(step: int, num_steps: int, checkpointer: Checkpointer | No
 
 def _train_one(train_step, train_state, state, stream, rng, carry_state, keys_per_entry):
     """Takes the next chunk, restarts the entries that begin a sequence, runs
-    one step; returns the step's results and the chunk."""
+    one step; returns the step's results and the chunk. With several
+    processes, the chunk holds this process's rows, joined into the global
+    batch here."""
     chunk = next(stream)
     reset = chunk.reset if carry_state else np.ones_like(chunk.reset)
-    state, keys = _start_sequences(state, reset, rng, chunk.sequence)
-    keys = keys if keys_per_entry else None
-    return *train_step(train_state, state, chunk.inputs, chunk.targets, keys), chunk
+    keys = _entry_keys(rng, chunk.sequence) if keys_per_entry else None
+    batch = (chunk.inputs, chunk.targets, reset, keys)
+    if train_step.mesh is not None and _mesh.spans_processes(train_step.mesh):
+        batch = _mesh.global_batch(train_step.mesh, batch)
+    inputs, targets, reset, keys = batch
+    return *train_step(train_state, _reset(state, reset), inputs, targets, keys), chunk
 
 
 def _nonfinite_error(step, loss, grad_norm, chunk, stream, train_state, state):
     """The :class:`NonFiniteError` for ``step``, naming the batch it ran."""
     sequences = [stream._sequence_index(int(n)) for n in chunk.sequence]
-    chunks = [int(c) - 1 for c in stream.position()["entry_chunk"]]
+    chunks = [int(c) - 1 for c in stream.position()["entry_chunk"][stream.rows]]
     batch = ", ".join(f"inputs[{s}] chunk {c}" for s, c in zip(sequences, chunks, strict=True))
     entries = [
         entry
@@ -442,6 +509,14 @@ def fit(
     ms, that doubles its time; on larger ones it is lost in the noise);
     ``"skip"`` fetches them every ``log_every`` steps.
 
+    With several processes (``jax.distributed``), every process calls ``fit``
+    with the same arguments: a ``train_step`` whose mesh spans every process's
+    devices, a ``stream`` dealing this process its rows (the default), and the
+    same fresh ``train_state`` and ``rng``. The rows are joined into the global
+    batch, checkpoints are saved and restored by all together, and the
+    progress bar and warnings come from process 0. ``FitResult.state`` is then
+    split over the processes: :func:`gather_to_host` brings it whole to each.
+
     Args:
       train_step: from :func:`make_train_step`.
       train_state: the ``TrainState`` to start from (donated to the step).
@@ -468,9 +543,12 @@ def fit(
     if not isinstance(stream, ChunkStream):
         raise TypeError(f"stream: expected a ChunkStream; received {type(stream).__name__}")
     if eval_data is not None and eval_step is None:
-        eval_step = make_eval_step(train_step.loss_fn)
+        eval_step = make_eval_step(train_step.loss_fn, mesh=train_step.mesh)
     shape = (stream.batch_size, stream.num_bands, stream.chunk_length, stream.num_features)
+    if train_step.mesh is not None:
+        _check_rows(train_step.mesh, stream)
     state = train_step.initial_state(train_state, *shape[:2], shape[3])
+    train_state, _ = train_step.place(train_state)  # where checkpoints are restored to
     train_state, state, rng = _resume(checkpointer, train_state, state, rng, stream)
     step = int(train_state.step)
     history = _History()
@@ -483,7 +561,7 @@ def fit(
     def run_evaluation() -> None:
         history.record_evaluation(step, evaluate(eval_step, train_state, *eval_data, **lengths))
 
-    with _progress(progress) as bar:
+    with _progress(progress and _main_process()) as bar:
         task = bar.add_task("training", total=num_steps, completed=step, status="")
         while step < num_steps:
             train_state, state, metrics, chunk = _train_one(
@@ -506,7 +584,7 @@ def fit(
             bar.update(task, completed=step)
     history.flush()
     skipped = history.steps["skipped_step"]
-    if skipped:
+    if skipped and _main_process():
         warnings.warn(
             f"fit: skipped {len(skipped)} window(s) with a non-finite loss or gradient, at "
             f"steps {list(skipped[:10])}{' ...' if len(skipped) > 10 else ''} "

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .. import _validate
@@ -87,3 +88,92 @@ def check_divisible(mesh: Mesh, batch: int, bands: int) -> None:
                 f"inputs: the {name} axis ({size}) must be divisible by the mesh's "
                 f"'{name}' axis ({devices} devices)"
             )
+
+
+# -- several processes ------------------------------------------------------------------
+
+
+def spans_processes(mesh: Mesh) -> bool:
+    """Whether ``mesh`` holds devices of other processes (``jax.distributed``)."""
+    return any(d.process_index != jax.process_index() for d in mesh.devices.flat)
+
+
+def place(tree: Any, sharding: NamedSharding) -> Any:
+    """Every leaf of ``tree`` as a ``jax.Array`` laid out by ``sharding``.
+
+    Within one process this is ``jax.device_put``. Across processes a value
+    must reach devices this process cannot address, so each process gives the
+    whole value (NumPy, or an array of its own devices, e.g. fresh parameters
+    or a typed key): every process must pass the same values, and each keeps
+    the shards of its own devices. Leaves already laid out so are kept.
+    """
+    if not spans_processes(sharding.mesh):
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda leaf: _place_leaf(leaf, sharding), tree)
+
+
+def _place_leaf(leaf: Any, sharding: NamedSharding) -> jax.Array:
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        return leaf  # already global: the jitted step checks its layout
+    if _validate.is_typed_key(leaf):
+        data = _place_leaf(jax.random.key_data(leaf), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+    value = np.asarray(leaf)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def process_rows(mesh: Mesh, batch: int) -> slice:
+    """The batch rows ``[start, stop)`` whose data this process's devices hold
+    under :func:`data_sharding`; or ``ValueError`` unless they are whole rows
+    (every band), one contiguous block held by no other process."""
+    shape = (batch, dict(mesh.shape).get(BANDS, 1))
+    check_divisible(mesh, *shape)
+    mine, others = set(), set()
+    for device, index in data_sharding(mesh).devices_indices_map(shape).items():
+        rows = range(batch)[index[0]]
+        (mine if device.process_index == jax.process_index() else others).update(rows)
+    start, stop = min(mine), max(mine) + 1
+    if mine & others or len(mine) != stop - start:
+        raise ValueError(
+            "mesh: expected each process's devices to hold whole batch rows, one block of "
+            "them; split bands only over the devices of one process"
+        )
+    return slice(start, stop)
+
+
+def global_batch(mesh: Mesh, local: Any) -> Any:
+    """The global batch from each process's own rows.
+
+    ``local`` is a pytree of arrays ``[rows, ...]`` holding this process's
+    rows of the batch (:func:`process_rows`; :class:`ChunkStream` deals them);
+    the result has the same structure, every leaf a global ``jax.Array`` of
+    ``rows * process_count`` rows split over ``mesh`` as the training step
+    splits its inputs (``[batch]`` leaves, such as keys, on ``"batch"``).
+    Every process must call it, with the same structure and shapes.
+    """
+
+    def one(leaf: Any) -> jax.Array:
+        if _validate.is_typed_key(leaf):
+            return jax.random.wrap_key_data(
+                one(jax.random.key_data(leaf)), impl=jax.random.key_impl(leaf)
+            )
+        leaf = np.asarray(leaf)
+        sharding = data_sharding(mesh) if leaf.ndim >= 2 else key_sharding(mesh)
+        return jax.make_array_from_process_local_data(sharding, leaf)
+
+    return jax.tree.map(one, local)
+
+
+def gather_to_host(tree: Any) -> Any:
+    """Every leaf of ``tree`` as a NumPy array on the host, whole: gathered from
+    every process where it is split over several (every process must call it
+    then); a plain ``np.asarray`` otherwise."""
+
+    def one(leaf: Any) -> np.ndarray:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            if leaf.is_fully_replicated:
+                return np.asarray(leaf.addressable_data(0))
+            return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+        return np.asarray(leaf)
+
+    return jax.tree.map(one, tree)

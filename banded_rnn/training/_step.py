@@ -91,15 +91,21 @@ class _Step:
         self._checked: set[Any] = set()
 
     # -- what the loop asks of the model ---------------------------------------------
-    @staticmethod
-    def initial_state(train_state: TrainState, batch: int, bands: int, features: int) -> Any:
+    def initial_state(self, train_state: TrainState, batch: int, bands: int, features: int) -> Any:
         """The model's state of zeros for ``[batch, bands]`` and ``features``
-        input features, from its shapes alone (the model runs nothing)."""
+        input features, from its shapes alone (the model runs nothing); split
+        over the step's mesh, if it has one, as the step splits the state."""
         inputs = jax.ShapeDtypeStruct((batch, bands, 1, features), jnp.float32)
         apply_fn, params = train_state.apply_fn, train_state.params
-        return _zeros_like_final_state(
-            lambda x: _apply(apply_fn, params, None, x, None, False, deterministic=True), inputs
+        shapes = jax.eval_shape(
+            lambda x: _apply(apply_fn, params, None, x, None, False, deterministic=True)[0],
+            inputs,
         )
+        sharding = None if self.mesh is None else _mesh.data_sharding(self.mesh)
+        return jax.jit(
+            lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+            out_shardings=sharding,
+        )()
 
     @staticmethod
     def needs_rng(train_state: TrainState, inputs: Any) -> bool:
@@ -204,18 +210,26 @@ class _Step:
         partition) runs in ``shard_map``, each device on its own rows."""
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
+    def place(self, train_state: TrainState, state: Any = None) -> tuple[TrainState, Any]:
+        """``train_state`` replicated and ``state`` split over the step's mesh,
+        as the step lays them out (unchanged without a mesh). With several
+        processes every process passes the same values (fresh parameters made
+        from the same key, say) and gets global arrays; :class:`Checkpointer`
+        restores onto the layout of what it is given, so place its templates."""
+        return self._place(train_state, state, None, None, None)[:2]
+
     def _place(self, train_state, state, inputs, targets, rng):
         if self.mesh is None:
             return train_state, state, inputs, targets, rng
         data = _mesh.data_sharding(self.mesh)
-        per_entry = _per_entry(rng, _validate.shape_of(inputs)[0])
+        per_entry = rng is not None and _per_entry(rng, _validate.shape_of(inputs)[0])
         keys = _mesh.key_sharding(self.mesh) if per_entry else _mesh.replicated(self.mesh)
         return (
-            jax.device_put(train_state, _mesh.replicated(self.mesh)),
-            None if state is None else jax.device_put(state, data),
-            jax.device_put(inputs, data),
-            jax.device_put(targets, data),
-            None if rng is None else jax.device_put(rng, keys),
+            _mesh.place(train_state, _mesh.replicated(self.mesh)),
+            None if state is None else _mesh.place(state, data),
+            None if inputs is None else _mesh.place(inputs, data),
+            None if targets is None else _mesh.place(targets, data),
+            None if rng is None else _mesh.place(rng, keys),
         )
 
 
@@ -361,6 +375,10 @@ def make_train_step(
       mesh: a mesh with the axes ``"batch"`` (and optionally ``"bands"``), as
         :func:`make_mesh` builds: inputs, targets, state and per-entry keys are
         split along them and the parameters and optimiser state replicated.
+        A mesh may span several processes (``jax.distributed``): each process
+        then passes either the whole global batch (NumPy, the same on every
+        process) or global arrays made from its own rows by
+        :func:`global_batch`.
       chunk_length: if set, the step runs its window in chunks of this many steps
         inside the one jitted call, carrying the state from chunk to chunk (a
         shorter last chunk takes the remainder). None runs the window whole.

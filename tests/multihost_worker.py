@@ -1,0 +1,78 @@
+"""One process of a multi-process training run (``jax.distributed`` over 127.0.0.1),
+started by tests/test_multihost.py; also the single-process reference it is
+compared with (``run``, imported).
+
+Usage: ``python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT DIRECTORY NUM_STEPS``.
+Process 0 writes what the run gave, gathered to the host, to ``DIRECTORY/result.npz``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training.train_state import TrainState
+
+from banded_rnn import BandedLSTM
+from banded_rnn.training import (
+    Checkpointer,
+    ChunkStream,
+    fit,
+    gather_to_host,
+    make_mesh,
+    make_train_step,
+)
+
+BATCH, BANDS, FEATURES, UNITS, CHUNK = 4, 2, 3, 5, 4
+LENGTHS = [8, 12, 4, 8, 16, 8, 12]
+MODEL = BandedLSTM(UNITS, dropout=0.2, recurrent_dropout=0.2)
+
+
+def data():
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal((BANDS, t, FEATURES)).astype(np.float32) for t in LENGTHS]
+    targets = [rng.standard_normal((BANDS, t, UNITS)).astype(np.float32) for t in LENGTHS]
+    return inputs, targets
+
+
+def loss(outputs, targets):
+    return jnp.mean((outputs - targets) ** 2)
+
+
+def run(num_steps, directory=None, mesh=None, **stream_kwargs):
+    """``fit`` on the shared data; returns the history and the final parameters
+    and carried state, gathered to the host."""
+    inputs, targets = data()
+    params = MODEL.init(jax.random.key(0), None, inputs[0][None])["params"]
+    train_state = TrainState.create(apply_fn=MODEL.apply, params=params, tx=optax.adam(1e-2))
+    stream = ChunkStream(inputs, targets, batch_size=BATCH, chunk_length=CHUNK, seed=1,
+                         **stream_kwargs)  # fmt: skip
+    kwargs = dict(num_steps=num_steps, rng=jax.random.key(2), progress=False,
+                  eval_data=(inputs[:3], targets[:3]), eval_every=3)  # fmt: skip
+    if directory is None:
+        result = fit(make_train_step(loss, mesh=mesh), train_state, stream, **kwargs)
+    else:
+        with Checkpointer(directory) as checkpointer:
+            result = fit(make_train_step(loss, mesh=mesh), train_state, stream,
+                         checkpointer=checkpointer, checkpoint_every=2, **kwargs)  # fmt: skip
+    params, state = gather_to_host((result.train_state.params, result.state))
+    return result.history, params, state
+
+
+def main() -> None:
+    process_id, num_processes, port, directory, num_steps = sys.argv[1:6]
+    jax.distributed.initialize(
+        f"127.0.0.1:{port}", num_processes=int(num_processes), process_id=int(process_id)
+    )
+    history, params, state = run(int(num_steps), directory, mesh=make_mesh())
+    if jax.process_index() == 0:
+        leaves = jax.tree.leaves((params, state))
+        np.savez(f"{directory}/result.npz", *leaves, **history)
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
