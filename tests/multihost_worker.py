@@ -2,7 +2,8 @@
 started by tests/test_multihost.py; also the single-process reference it is
 compared with (``run``, imported).
 
-Usage: ``python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT DIRECTORY NUM_STEPS``.
+Usage: ``python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT DIRECTORY NUM_STEPS
+DEVICES BANDS``: ``DEVICES`` CPU devices per process, the mesh's bands axis ``BANDS``.
 Process 0 writes what the run gave, gathered to the host, to ``DIRECTORY/result.npz``.
 """
 
@@ -27,7 +28,7 @@ from banded_rnn.training import (
 )
 
 BATCH, BANDS, FEATURES, UNITS, CHUNK = 4, 2, 3, 5, 4
-LENGTHS = [8, 12, 4, 8, 16, 8, 12]
+LENGTHS = [8, 12, 4, 8, 16, 8, 12, 8]  # evaluated too: 4 of length 8 split over the mesh
 MODEL = BandedLSTM(UNITS, dropout=0.2, recurrent_dropout=0.2)
 
 
@@ -51,7 +52,7 @@ def run(num_steps, directory=None, mesh=None, **stream_kwargs):
     stream = ChunkStream(inputs, targets, batch_size=BATCH, chunk_length=CHUNK, seed=1,
                          **stream_kwargs)  # fmt: skip
     kwargs = dict(num_steps=num_steps, rng=jax.random.key(2), progress=False,
-                  eval_data=(inputs[:3], targets[:3]), eval_every=3)  # fmt: skip
+                  eval_data=(inputs, targets), eval_every=3)  # fmt: skip
     if directory is None:
         result = fit(make_train_step(loss, mesh=mesh), train_state, stream, **kwargs)
     else:
@@ -63,11 +64,12 @@ def run(num_steps, directory=None, mesh=None, **stream_kwargs):
 
 
 def main() -> None:
-    process_id, num_processes, port, directory, num_steps = sys.argv[1:6]
+    process_id, num_processes, port, directory, num_steps, devices, bands = sys.argv[1:8]
+    jax.config.update("jax_num_cpu_devices", int(devices))
     jax.distributed.initialize(
         f"127.0.0.1:{port}", num_processes=int(num_processes), process_id=int(process_id)
     )
-    history, params, state = run(int(num_steps), directory, mesh=make_mesh())
+    history, params, state = run(int(num_steps), directory, mesh=make_mesh(bands=int(bands)))
     if jax.process_index() == 0:
         leaves = jax.tree.leaves((params, state))
         np.savez(f"{directory}/result.npz", *leaves, **history)

@@ -14,6 +14,7 @@ from banded_rnn.training import (
     ChunkStream,
     evaluate,
     fit,
+    gather_to_host,
     make_eval_step,
     make_train_step,
 )
@@ -268,3 +269,19 @@ def test_fit_without_dropout_passes_no_keys():
     fit(Spy(), new_train_state(DROPOUT_MODEL, variables, FROZEN), stream(), num_steps=1,
         rng=RNG, progress=False)  # fmt: skip
     assert calls[0].shape == (2,) and jnp.issubdtype(calls[0].dtype, jax.dtypes.prng_key)
+
+
+def test_fit_refuses_a_stream_dealing_part_of_the_batch_without_a_mesh_across_processes():
+    part = ChunkStream(INPUTS, TARGETS, batch_size=2, chunk_length=CHUNK, process_index=1,
+                       process_count=2)  # fmt: skip
+    assert part.rows == slice(1, 2) and next(part).inputs.shape[0] == 1
+    with pytest.raises(ValueError, match=r"stream: deals this process the batch rows \[1, 2\)"):
+        fit(STEP, new_train_state(MODEL, VARIABLES, FROZEN), part, num_steps=1, rng=RNG,
+            progress=False)  # fmt: skip
+
+
+def test_gather_to_host_keeps_keys_and_other_leaves():
+    tree = {"key": jax.random.key(3), "x": jnp.arange(3.0), "n": 4, "none": None}
+    host = gather_to_host(tree)
+    assert isinstance(host["x"], np.ndarray) and host["n"] == 4 and host["none"] is None
+    assert jax.random.key_data(host["key"]).tolist() == jax.random.key_data(tree["key"]).tolist()

@@ -149,11 +149,12 @@ class Checkpointer:
                 continue
             for bad_step, reason in damaged:
                 moved_to = self._move_aside(bad_step)
-                warnings.warn(
-                    f"Checkpointer: the checkpoint of step {bad_step} in {self.directory} is "
-                    f"damaged ({reason}); moved it to {moved_to}, restoring step {step}.",
-                    stacklevel=2,
-                )
+                if jax.process_index() == 0:
+                    warnings.warn(
+                        f"Checkpointer: the checkpoint of step {bad_step} in {self.directory} is "
+                        f"damaged ({reason}); moved it to {moved_to}, restoring step {step}.",
+                        stacklevel=2,
+                    )
             return self._restored(items, train_state, rng)
         raise ValueError(
             f"no checkpoint in {self.directory} can be restored, all are damaged: "

@@ -87,7 +87,8 @@ class ChunkStream:
       seed: the shuffling seed.
       shuffle: if False, sequences are played in order, epoch after epoch.
       process_index, process_count: this process's block of entries; by
-        default JAX's ``jax.process_index()`` and ``jax.process_count()``.
+        default JAX's ``jax.process_index()`` and ``jax.process_count()`` (so
+        build the stream after ``jax.distributed.initialize()``).
     """
 
     def __init__(
@@ -265,7 +266,7 @@ def evaluate(
     for index, x in enumerate(inputs):
         by_length.setdefault(x.shape[1], []).append(index)
     split = 1 if eval_step.mesh is None else dict(eval_step.mesh.shape)[_mesh.BATCH]
-    here = None  # for a group the mesh cannot split: a step without it, and host copies
+    here = None  # for a group the mesh cannot split: the step without it, host copies
     total, weight = 0.0, 0
     for time, indices in sorted(by_length.items()):
         for start in range(0, len(indices), batch_size):
@@ -275,7 +276,7 @@ def evaluate(
             step, weights = eval_step, train_state
             if len(group) % split:
                 if here is None:
-                    here = make_eval_step(eval_step.loss_fn), _mesh.gather_to_host(train_state)
+                    here = eval_step.without_mesh(), _mesh.gather_to_host(train_state)
                 step, weights = here
             state = None
             losses = []
@@ -390,8 +391,12 @@ def _main_process() -> bool:
 
 
 def _check_rows(mesh, stream: ChunkStream) -> None:
-    """Raises unless ``stream`` deals this process the rows its devices hold."""
-    rows = _mesh.process_rows(mesh, stream.batch_size)
+    """Raises unless ``stream`` deals this process the rows its devices hold
+    (all of them, without a mesh spanning processes)."""
+    if mesh is None or not _mesh.spans_processes(mesh):
+        rows = slice(0, stream.batch_size)
+    else:
+        rows = _mesh.process_rows(mesh, stream.batch_size)
     if rows != stream.rows:
         raise ValueError(
             f"stream: deals this process the batch rows [{stream.rows.start}, "
@@ -526,7 +531,7 @@ def fit(
       carry_state: carry each entry's state from chunk to chunk (truncated BPTT).
       eval_data: held-out ``(inputs, targets)`` sequences, as for :func:`evaluate`,
         evaluated every ``eval_every`` steps (if set) and at the end.
-      eval_step: default ``make_eval_step(train_step.loss_fn)``.
+      eval_step: default ``make_eval_step(train_step.loss_fn, mesh=train_step.mesh)``.
       checkpointer: a :class:`Checkpointer` to save to and resume from.
       checkpoint_every: steps between checkpoints (default: only at the end).
       progress: show a progress bar (rich).
@@ -545,8 +550,7 @@ def fit(
     if eval_data is not None and eval_step is None:
         eval_step = make_eval_step(train_step.loss_fn, mesh=train_step.mesh)
     shape = (stream.batch_size, stream.num_bands, stream.chunk_length, stream.num_features)
-    if train_step.mesh is not None:
-        _check_rows(train_step.mesh, stream)
+    _check_rows(train_step.mesh, stream)
     state = train_step.initial_state(train_state, *shape[:2], shape[3])
     train_state, _ = train_step.place(train_state)  # where checkpoints are restored to
     train_state, state, rng = _resume(checkpointer, train_state, state, rng, stream)

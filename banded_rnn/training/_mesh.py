@@ -132,6 +132,8 @@ def process_rows(mesh: Mesh, batch: int) -> slice:
     for device, index in data_sharding(mesh).devices_indices_map(shape).items():
         rows = range(batch)[index[0]]
         (mine if device.process_index == jax.process_index() else others).update(rows)
+    if not mine:
+        raise ValueError("mesh: expected some of this process's devices; it holds none of them")
     start, stop = min(mine), max(mine) + 1
     if mine & others or len(mine) != stop - start:
         raise ValueError(
@@ -148,15 +150,17 @@ def global_batch(mesh: Mesh, local: Any) -> Any:
     rows of the batch (:func:`process_rows`; :class:`ChunkStream` deals them);
     the result has the same structure, every leaf a global ``jax.Array`` of
     ``rows * process_count`` rows split over ``mesh`` as the training step
-    splits its inputs (``[batch]`` leaves, such as keys, on ``"batch"``).
-    Every process must call it, with the same structure and shapes.
+    splits them: arrays of two or more axes as its inputs, on ``"batch"``
+    and ``"bands"``; typed keys (one per entry) and ``[rows]`` arrays on
+    ``"batch"`` alone. Every process must call it, with the same structure
+    and shapes.
     """
 
     def one(leaf: Any) -> jax.Array:
         if _validate.is_typed_key(leaf):
-            return jax.random.wrap_key_data(
-                one(jax.random.key_data(leaf)), impl=jax.random.key_impl(leaf)
-            )
+            data = np.asarray(jax.random.key_data(leaf))
+            data = jax.make_array_from_process_local_data(key_sharding(mesh), data)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
         leaf = np.asarray(leaf)
         sharding = data_sharding(mesh) if leaf.ndim >= 2 else key_sharding(mesh)
         return jax.make_array_from_process_local_data(sharding, leaf)
@@ -165,15 +169,19 @@ def global_batch(mesh: Mesh, local: Any) -> Any:
 
 
 def gather_to_host(tree: Any) -> Any:
-    """Every leaf of ``tree`` as a NumPy array on the host, whole: gathered from
-    every process where it is split over several (every process must call it
-    then); a plain ``np.asarray`` otherwise."""
+    """Every leaf of ``tree`` whole on the host: NumPy arrays, typed keys as
+    keys on this process's default device. Gathered from every process where
+    a leaf is split over several (every process must call it then); a plain
+    copy otherwise. Non-array leaves are kept."""
 
-    def one(leaf: Any) -> np.ndarray:
+    def one(leaf: Any) -> Any:
+        if _validate.is_typed_key(leaf):
+            data = one(jax.random.key_data(leaf))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
             if leaf.is_fully_replicated:
                 return np.asarray(leaf.addressable_data(0))
             return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
-        return np.asarray(leaf)
+        return np.asarray(leaf) if isinstance(leaf, jax.Array | np.ndarray) else leaf
 
     return jax.tree.map(one, tree)

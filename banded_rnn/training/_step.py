@@ -306,6 +306,15 @@ class EvalStep(_Step):
             kwargs["out_shardings"] = (_mesh.data_sharding(self.mesh), replicated)
         self._jitted = jax.jit(self._evaluate, **kwargs)
 
+    def without_mesh(self) -> EvalStep:
+        """This step without its mesh (made once): for a batch the mesh cannot
+        split, run whole on every process from host copies of the weights."""
+        if self.mesh is None:
+            return self
+        if not hasattr(self, "_unsplit"):
+            self._unsplit = EvalStep(self.loss_fn, mesh=None)
+        return self._unsplit
+
     def _evaluate(self, train_state, state, inputs, targets):
         final_state, outputs = _apply(
             train_state.apply_fn, train_state.params, state, inputs, None, False, deterministic=True
