@@ -203,8 +203,9 @@ class BandedLSTM(nn.Module):
       remat_chunk: if set, rematerialise the recurrence in chunks of this many
         steps: the backward pass stores the state only at chunk boundaries and
         recomputes the rest, trading compute for memory on long sequences.
-      kernel_init, recurrent_kernel_init: initialisers; Keras's defaults
-        (Glorot uniform, orthogonal).
+      kernel_init: the input weights' initialiser; Keras's default, Glorot uniform.
+      recurrent_kernel_init: the recurrent weights' initialiser; Keras's
+        default, orthogonal.
       param_dtype: dtype of the parameters.
       implementation: how the recurrence runs. ``"kernel"``: the native CPU
         kernel (``csrc/``, one custom call per layer and chunk, rows split

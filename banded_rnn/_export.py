@@ -58,7 +58,7 @@ def export_stream_step(
         default the current backend.
 
     Returns:
-      The serialised artifact: ``jax.export.deserialize(blob)`` loads it.
+      The serialised artifact (``bytes``), which ``jax.export.deserialize`` loads.
     """
     spec = stream_spec(model, variables, batch_size, num_bands, dtype, features)
     chunk_length = _validate.positive_int(chunk_length, "chunk_length")

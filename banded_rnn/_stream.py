@@ -184,10 +184,10 @@ class Stream:
 
     @property
     def state(self) -> Any:
-        """A copy of the current state, with pending resets applied: for a
+        """A copy of the current state, with pending resets applied. For a
         ``BandedLSTM``, ``num_layers`` LSTMState, each field ``[batch, bands,
-        units]``; for another model, the pytree it returns.
-        Later calls never invalidate it."""
+        units]``; for another model, the pytree it returns. Later calls never
+        invalidate it."""
         with self._lock, self._compiles:
             mask = self._pending_reset
             return self._copy_state(self._state, self._no_reset if mask is None else mask)

@@ -2,7 +2,7 @@
 one process with the same global batch: 4 processes of one device whole; 2
 processes of two devices each (bands split over them) killed (SIGKILL) and
 restarted from their checkpoints; one process of two devices resumed from its
-checkpoints; and the README's SLURM script.
+checkpoints; and the SLURM script of docs/guides/hosts.md.
 
 The processes run inside a network namespace of their own (``unshare -rn``),
 where the only interface is loopback: the coordinator listens on 127.0.0.1,
@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 from multihost_worker import run
-from test_readme import BLOCKS
+from test_readme import ALL_BLOCKS
 
 from helpers import ROOT, run_fresh_process
 
@@ -163,9 +163,9 @@ sys.exit(max(process.wait() for process in processes))
 
 
 def test_readme_slurm_script_runs_two_tasks(tmp_path):
-    """The README's train.py under its batch script's command, with an srun that
+    """The guide's train.py under its batch script's command, with an srun that
     starts two tasks on this machine with SLURM's variables, as srun would."""
-    section = [b for b in BLOCKS if b.heading == "Training on several hosts"]
+    section = [b for b in ALL_BLOCKS if b.page == "docs/guides/hosts.md"]
     script, batch = section[0], section[1]
     assert script.language == "python" and batch.language == "bash"
     (tmp_path / "train.py").write_text(script.code)

@@ -1,10 +1,13 @@
-"""Every code block of README.md runs as written, so the README stays true.
+"""Every code block of README.md and of the documentation's pages runs as
+written, so neither stays untrue.
 
 Each ```python block runs on its own, in a fresh Python process, in an empty
 directory: as a reader who pastes it into a file would run it, and with no
 names left over from another block. A warning fails the block, as it fails
 the rest of the suite. The ```bash blocks are commands that other
 tests run; a new one must be added to BASH_COMMANDS with the test that runs it.
+In the docs' pages, ```{directive} blocks are Sphinx's (executable cells run
+when the site is built, tests/test_docs.py) and ```text blocks are not code.
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+PAGES = [README] + [
+    page
+    for page in sorted((ROOT / "docs").rglob("*.md"))
+    if not {"_build", "jupyter_execute"} & set(page.relative_to(ROOT / "docs").parts)
+]
 
 BASH_COMMANDS = {
     # tests/test_interop_demo.py::test_demo_command_line_runs_jax_then_keras runs the demo.
@@ -30,8 +38,11 @@ BASH_COMMANDS = {
     "srun .venv/bin/python train.py",
     # tests/test_kernel.py::test_info_command_reports_the_kernel runs it.
     ".venv/bin/python -m banded_rnn info",
+    # tests/test_docs.py builds the site and serves it (CI installs the docs extra).
+    ".venv/bin/pip install -e '.[docs]' && .venv/bin/python docs/build.py --serve",
 }
 LANGUAGES = ("python", "bash")
+NOT_RUN_HERE = ("text",)  # and {directives}, in the docs' pages
 TIMEOUT_S = 300
 
 _FENCE = re.compile(r"^(\s*)(```|~~~)\s*(\S*)")
@@ -42,6 +53,7 @@ class Block(NamedTuple):
     heading: str
     line: int
     code: str
+    page: str = "README.md"
 
 
 def read_blocks(text: str) -> list[Block]:
@@ -70,20 +82,31 @@ def _ids(blocks: list[Block]) -> list[str]:
     counts: dict[str, int] = {}
     ids = []
     for block in blocks:
-        slug = re.sub(r"[^a-z0-9]+", "-", block.heading.lower()).strip("-") or "top"
+        where = f"{block.page} {block.heading}" if block.page != "README.md" else block.heading
+        slug = re.sub(r"[^a-z0-9]+", "-", where.lower()).strip("-") or "top"
         counts[slug] = counts.get(slug, 0) + 1
         ids.append(f"{slug}-{counts[slug]}")
     return ids
 
 
-BLOCKS = read_blocks(README.read_text(encoding="utf-8"))
-PYTHON = [block for block in BLOCKS if block.language == "python"]
-BASH = [block for block in BLOCKS if block.language == "bash"]
+BLOCKS = read_blocks(README.read_text(encoding="utf-8"))  # the README's own
+ALL_BLOCKS = [
+    block._replace(page=str(page.relative_to(ROOT)))
+    for page in PAGES
+    for block in read_blocks(page.read_text(encoding="utf-8"))
+]
+PYTHON = [block for block in ALL_BLOCKS if block.language == "python"]
+BASH = [block for block in ALL_BLOCKS if block.language == "bash"]
 
 
 def test_every_block_has_a_language_this_file_runs():
-    unhandled = [(b.line, b.language) for b in BLOCKS if b.language not in LANGUAGES]
-    assert not unhandled, f"README.md blocks (line, language) that nothing runs: {unhandled}"
+    unhandled = [
+        (b.page, b.line, b.language)
+        for b in ALL_BLOCKS
+        if b.language not in LANGUAGES
+        and not (b.page != "README.md" and (b.language in NOT_RUN_HERE or b.language[:1] == "{"))
+    ]
+    assert not unhandled, f"blocks (page, line, language) that nothing runs: {unhandled}"
     assert PYTHON and BASH
 
 
@@ -92,7 +115,7 @@ def test_bash_block_is_a_command_run_elsewhere(block):
     lines = [line.strip() for line in block.code.splitlines()]
     commands = [line for line in lines if line and not line.startswith("#")]
     assert len(commands) == 1 and commands[0] in BASH_COMMANDS, (
-        f"README.md:{block.line}: a bash block that no test runs: {commands}. "
+        f"{block.page}:{block.line}: a bash block that no test runs: {commands}. "
         f"Run it in a test and add it to BASH_COMMANDS in {pathlib.Path(__file__).name}."
     )
 
@@ -113,6 +136,6 @@ def test_python_block_runs_on_its_own(block, tmp_path):
         timeout=TIMEOUT_S,
     )
     assert done.returncode == 0, (
-        f"README.md:{block.line} (under '{block.heading}') exited with {done.returncode}:\n"
+        f"{block.page}:{block.line} (under '{block.heading}') exited with {done.returncode}:\n"
         f"{done.stderr[-6000:]}"
     )

@@ -163,6 +163,7 @@ class Checkpointer:
         )
 
     def close(self) -> None:
+        """Closes the orbax manager (as leaving a ``with`` block does)."""
         self._manager.close()
 
     def __enter__(self) -> Checkpointer:

@@ -34,7 +34,7 @@ class Chunk(NamedTuple):
         sequence's dropout key from it).
 
     With several processes, each field holds this process's entries only
-    (:attr:`ChunkStream.rows`): ``batch`` is its share of the global batch.
+    (``ChunkStream.rows``): ``batch`` is its share of the global batch.
     """
 
     inputs: np.ndarray
@@ -71,7 +71,7 @@ class ChunkStream:
 
     With several processes (``jax.distributed``), ``batch_size`` is the global
     batch and each process is dealt its own block of entries, ``batch_size //
-    process_count`` rows from ``process_index * rows`` on (:attr:`rows`): the
+    process_count`` rows from ``process_index * rows`` on (``rows``): the
     chunks of those entries alone are cut from ``inputs``, while every
     process keeps the bookkeeping of the whole batch, so the entries play
     exactly the sequences they would in one process. Every process passes the
@@ -159,6 +159,7 @@ class ChunkStream:
         return {k: v.copy() for k, v in self._position.items()}
 
     def set_position(self, position: dict[str, Any]) -> None:
+        """Moves the stream to ``position``, as :meth:`position` returned it."""
         self._position = {k: np.array(v, np.int64) for k, v in position.items()}
 
     def _sequence_index(self, number: int) -> int:

@@ -147,7 +147,7 @@ def global_batch(mesh: Mesh, local: Any) -> Any:
     """The global batch from each process's own rows.
 
     ``local`` is a pytree of arrays ``[rows, ...]`` holding this process's
-    rows of the batch (:func:`process_rows`; :class:`ChunkStream` deals them);
+    rows of the batch (:class:`ChunkStream` deals them);
     the result has the same structure, every leaf a global ``jax.Array`` of
     ``rows * process_count`` rows split over ``mesh`` as the training step
     splits them: arrays of two or more axes as its inputs, on ``"batch"``
