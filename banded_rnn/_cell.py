@@ -25,6 +25,11 @@ def lstm_gates(preactivations: jax.Array, cell: jax.Array) -> tuple[jax.Array, j
 
     Returns:
       ``(hidden, cell)``, each ``[..., units]``: the new ``h'`` and ``c'``.
+
+    >>> z = jnp.zeros((2, 4 * 3))                      # [batch, 4 * units]
+    >>> hidden, cell = lstm_gates(z, jnp.ones((2, 3)))  # c' = 0.5 * 1 + 0.5 * tanh(0)
+    >>> cell[0], hidden.shape
+    (Array([0.5, 0.5, 0.5], dtype=float32), (2, 3))
     """
     i, f, g, o = jnp.split(preactivations, 4, axis=-1)
     cell = jax.nn.sigmoid(f) * cell + jax.nn.sigmoid(i) * jnp.tanh(g)

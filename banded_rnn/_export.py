@@ -59,6 +59,18 @@ def export_stream_step(
 
     Returns:
       The serialised artifact (``bytes``), which ``jax.export.deserialize`` loads.
+
+    >>> import jax, numpy as np
+    >>> from banded_rnn import BandedLSTM
+    >>> model = BandedLSTM(8)
+    >>> variables = model.init(jax.random.key(0), None, np.zeros((1, 3, 1, 4), np.float32))
+    >>> blob = export_stream_step(model, variables, batch_size=1, num_bands=3, chunk_length=1)
+    >>> step = jax.export.deserialize(blob)             # needs only jax, elsewhere
+    >>> state = tuple(np.zeros(a.shape, a.dtype) for a in step.in_avals[:-2])  # hidden, cell
+    >>> chunk = np.ones((1, 3, 1, 4), np.float32)      # [batch, bands, time, features]
+    >>> state, y = step.call(state, chunk, np.zeros((1, 3), bool))  # no reset
+    >>> y.shape                                        # [batch, bands, time, units]
+    (1, 3, 1, 8)
     """
     spec = stream_spec(model, variables, batch_size, num_bands, dtype, features)
     chunk_length = _validate.positive_int(chunk_length, "chunk_length")

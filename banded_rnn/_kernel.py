@@ -144,7 +144,13 @@ def warn_unavailable() -> None:
 
 def set_threads(threads: int) -> None:
     """Sets the most threads one kernel call uses; 0 restores the default (one
-    per thread of XLA's intra-op pool). Results do not depend on it."""
+    per thread of XLA's intra-op pool). Results do not depend on it.
+
+    >>> set_threads(1)                                 # e.g. beside other busy processes
+    >>> info()["threads"]
+    1
+    >>> set_threads(0)
+    """
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise ValueError(f"threads: expected an integer >= 0; received {threads!r}")
     _require()
@@ -170,7 +176,12 @@ def calls() -> int:
 
 
 def info() -> dict[str, Any]:
-    """What the kernel path is in this process: built or not, instruction set, threads."""
+    """What the kernel path is in this process: built or not, instruction set, threads.
+
+    >>> details = info()                               # also: python -m banded_rnn info
+    >>> details["kernel"], details["isa"] in details["isas"]
+    ('built', True)
+    """
     if not available():
         return {"kernel": "not built", "error": str(_IMPORT_ERROR)}
     _register()

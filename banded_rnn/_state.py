@@ -25,6 +25,11 @@ class LSTMState(NamedTuple):
     ``LSTMState``, first layer first, even when ``num_layers == 1``. Keras
     orders the pair ``[h, c]``, PyTorch ``(h, c)`` and Flax ``(c, h)``: naming
     the fields removes the doubt.
+
+    >>> from_keras = [jnp.ones((2, 3, 4)), jnp.zeros((2, 3, 4))]  # Keras: [h, c]
+    >>> state = (LSTMState(hidden=from_keras[0], cell=from_keras[1]),)  # one layer
+    >>> state[0].hidden.shape                          # [batch, bands, units]
+    (2, 3, 4)
     """
 
     hidden: jax.Array

@@ -134,6 +134,16 @@ def from_keras_lstm(layer_or_layers: Any) -> dict[str, Any]:
 
     Returns:
       ``{'params': {'layer_{i}': {'kernel', 'recurrent_kernel', 'bias'}}}``.
+
+    >>> import keras, numpy as np
+    >>> from banded_rnn import BandedLSTM
+    >>> lstm = keras.layers.LSTM(8, return_sequences=True)
+    >>> x = np.random.default_rng(0).standard_normal((2, 3, 5, 4)).astype("float32")
+    >>> band_1 = np.asarray(lstm(x[:, 1]))             # Keras on one band [batch, time, features]
+    >>> variables = from_keras_lstm(lstm)
+    >>> _, y = BandedLSTM(8).apply(variables, None, x)  # every band: [batch, bands, time, units]
+    >>> bool(np.allclose(y[:, 1], band_1, atol=1e-5))
+    True
     """
     many = isinstance(layer_or_layers, (list, tuple))
     lstms = list(layer_or_layers) if many else [layer_or_layers]
@@ -173,6 +183,13 @@ def to_keras_lstm(variables: Any) -> list[list[np.ndarray]]:
     lstm.set_weights(weights)`` gives each ``keras.layers.LSTM(units)`` (built
     on the right number of features) exactly the weights of that layer. A
     one-layer model gives a list of one list.
+
+    >>> import jax, keras, numpy as np
+    >>> from banded_rnn import BandedLSTM
+    >>> variables = BandedLSTM(8).init(jax.random.key(0), None, np.zeros((1, 3, 1, 4)))
+    >>> lstm = keras.layers.LSTM(8)
+    >>> lstm.build((None, None, 4))                    # [batch, time, features]
+    >>> lstm.set_weights(to_keras_lstm(variables)[0])
     """
     return [[np.asarray(w) for w in weights] for weights in layer_weights(variables)]
 
@@ -208,6 +225,16 @@ def from_torch_lstm(state_dict: Any) -> dict[str, Any]:
       ``kernel = weight_ih.T``, ``recurrent_kernel = weight_hh.T`` and
       ``bias = bias_ih + bias_hh``; ``batch_first`` does not matter, as
       ``BandedLSTM`` always takes ``[batch, bands, time, features]``.
+
+    >>> import numpy as np, torch
+    >>> from banded_rnn import BandedLSTM
+    >>> lstm = torch.nn.LSTM(4, 8, num_layers=2, batch_first=True)
+    >>> x = np.random.default_rng(0).standard_normal((2, 3, 5, 4)).astype("float32")
+    >>> with torch.no_grad():
+    ...     band_0 = lstm(torch.from_numpy(x[:, 0]))[0].numpy()  # [batch, time, units]
+    >>> _, y = BandedLSTM(8, num_layers=2).apply(from_torch_lstm(lstm), None, x)
+    >>> bool(np.allclose(y[:, 0], band_0, atol=1e-5))
+    True
     """
     if not isinstance(state_dict, Mapping) and callable(getattr(state_dict, "state_dict", None)):
         state_dict = state_dict.state_dict()
@@ -300,6 +327,12 @@ def to_torch_lstm(variables: Any, tensors: bool = True) -> dict[str, Any]:
     Args:
       variables: ``BandedLSTM`` variables.
       tensors: return torch tensors (imports torch); ``False`` gives NumPy arrays.
+
+    >>> import jax, numpy as np, torch
+    >>> from banded_rnn import BandedLSTM
+    >>> variables = BandedLSTM(8).init(jax.random.key(0), None, np.zeros((1, 3, 1, 4)))
+    >>> torch.nn.LSTM(4, 8).load_state_dict(to_torch_lstm(variables))
+    <All keys matched successfully>
     """
     state_dict = {}
     for k, (kernel, recurrent_kernel, bias) in enumerate(layer_weights(variables)):

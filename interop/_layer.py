@@ -466,7 +466,14 @@ class BandedLSTMLayer(keras.layers.Layer):
 def reset_states(model: keras.layers.Layer) -> list[BandedLSTMLayer]:
     """Resets the state of every stateful ``BandedLSTMLayer`` in ``model`` (a
     model or layer, searched recursively), as Keras 3 has no
-    ``Model.reset_states()``. Returns the layers it reset."""
+    ``Model.reset_states()``. Returns the layers it reset.
+
+    >>> import keras
+    >>> inputs = keras.Input(batch_shape=(2, 3, None, 4))  # [batch, bands, time, features]
+    >>> model = keras.Model(inputs, BandedLSTMLayer(8, stateful=True)(inputs))
+    >>> [layer.name for layer in reset_states(model)] == [model.layers[1].name]
+    True
+    """
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(f"model: expected a keras Model or Layer; received {type(model).__name__}")
     reset = []

@@ -25,6 +25,17 @@ from helpers import ROOT
 
 DOCS = ROOT / "docs"
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+# Containers of results, an exception, a type alias, and the two classes whose
+# builders (make_train_step, make_eval_step) carry the examples.
+NO_EXAMPLE = {
+    "banded_rnn.State",
+    "banded_rnn.training.Chunk",
+    "banded_rnn.training.EvalStep",
+    "banded_rnn.training.FitResult",
+    "banded_rnn.training.NonFiniteError",
+    "banded_rnn.training.Restored",
+    "banded_rnn.training.TrainStep",
+}
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +66,14 @@ def test_the_site_builds_and_renders_every_notebook_with_its_figures(site):
         assert (site / "notebooks" / f"{path.stem}.html").is_file()
     assert "<img" in (site / "getting_started.html").read_text()  # the figure
     assert "<img" in (site / "notebooks" / "training.html").read_text()
+
+
+def test_every_public_name_has_a_doctested_example():
+    """The examples run as doctests (pytest --doctest-modules)."""
+    for module in (banded_rnn, banded_rnn.training, interop):
+        for name in module.__all__:
+            if f"{module.__name__}.{name}" not in NO_EXAMPLE:
+                assert ">>>" in (getattr(module, name).__doc__ or ""), f"{module.__name__}.{name}"
 
 
 def test_every_public_name_is_in_the_api_reference(site):

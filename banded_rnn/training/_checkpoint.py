@@ -60,6 +60,18 @@ class Checkpointer:
     is removed when a ``Checkpointer`` is next opened on ``directory``, so open
     only one on a directory that a running process saves to. Use as a context
     manager, or call :meth:`close`.
+
+    >>> import tempfile, optax
+    >>> from banded_rnn import BandedLSTM
+    >>> model = BandedLSTM(units=2)
+    >>> params = model.init(jax.random.key(0), None, jnp.zeros((1, 3, 1, 4)))["params"]
+    >>> train_state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1))
+    >>> state, rng = model.initial_state(2, 3), jax.random.key(1)
+    >>> with Checkpointer(tempfile.mkdtemp()) as checkpointer:
+    ...     saved_at = checkpointer.save(train_state.replace(step=5), state, rng)
+    ...     restored = checkpointer.restore(train_state, state, rng)  # templates
+    >>> saved_at, int(restored.train_state.step)
+    (5, 5)
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3) -> None:

@@ -89,6 +89,16 @@ class ChunkStream:
       process_index, process_count: this process's block of entries; by
         default JAX's ``jax.process_index()`` and ``jax.process_count()`` (so
         build the stream after ``jax.distributed.initialize()``).
+
+    >>> rng = np.random.default_rng(0)
+    >>> inputs = [rng.normal(size=(3, t, 4)) for t in (8, 16)]   # [bands, time_i, features]
+    >>> targets = [rng.normal(size=(3, t, 2)) for t in (8, 16)]
+    >>> chunks = ChunkStream(inputs, targets, batch_size=2, chunk_length=4, seed=0)
+    >>> chunk = next(chunks)
+    >>> chunk.inputs.shape, chunk.reset                # [batch, bands, chunk_length, features]
+    ((2, 3, 4, 4), array([ True,  True]))
+    >>> next(chunks).reset                             # both entries go on with their sequence
+    array([False, False])
     """
 
     def __init__(
@@ -258,6 +268,19 @@ def evaluate(
     result averages the chunks' losses weighted by the number of (sequence,
     time step) pairs each covers: for a loss that is a mean over its elements,
     the mean over every held-out step.
+
+    >>> import optax
+    >>> from banded_rnn import BandedLSTM
+    >>> model = BandedLSTM(units=2)
+    >>> rng = np.random.default_rng(0)
+    >>> inputs = [rng.normal(size=(3, t, 4)).astype(np.float32) for t in (8, 8, 12)]
+    >>> targets = [np.zeros((3, t, 2), np.float32) for t in (8, 8, 12)]
+    >>> params = model.init(jax.random.key(0), None, inputs[0][None])["params"]
+    >>> train_state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1))
+    >>> step = make_eval_step(lambda out, target: jnp.mean((out - target) ** 2))
+    >>> loss = evaluate(step, train_state, inputs, targets, batch_size=2, chunk_length=4)
+    >>> 0.0 < loss < 1.0                               # outputs in (-1, 1), targets 0
+    True
     """
     inputs = _as_sequences(inputs, "inputs", 3)
     targets = _as_sequences(targets, "targets", None)
@@ -541,6 +564,22 @@ def fit(
 
     Returns:
       A :class:`FitResult` ``(train_state, state, history)``.
+
+    >>> import optax
+    >>> from banded_rnn import BandedLSTM
+    >>> from banded_rnn.training import make_train_step
+    >>> model = BandedLSTM(units=2)
+    >>> rng = np.random.default_rng(0)
+    >>> inputs = [rng.normal(size=(3, t, 4)).astype(np.float32) for t in (8, 16, 8)]
+    >>> targets = [np.zeros((3, t, 2), np.float32) for t in (8, 16, 8)]
+    >>> params = model.init(jax.random.key(0), None, inputs[0][None])["params"]
+    >>> train_state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(0.05))
+    >>> step = make_train_step(lambda out, target: jnp.mean((out - target) ** 2))
+    >>> chunks = ChunkStream(inputs, targets, batch_size=2, chunk_length=4)
+    >>> result = fit(step, train_state, chunks, num_steps=20, rng=jax.random.key(1),
+    ...              progress=False)
+    >>> result.history["loss"].shape, bool(result.history["loss"][-1] < result.history["loss"][0])
+    ((20,), True)
     """
     num_steps = _validate.positive_int(num_steps, "num_steps", minimum=0)
     log_every = _validate.positive_int(log_every, "log_every")

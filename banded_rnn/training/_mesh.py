@@ -154,6 +154,11 @@ def global_batch(mesh: Mesh, local: Any) -> Any:
     and ``"bands"``; typed keys (one per entry) and ``[rows]`` arrays on
     ``"batch"`` alone. Every process must call it, with the same structure
     and shapes.
+
+    >>> mesh = make_mesh(devices=jax.devices()[:1])    # with one process: all the rows
+    >>> inputs, reset = global_batch(mesh, (np.zeros((4, 3, 8, 2)), np.ones(4, bool)))
+    >>> inputs.shape, inputs.sharding.spec
+    ((4, 3, 8, 2), P('batch', 'bands'))
     """
 
     def one(leaf: Any) -> jax.Array:
@@ -172,7 +177,12 @@ def gather_to_host(tree: Any) -> Any:
     """Every leaf of ``tree`` whole on the host: NumPy arrays, typed keys as
     keys on this process's default device. Gathered from every process where
     a leaf is split over several (every process must call it then); a plain
-    copy otherwise. Non-array leaves are kept."""
+    copy otherwise. Non-array leaves are kept.
+
+    >>> host = gather_to_host({"hidden": jax.numpy.ones((2, 3)), "step": 7})
+    >>> type(host["hidden"]).__name__, host["step"]
+    ('ndarray', 7)
+    """
 
     def one(leaf: Any) -> Any:
         if _validate.is_typed_key(leaf):

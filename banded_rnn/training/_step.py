@@ -420,5 +420,19 @@ def make_eval_step(loss_fn: LossFn, *, mesh: Mesh | None = None) -> EvalStep:
     """Builds a jitted evaluation step ``(train_state, state, inputs, targets) ->
     (state, metrics)``: the model runs with dropout off from ``state``, and
     ``metrics`` is ``{"loss": loss_fn(outputs, targets)}``. Arguments and the
-    ``apply_fn`` contract are those of :func:`make_train_step`."""
+    ``apply_fn`` contract are those of :func:`make_train_step`.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from flax.training.train_state import TrainState
+    >>> from banded_rnn import BandedLSTM
+    >>> model = BandedLSTM(units=8)
+    >>> x, y = jnp.ones((2, 3, 16, 4)), jnp.zeros((2, 3, 16, 8))
+    >>> params = model.init(jax.random.key(0), None, x)["params"]
+    >>> train_state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1))
+    >>> evaluate = make_eval_step(lambda out, target: jnp.mean((out - target) ** 2))
+    >>> state, metrics = evaluate(train_state, None, x[:, :, :8], y[:, :, :8])
+    >>> state, metrics = evaluate(train_state, state, x[:, :, 8:], y[:, :, 8:])  # carried
+    >>> metrics["loss"].shape
+    ()
+    """
     return EvalStep(loss_fn, mesh=mesh)
