@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -93,6 +94,7 @@ def check_divisible(mesh: Mesh, batch: int, bands: int) -> None:
 # -- several processes ------------------------------------------------------------------
 
 
+@functools.cache  # asked on every training step; a mesh's devices never change
 def spans_processes(mesh: Mesh) -> bool:
     """Whether ``mesh`` holds devices of other processes (``jax.distributed``)."""
     return any(d.process_index != jax.process_index() for d in mesh.devices.flat)
@@ -112,12 +114,23 @@ def place(tree: Any, sharding: NamedSharding) -> Any:
     return jax.tree.map(lambda leaf: _place_leaf(leaf, sharding), tree)
 
 
+def _keys_as_data(one: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``one``, a function of one array leaf, taking typed keys through their
+    key data (which has a NumPy form) and wrapping the result back as keys."""
+
+    def through_data(leaf: Any, *args: Any) -> Any:
+        if not _validate.is_typed_key(leaf):
+            return one(leaf, *args)
+        data = one(jax.random.key_data(leaf), *args)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+
+    return through_data
+
+
+@_keys_as_data
 def _place_leaf(leaf: Any, sharding: NamedSharding) -> jax.Array:
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
         return leaf  # already global: the jitted step checks its layout
-    if _validate.is_typed_key(leaf):
-        data = _place_leaf(jax.random.key_data(leaf), sharding)
-        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
     value = np.asarray(leaf)
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
@@ -161,16 +174,14 @@ def global_batch(mesh: Mesh, local: Any) -> Any:
     ((4, 3, 8, 2), P('batch', 'bands'))
     """
 
-    def one(leaf: Any) -> jax.Array:
-        if _validate.is_typed_key(leaf):
-            data = np.asarray(jax.random.key_data(leaf))
-            data = jax.make_array_from_process_local_data(key_sharding(mesh), data)
-            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
-        leaf = np.asarray(leaf)
-        sharding = data_sharding(mesh) if leaf.ndim >= 2 else key_sharding(mesh)
-        return jax.make_array_from_process_local_data(sharding, leaf)
+    @_keys_as_data
+    def one(leaf: Any, sharding: NamedSharding) -> jax.Array:
+        return jax.make_array_from_process_local_data(sharding, np.asarray(leaf))
 
-    return jax.tree.map(one, local)
+    def sharding_of(leaf: Any) -> NamedSharding:  # keys [rows] by their own shape
+        return data_sharding(mesh) if np.ndim(leaf) >= 2 else key_sharding(mesh)
+
+    return jax.tree.map(lambda leaf: one(leaf, sharding_of(leaf)), local)
 
 
 def gather_to_host(tree: Any) -> Any:
@@ -184,10 +195,8 @@ def gather_to_host(tree: Any) -> Any:
     ('ndarray', 7)
     """
 
+    @_keys_as_data
     def one(leaf: Any) -> Any:
-        if _validate.is_typed_key(leaf):
-            data = one(jax.random.key_data(leaf))
-            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
             if leaf.is_fully_replicated:
                 return np.asarray(leaf.addressable_data(0))

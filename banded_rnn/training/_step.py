@@ -97,15 +97,9 @@ class _Step:
         over the step's mesh, if it has one, as the step splits the state."""
         inputs = jax.ShapeDtypeStruct((batch, bands, 1, features), jnp.float32)
         apply_fn, params = train_state.apply_fn, train_state.params
-        shapes = jax.eval_shape(
-            lambda x: _apply(apply_fn, params, None, x, None, False, deterministic=True)[0],
-            inputs,
-        )
+        run = lambda x: _apply(apply_fn, params, None, x, None, False, deterministic=True)  # noqa: E731
         sharding = None if self.mesh is None else _mesh.data_sharding(self.mesh)
-        return jax.jit(
-            lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-            out_shardings=sharding,
-        )()
+        return jax.jit(lambda: _zeros_like_final_state(run, inputs), out_shardings=sharding)()
 
     @staticmethod
     def needs_rng(train_state: TrainState, inputs: Any) -> bool:
