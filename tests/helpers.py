@@ -137,3 +137,22 @@ def rss_bytes() -> int:
     """This process's resident memory, from ``/proc`` (Linux)."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def finite_differences(params, loss, eps=1e-6):
+    """Central differences of ``loss(params)`` for every entry of a pytree of
+    float64 NumPy arrays (changed in place and restored); the same pytree."""
+    leaves, treedef = jax.tree.flatten(params)
+    grads = []
+    for p in leaves:
+        g = np.zeros_like(p)
+        for i in np.ndindex(p.shape):
+            saved = p[i]
+            p[i] = saved + eps
+            up = loss(params)
+            p[i] = saved - eps
+            down = loss(params)
+            p[i] = saved
+            g[i] = (up - down) / (2 * eps)
+        grads.append(g)
+    return jax.tree.unflatten(treedef, grads)

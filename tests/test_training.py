@@ -13,7 +13,7 @@ from flax.training.train_state import TrainState
 from banded_rnn import BandedLSTM, LSTMState
 from banded_rnn.training import make_eval_step, make_train_step
 
-from helpers import WithHead, random_inputs, random_state
+from helpers import WithHead, finite_differences, random_inputs, random_state
 from reference import lstm_reference, params_from_variables
 
 
@@ -81,25 +81,6 @@ def reference_loss(params, x, y, chunks, states):
         lstm_reference(params, x[:, :, a:b], s)[1] for (a, b), s in zip(chunks, states, strict=True)
     ]
     return np.mean((np.concatenate(outputs, axis=2) - y) ** 2)
-
-
-def finite_differences(params, loss, eps=1e-6):
-    grads = []
-    for layer in params:
-        layer_grads = []
-        for p in layer:
-            g = np.zeros_like(p)
-            for i in np.ndindex(p.shape):
-                saved = p[i]
-                p[i] = saved + eps
-                up = loss(params)
-                p[i] = saved - eps
-                down = loss(params)
-                p[i] = saved
-                g[i] = (up - down) / (2 * eps)
-            layer_grads.append(g)
-        grads.append(tuple(layer_grads))
-    return grads
 
 
 @pytest.mark.parametrize("truncate", [False, True], ids=["whole_gradient", "truncated"])

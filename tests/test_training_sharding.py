@@ -8,6 +8,7 @@ import textwrap
 
 SCRIPT = textwrap.dedent(
     """
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -90,6 +91,48 @@ SCRIPT = textwrap.dedent(
     np.testing.assert_allclose(histories[1], histories[0], rtol=0, atol=1e-5)
     print("equal fit")
 
+    # Padded data on a mesh: chunks of sequences of any lengths (per-step
+    # targets), and whole sequences in buckets with one label each, held-out
+    # metrics included; the same histories as on one device.
+    from banded_rnn.training import accuracy, masked_mean
+
+
+    class Classifier(nn.Module):
+        @nn.compact
+        def __call__(self, state, inputs, *, seq_lengths=None, deterministic=True):
+            state, _ = BandedLSTM(units)(state, inputs, seq_lengths=seq_lengths)
+            return state, nn.Dense(3)(state[-1].hidden.mean(axis=1))
+
+
+    lengths = [5, 3, 9, 7, 2, 6, 11]
+    inputs = [rng.standard_normal((bands, t, features)).astype(np.float32) for t in lengths]
+    targets = [rng.standard_normal((bands, t, units)).astype(np.float32) for t in lengths]
+    labels = rng.integers(0, 3, len(lengths))
+    classifier = Classifier()
+    head_params = classifier.init(jax.random.key(0), None, x)["params"]
+    cross_entropy = masked_mean(optax.softmax_cross_entropy_with_integer_labels)
+    masked_mse = masked_mean(lambda outputs, targets: (outputs - targets) ** 2)
+    runs = {"chunks": [], "buckets": []}
+    for mesh in (None, meshes["batch_bands"]):
+        chunks = ChunkStream(inputs, targets, batch_size=batch, chunk_length=4, seed=3)
+        result = fit(make_train_step(masked_mse, mesh=mesh), new_train_state(), chunks,
+                     num_steps=5, rng=jax.random.key(2), progress=False,
+                     eval_data=(inputs[:5], targets[:5]))
+        runs["chunks"].append(result.history)
+        fresh = jax.tree.map(jnp.array, head_params)  # the step donates its buffers
+        start = TrainState.create(apply_fn=classifier.apply, params=fresh, tx=tx)
+        buckets = ChunkStream(inputs, labels, batch_size=batch, targets_per="sequence",
+                              buckets=[6, 11], seed=1)
+        step = make_train_step(cross_entropy, mesh=mesh, targets_per="sequence")
+        result = fit(step, start, buckets, num_steps=4, rng=jax.random.key(2), progress=False,
+                     eval_data=(inputs, labels), metrics={"accuracy": accuracy})
+        runs["buckets"].append(result.history)
+    for name, (one, split) in runs.items():
+        for key in ("loss", "eval_loss", "eval_accuracy"):
+            if key in one:
+                np.testing.assert_allclose(split[key], one[key], rtol=0, atol=1e-5)
+        print("equal padded", name)
+
     try:
         make_train_step(mse, mesh=make_mesh())(
             new_train_state(), None, x[:2], y[:2], jax.random.key(1)
@@ -116,5 +159,6 @@ def test_mesh_training_equals_single_device():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     for line in ("equal one batch", "equal one batch_bands", "equal per_entry batch",
-                 "equal per_entry batch_bands", "equal fit", "refused"):  # fmt: skip
+                 "equal per_entry batch_bands", "equal fit", "equal padded chunks",
+                 "equal padded buckets", "refused"):  # fmt: skip
         assert line in result.stdout, result.stdout

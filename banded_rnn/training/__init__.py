@@ -11,12 +11,15 @@ global batch and ``gather_to_host`` brings split arrays back to every host.
 
 from ._checkpoint import Checkpointer as Checkpointer
 from ._checkpoint import Restored as Restored
-from ._loop import Chunk as Chunk
-from ._loop import ChunkStream as ChunkStream
+from ._data import Chunk as Chunk
+from ._data import ChunkStream as ChunkStream
+from ._evaluate import evaluate as evaluate
+from ._evaluate import predict as predict
 from ._loop import FitResult as FitResult
 from ._loop import NonFiniteError as NonFiniteError
-from ._loop import evaluate as evaluate
 from ._loop import fit as fit
+from ._losses import accuracy as accuracy
+from ._losses import masked_mean as masked_mean
 from ._mesh import gather_to_host as gather_to_host
 from ._mesh import global_batch as global_batch
 from ._mesh import make_mesh as make_mesh
@@ -34,6 +37,7 @@ __all__ = [
     "NonFiniteError",
     "Restored",
     "TrainStep",
+    "accuracy",
     "evaluate",
     "fit",
     "gather_to_host",
@@ -41,4 +45,6 @@ __all__ = [
     "make_eval_step",
     "make_mesh",
     "make_train_step",
+    "masked_mean",
+    "predict",
 ]

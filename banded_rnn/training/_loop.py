@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import array
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -18,218 +18,9 @@ from .. import _validate
 from .._state import reset_state
 from . import _mesh
 from ._checkpoint import Checkpointer
+from ._data import ChunkStream
+from ._evaluate import evaluate
 from ._step import EvalStep, TrainStep, make_eval_step
-
-
-class Chunk(NamedTuple):
-    """One training window, as :class:`ChunkStream` deals it.
-
-    Attributes:
-      inputs: ``[batch, bands, chunk_length, features]``.
-      targets: ``[batch, bands, chunk_length, ...]``.
-      reset: ``[batch]`` bools: the entry starts a new sequence with this chunk,
-        so its state must start from zeros.
-      sequence: ``[batch]`` integers: the running number of the sequence each
-        entry is playing, unique over the whole stream (the loop derives each
-        sequence's dropout key from it).
-
-    With several processes, each field holds this process's entries only
-    (``ChunkStream.rows``): ``batch`` is its share of the global batch.
-    """
-
-    inputs: np.ndarray
-    targets: np.ndarray
-    reset: np.ndarray
-    sequence: np.ndarray
-
-
-def _as_sequences(arrays: Any, name: str, rank: int | None) -> list[np.ndarray]:
-    sequences = [np.asarray(a) for a in arrays]
-    if not sequences:
-        raise ValueError(f"{name}: expected at least one sequence; received none")
-    for index, seq in enumerate(sequences):
-        if (rank is not None and seq.ndim != rank) or seq.ndim < 2:
-            expected = "[bands, time, features]" if rank == 3 else "[bands, time, ...]"
-            raise ValueError(
-                f"{name}[{index}]: expected a sequence {expected}; received shape {seq.shape}"
-            )
-    return sequences
-
-
-class ChunkStream:
-    """Deals chunks of long sequences to the entries of a batch, endlessly.
-
-    Every batch entry plays one sequence after another, ``chunk_length`` steps
-    per call, so its state can be carried from chunk to chunk. When an entry's
-    sequence ends it takes the next sequence of a shuffled order (shuffled
-    anew every epoch, from ``seed``) and its ``reset`` flag is set for that
-    chunk. Sequences may have different lengths, so entries start new
-    sequences at different times.
-
-    The stream is a pure function of ``seed`` and its :meth:`position`, which
-    a checkpoint saves and :meth:`set_position` restores.
-
-    With several processes (``jax.distributed``), ``batch_size`` is the global
-    batch and each process is dealt its own block of entries, ``batch_size //
-    process_count`` rows from ``process_index * rows`` on (``rows``): the
-    chunks of those entries alone are cut from ``inputs``, while every
-    process keeps the bookkeeping of the whole batch, so the entries play
-    exactly the sequences they would in one process. Every process passes the
-    same sequences (their lengths at least: it reads only the ones its
-    entries play) and seed.
-
-    Args:
-      inputs: sequences ``[bands, time_i, features]``: a list, or an array
-        ``[sequences, bands, time, features]``.
-      targets: the matching ``[bands, time_i, ...]``.
-      batch_size: entries per chunk, over all processes.
-      chunk_length: time steps per chunk; every ``time_i`` must be a multiple.
-      seed: the shuffling seed.
-      shuffle: if False, sequences are played in order, epoch after epoch.
-      process_index, process_count: this process's block of entries; by
-        default JAX's ``jax.process_index()`` and ``jax.process_count()`` (so
-        build the stream after ``jax.distributed.initialize()``).
-
-    >>> rng = np.random.default_rng(0)
-    >>> inputs = [rng.normal(size=(3, t, 4)) for t in (8, 16)]   # [bands, time_i, features]
-    >>> targets = [rng.normal(size=(3, t, 2)) for t in (8, 16)]
-    >>> chunks = ChunkStream(inputs, targets, batch_size=2, chunk_length=4, seed=0)
-    >>> chunk = next(chunks)
-    >>> chunk.inputs.shape, chunk.reset                # [batch, bands, chunk_length, features]
-    ((2, 3, 4, 4), array([ True,  True]))
-    >>> next(chunks).reset                             # both entries go on with their sequence
-    array([False, False])
-    """
-
-    def __init__(
-        self,
-        inputs: Sequence[np.ndarray] | np.ndarray,
-        targets: Sequence[np.ndarray] | np.ndarray,
-        *,
-        batch_size: int,
-        chunk_length: int,
-        seed: int = 0,
-        shuffle: bool = True,
-        process_index: int | None = None,
-        process_count: int | None = None,
-    ) -> None:
-        batch_size = _validate.positive_int(batch_size, "batch_size")
-        self.rows = _process_block(batch_size, process_index, process_count)
-        chunk_length = _validate.positive_int(chunk_length, "chunk_length")
-        self.inputs = _as_sequences(inputs, "inputs", 3)
-        self.targets = _as_sequences(targets, "targets", None)
-        if len(self.targets) != len(self.inputs):
-            raise ValueError(
-                f"targets: expected {len(self.inputs)} sequences (one per input sequence); "
-                f"received {len(self.targets)}"
-            )
-        bands, _, features = self.inputs[0].shape
-        for index, (x, y) in enumerate(zip(self.inputs, self.targets, strict=True)):
-            if x.shape[0] != bands or x.shape[2] != features:
-                raise ValueError(
-                    f"inputs[{index}]: expected [bands, time, features] = ({bands}, time, "
-                    f"{features}) like inputs[0]; received {x.shape}"
-                )
-            if y.shape[:2] != x.shape[:2] or y.shape[2:] != self.targets[0].shape[2:]:
-                raise ValueError(
-                    f"targets[{index}]: expected [bands, time, ...] = "
-                    f"{x.shape[:2] + self.targets[0].shape[2:]}; received {y.shape}"
-                )
-            if x.shape[1] % chunk_length or x.shape[1] == 0:
-                raise ValueError(
-                    f"inputs[{index}]: expected a length that is a positive multiple of "
-                    f"chunk_length={chunk_length}; received time {x.shape[1]}"
-                )
-        self.batch_size = batch_size
-        self.chunk_length = chunk_length
-        self.seed = seed
-        self.shuffle = shuffle
-        self._chunks = np.array([x.shape[1] // chunk_length for x in self.inputs])
-        self._orders: dict[int, np.ndarray] = {}
-        self.set_position(
-            {
-                "next_sequence": np.zeros((), np.int64),
-                "entry_sequence": np.full(batch_size, -1, np.int64),
-                "entry_chunk": np.zeros(batch_size, np.int64),
-            }
-        )
-
-    @property
-    def num_bands(self) -> int:
-        return self.inputs[0].shape[0]
-
-    @property
-    def num_features(self) -> int:
-        return self.inputs[0].shape[2]
-
-    def position(self) -> dict[str, np.ndarray]:
-        """Where the stream is: ``next_sequence`` (a counter), and per entry the
-        running number of its sequence (``entry_sequence``, -1 before the first)
-        and the index of its next chunk (``entry_chunk``)."""
-        return {k: v.copy() for k, v in self._position.items()}
-
-    def set_position(self, position: dict[str, Any]) -> None:
-        """Moves the stream to ``position``, as :meth:`position` returned it."""
-        self._position = {k: np.array(v, np.int64) for k, v in position.items()}
-
-    def _sequence_index(self, number: int) -> int:
-        """The index into ``inputs`` of the stream's ``number``-th sequence."""
-        epoch, offset = divmod(number, len(self.inputs))
-        if not self.shuffle:
-            return offset
-        if epoch not in self._orders:
-            # Entries can straddle a few epochs at once; keep only recent orders.
-            for old in [e for e in self._orders if e < epoch - 2]:
-                del self._orders[old]
-            self._orders[epoch] = np.random.default_rng((self.seed, epoch)).permutation(
-                len(self.inputs)
-            )
-        return int(self._orders[epoch][offset])
-
-    def __iter__(self) -> ChunkStream:
-        return self
-
-    def __next__(self) -> Chunk:
-        pos = self._position
-        reset = np.zeros(self.batch_size, bool)
-        inputs, targets = [], []
-        for entry in range(self.batch_size):  # every entry's bookkeeping; our rows' data
-            number = pos["entry_sequence"][entry]
-            if (
-                number < 0
-                or pos["entry_chunk"][entry] >= self._chunks[self._sequence_index(number)]
-            ):
-                pos["entry_sequence"][entry] = pos["next_sequence"]
-                pos["next_sequence"] += 1
-                pos["entry_chunk"][entry] = 0
-                reset[entry] = True
-            if self.rows.start <= entry < self.rows.stop:
-                index = self._sequence_index(int(pos["entry_sequence"][entry]))
-                start = int(pos["entry_chunk"][entry]) * self.chunk_length
-                window = slice(start, start + self.chunk_length)
-                inputs.append(self.inputs[index][:, window])
-                targets.append(self.targets[index][:, window])
-            pos["entry_chunk"][entry] += 1
-        ours = self.rows
-        return Chunk(
-            np.stack(inputs), np.stack(targets), reset[ours], pos["entry_sequence"][ours].copy()
-        )
-
-
-def _process_block(batch_size: int, index: Any, count: Any) -> slice:
-    """The entries ``[start, stop)`` of process ``index`` of ``count``."""
-    count = _validate.positive_int(jax.process_count() if count is None else count, "process_count")
-    index = _validate.positive_int(
-        jax.process_index() if index is None else index, "process_index", minimum=0
-    )
-    if index >= count or batch_size % count:
-        raise ValueError(
-            f"batch_size, process_index: expected a batch_size divisible by process_count = "
-            f"{count} and 0 <= process_index < {count}; received batch_size={batch_size}, "
-            f"process_index={index}"
-        )
-    rows = batch_size // count
-    return slice(index * rows, (index + 1) * rows)
 
 
 class FitResult(NamedTuple):
@@ -239,8 +30,9 @@ class FitResult(NamedTuple):
       train_state: the trained ``TrainState``.
       state: the carried state after the last step.
       history: NumPy arrays: ``step``, ``loss`` and ``grad_norm`` for every step
-        run by this call, ``eval_step``, ``eval_loss`` for every evaluation,
-        and ``skipped_step``, the steps whose window was skipped as non-finite.
+        run by this call; ``eval_step``, ``eval_loss`` and ``eval_<name>`` for
+        each metric, for every evaluation; and ``skipped_step``, the steps whose
+        window was skipped as non-finite.
     """
 
     train_state: TrainState
@@ -253,65 +45,19 @@ _entry_keys = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
 """One dropout key per batch entry: ``fold_in(rng, the entry's sequence number)``."""
 
 
-def evaluate(
-    eval_step: EvalStep,
-    train_state: TrainState,
-    inputs: Sequence[np.ndarray] | np.ndarray,
-    targets: Sequence[np.ndarray] | np.ndarray,
-    *,
-    batch_size: int,
-    chunk_length: int,
-) -> float:
-    """The loss on held-out sequences, each run once from zeros in chunks, state carried.
-
-    Sequences of equal length are batched together (up to ``batch_size``). The
-    result averages the chunks' losses weighted by the number of (sequence,
-    time step) pairs each covers: for a loss that is a mean over its elements,
-    the mean over every held-out step.
-
-    >>> import optax
-    >>> from banded_rnn import BandedLSTM
-    >>> model = BandedLSTM(units=2)
-    >>> rng = np.random.default_rng(0)
-    >>> inputs = [rng.normal(size=(3, t, 4)).astype(np.float32) for t in (8, 8, 12)]
-    >>> targets = [np.zeros((3, t, 2), np.float32) for t in (8, 8, 12)]
-    >>> params = model.init(jax.random.key(0), None, inputs[0][None])["params"]
-    >>> train_state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1))
-    >>> step = make_eval_step(lambda out, target: jnp.mean((out - target) ** 2))
-    >>> loss = evaluate(step, train_state, inputs, targets, batch_size=2, chunk_length=4)
-    >>> 0.0 < loss < 1.0                               # outputs in (-1, 1), targets 0
-    True
-    """
-    inputs = _as_sequences(inputs, "inputs", 3)
-    targets = _as_sequences(targets, "targets", None)
-    if len(inputs) != len(targets):
-        raise ValueError(f"targets: expected {len(inputs)} sequences; received {len(targets)}")
-    by_length: dict[int, list[int]] = {}
-    for index, x in enumerate(inputs):
-        by_length.setdefault(x.shape[1], []).append(index)
-    split = 1 if eval_step.mesh is None else dict(eval_step.mesh.shape)[_mesh.BATCH]
-    here = None  # for a group the mesh cannot split: the step without it, host copies
-    total, weight = 0.0, 0
-    for time, indices in sorted(by_length.items()):
-        for start in range(0, len(indices), batch_size):
-            group = indices[start : start + batch_size]
-            x = np.stack([inputs[i] for i in group])
-            y = np.stack([targets[i] for i in group])
-            step, weights = eval_step, train_state
-            if len(group) % split:
-                if here is None:
-                    here = eval_step.without_mesh(), _mesh.gather_to_host(train_state)
-                step, weights = here
-            state = None
-            losses = []
-            for t in range(0, time, chunk_length):
-                window = slice(t, t + chunk_length)
-                state, metrics = step(weights, state, x[:, :, window], y[:, :, window])
-                losses.append((metrics["loss"], len(group) * (min(t + chunk_length, time) - t)))
-            for loss, count in losses:
-                total += float(loss) * count
-                weight += count
-    return total / weight
+def _eval_windows(stream: ChunkStream, inputs: Any) -> dict[str, Any]:
+    """:func:`evaluate`'s batching for held-out ``inputs``, like the stream's:
+    its batch size and windows, and when it pads, buckets (its own, or
+    multiples of its chunk length) that hold the longest held-out sequence."""
+    windows = {"batch_size": stream.batch_size, "chunk_length": stream.chunk_length}
+    if stream.padded:
+        longest = max(np.shape(x)[1] for x in inputs)
+        if stream.chunk_length is None:
+            windows["buckets"] = [*stream.buckets, *([longest] * (longest > stream.buckets[-1]))]
+        else:
+            step = stream.chunk_length
+            windows["buckets"] = list(range(step, -(-longest // step) * step + 1, step))
+    return windows
 
 
 def _progress(enabled: bool) -> Progress:
@@ -385,9 +131,10 @@ class _History:
                 nonfinite.append((step, float(loss), float(norm)))
         return nonfinite
 
-    def record_evaluation(self, step: int, loss: float) -> None:
+    def record_evaluation(self, step: int, results: dict[str, float]) -> None:
         self.evaluations["eval_step"].append(step)
-        self.evaluations["eval_loss"].append(loss)
+        for name, value in results.items():
+            self.evaluations.setdefault(f"eval_{name}", []).append(value)
 
     def evaluated_at(self, step: int) -> bool:
         return bool(self.evaluations["eval_step"]) and self.evaluations["eval_step"][-1] == step
@@ -453,18 +200,26 @@ def _train_one(train_step, train_state, state, stream, rng, carry_state, keys_pe
     chunk = next(stream)
     reset = chunk.reset if carry_state else np.ones_like(chunk.reset)
     keys = _entry_keys(rng, chunk.sequence) if keys_per_entry else None
-    batch = (chunk.inputs, chunk.targets, reset, keys)
+    extras = {"seq_lengths": chunk.seq_lengths, "ends": chunk.ends}
+    extras = {name: value for name, value in extras.items() if value is not None}
+    batch = (chunk.inputs, reset, keys, extras)
     if train_step.mesh is not None and _mesh.spans_processes(train_step.mesh):
         batch = _mesh.global_batch(train_step.mesh, batch)
-    inputs, targets, reset, keys = batch
-    return *train_step(train_state, _reset(state, reset), inputs, targets, keys), chunk
+        per_sequence = train_step.targets_per == "sequence"
+        targets = _mesh.global_batch(train_step.mesh, chunk.targets, split_bands=not per_sequence)
+    else:
+        targets = chunk.targets
+    inputs, reset, keys, extras = batch
+    return *train_step(train_state, _reset(state, reset), inputs, targets, keys, **extras), chunk
 
 
 def _nonfinite_error(step, loss, grad_norm, chunk, stream, train_state, state):
     """The :class:`NonFiniteError` for ``step``, naming the batch it ran."""
-    sequences = [stream._sequence_index(int(n)) for n in chunk.sequence]
-    chunks = [int(c) - 1 for c in stream.position()["entry_chunk"][stream.rows]]
-    batch = ", ".join(f"inputs[{s}] chunk {c}" for s, c in zip(sequences, chunks, strict=True))
+    sequences, chunks = (list(column) for column in zip(*stream.last_batch(), strict=True))
+    batch = ", ".join(
+        f"inputs[{s}] chunk {c}" if s >= 0 else "empty"
+        for s, c in zip(sequences, chunks, strict=True)
+    )
     entries = [
         entry
         for entry in range(len(sequences))
@@ -507,13 +262,17 @@ def fit(
     progress: bool = True,
     log_every: int = 10,
     on_nonfinite: str = "stop",
+    metrics: dict[str, Callable[[Any, Any], Any]] | None = None,
 ) -> FitResult:
     """Trains until ``train_state.step == num_steps`` on the chunks of ``stream``.
 
     Every step takes the next :class:`Chunk`, zeros the state of the entries
     that start a new sequence (of every entry if ``carry_state`` is False, the
     baseline that forgets everything at every chunk), and calls ``train_step``
-    with the state carried from the previous step. The dropout key of an entry
+    with the state carried from the previous step, and with the chunk's
+    ``seq_lengths`` and ``ends`` when the stream gives them (padded sequences;
+    one target per sequence). The stream and the step must agree on
+    ``targets_per``. The dropout key of an entry
     is ``jax.random.fold_in(rng, sequence number)``: the same for all the
     chunks of one sequence, so its masks are those of the sequence run whole.
     (A model without dropout gets no keys, and runs the batch in one piece.)
@@ -554,13 +313,19 @@ def fit(
       rng: the base dropout key.
       carry_state: carry each entry's state from chunk to chunk (truncated BPTT).
       eval_data: held-out ``(inputs, targets)`` sequences, as for :func:`evaluate`,
-        evaluated every ``eval_every`` steps (if set) and at the end.
-      eval_step: default ``make_eval_step(train_step.loss_fn, mesh=train_step.mesh)``.
+        evaluated every ``eval_every`` steps (if set) and at the end, batched
+        as the stream batches (its batch size and chunk length; when the stream
+        pads, in buckets that hold the longest held-out sequence).
+      eval_step: default ``make_eval_step(train_step.loss_fn, mesh=train_step.mesh,
+        targets_per=train_step.targets_per, metrics=metrics)``.
       checkpointer: a :class:`Checkpointer` to save to and resume from.
       checkpoint_every: steps between checkpoints (default: only at the end).
       progress: show a progress bar (rich).
       log_every: steps between updates of the loss shown on the progress bar.
       on_nonfinite: ``"stop"`` or ``"skip"``, for a non-finite window.
+      metrics: ``{name: fn(outputs, targets)}``, values per target (e.g.
+        :func:`accuracy`), evaluated with the loss on ``eval_data`` (for the
+        default ``eval_step``; give them to :func:`make_eval_step` otherwise).
 
     Returns:
       A :class:`FitResult` ``(train_state, state, history)``.
@@ -587,9 +352,19 @@ def fit(
         raise ValueError(f"on_nonfinite: expected one of {ON_NONFINITE}; received {on_nonfinite!r}")
     if not isinstance(stream, ChunkStream):
         raise TypeError(f"stream: expected a ChunkStream; received {type(stream).__name__}")
+    if stream.targets_per != train_step.targets_per:
+        raise ValueError(
+            f"stream: deals targets per {stream.targets_per}, but train_step takes them per "
+            f"{train_step.targets_per}; build both with the same targets_per"
+        )
+    if metrics is not None and eval_step is not None:
+        raise ValueError("metrics: give them to make_eval_step when passing eval_step")
     if eval_data is not None and eval_step is None:
-        eval_step = make_eval_step(train_step.loss_fn, mesh=train_step.mesh)
-    shape = (stream.batch_size, stream.num_bands, stream.chunk_length, stream.num_features)
+        eval_step = make_eval_step(
+            train_step.loss_fn, mesh=train_step.mesh, targets_per=train_step.targets_per,
+            metrics=metrics,
+        )  # fmt: skip
+    shape = (stream.batch_size, stream.num_bands, stream.window_length, stream.num_features)
     _check_rows(train_step.mesh, stream)
     state = train_step.initial_state(train_state, *shape[:2], shape[3])
     train_state, _ = train_step.place(train_state)  # where checkpoints are restored to
@@ -600,7 +375,8 @@ def fit(
         return FitResult(train_state, state, history.as_arrays())
     # Without dropout no keys are needed, and the step runs the batch in one piece.
     keys_per_entry = train_step.needs_rng(train_state, jax.ShapeDtypeStruct(shape, jnp.float32))
-    lengths = {"batch_size": stream.batch_size, "chunk_length": stream.chunk_length}
+    if eval_data is not None:
+        lengths = _eval_windows(stream, eval_data[0])
 
     def run_evaluation() -> None:
         history.record_evaluation(step, evaluate(eval_step, train_state, *eval_data, **lengths))

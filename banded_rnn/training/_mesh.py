@@ -156,7 +156,7 @@ def process_rows(mesh: Mesh, batch: int) -> slice:
     return slice(start, stop)
 
 
-def global_batch(mesh: Mesh, local: Any) -> Any:
+def global_batch(mesh: Mesh, local: Any, *, split_bands: bool = True) -> Any:
     """The global batch from each process's own rows.
 
     ``local`` is a pytree of arrays ``[rows, ...]`` holding this process's
@@ -164,9 +164,10 @@ def global_batch(mesh: Mesh, local: Any) -> Any:
     the result has the same structure, every leaf a global ``jax.Array`` of
     ``rows * process_count`` rows split over ``mesh`` as the training step
     splits them: arrays of two or more axes as its inputs, on ``"batch"``
-    and ``"bands"``; typed keys (one per entry) and ``[rows]`` arrays on
-    ``"batch"`` alone. Every process must call it, with the same structure
-    and shapes.
+    and ``"bands"`` (on ``"batch"`` alone if not ``split_bands``: per-sequence
+    targets, whose second axis need not be the bands); typed keys (one per
+    entry) and ``[rows]`` arrays on ``"batch"`` alone. Every process must call
+    it, with the same structure and shapes.
 
     >>> mesh = make_mesh(devices=jax.devices()[:1])    # with one process: all the rows
     >>> inputs, reset = global_batch(mesh, (np.zeros((4, 3, 8, 2)), np.ones(4, bool)))
@@ -179,7 +180,7 @@ def global_batch(mesh: Mesh, local: Any) -> Any:
         return jax.make_array_from_process_local_data(sharding, np.asarray(leaf))
 
     def sharding_of(leaf: Any) -> NamedSharding:  # keys [rows] by their own shape
-        return data_sharding(mesh) if np.ndim(leaf) >= 2 else key_sharding(mesh)
+        return data_sharding(mesh) if split_bands and np.ndim(leaf) >= 2 else key_sharding(mesh)
 
     return jax.tree.map(lambda leaf: one(leaf, sharding_of(leaf)), local)
 

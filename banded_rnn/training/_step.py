@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import flax.errors
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training.train_state import TrainState
 from jax.sharding import Mesh
@@ -21,6 +23,8 @@ from . import _mesh
 LossFn = Callable[[jax.Array, Any], jax.Array]
 Metrics = dict[str, jax.Array]
 Rng = jax.Array | None
+TARGETS_PER = ("step", "sequence")
+"""What a target belongs to: each time step, or each sequence (from its final state)."""
 
 
 def _per_entry(rng: Any, batch: int) -> bool:
@@ -28,48 +32,70 @@ def _per_entry(rng: Any, batch: int) -> bool:
     return rng is not None and _validate.check_rng(rng, batch)
 
 
-def _apply(apply_fn, params, state, inputs, rng, per_entry, deterministic):
-    """One call of ``apply_fn``; with per-entry keys, one call per batch entry under vmap."""
+def _apply(apply_fn, params, state, inputs, rng, per_entry, deterministic, lengths=None):
+    """One call of ``apply_fn``; with per-entry keys, one call per batch entry
+    under vmap. ``lengths`` is ``{}``, ``{"seq_lengths": ...}`` or ``{"mask":
+    ...}``: keyword arguments for ``apply_fn``, each ``[batch, ...]``."""
     variables = {"params": params}
+    lengths = lengths or {}
     if rng is None:
-        return apply_fn(variables, state, inputs, deterministic=deterministic)
+        return apply_fn(variables, state, inputs, deterministic=deterministic, **lengths)
     if not _validate.is_typed_key(rng):
         rng = jax.random.wrap_key_data(rng)
     if not per_entry:
         return apply_fn(
-            variables, state, inputs, deterministic=deterministic, rngs={"dropout": rng}
-        )
+            variables, state, inputs, deterministic=deterministic, rngs={"dropout": rng},
+            **lengths,
+        )  # fmt: skip
 
-    def one_entry(entry_state, entry_inputs, key):
+    def one_entry(entry_state, entry_inputs, key, entry_lengths):
         # Each entry runs as a batch of one, with its own dropout key.
-        entry_state = jax.tree.map(lambda a: a[None], entry_state)
+        entry_state, entry_lengths = jax.tree.map(lambda a: a[None], (entry_state, entry_lengths))
         entry_state, outputs = apply_fn(
             variables, entry_state, entry_inputs[None], deterministic=deterministic,
-            rngs={"dropout": key},
+            rngs={"dropout": key}, **entry_lengths,
         )  # fmt: skip
-        return jax.tree.map(lambda a: a[0], entry_state), outputs[0]
+        return jax.tree.map(lambda a: a[0], (entry_state, outputs))
 
-    return jax.vmap(one_entry)(state, inputs, rng)
+    return jax.vmap(one_entry)(state, inputs, rng, lengths)
 
 
-def _run_window(apply_fn, params, state, inputs, rng, per_entry, *, chunk_length, truncate):
+def _run_window(
+    apply_fn, params, state, inputs, rng, per_entry, lengths, *, chunk_length, truncate
+):
     """Runs ``inputs [batch, bands, time, features]`` in chunks of ``chunk_length`` steps.
 
     The state is carried from chunk to chunk; with ``truncate`` its gradient is
-    stopped at every chunk boundary. Returns ``(final_state, outputs)`` with the
-    chunks' outputs joined on the time axis (axis 2).
+    stopped at every chunk boundary. ``seq_lengths`` count from the window's
+    start, so each chunk gets them counted from its own; a ``mask`` is cut
+    with the inputs. Returns ``(final_state, outputs)`` with the chunks'
+    outputs joined on the time axis (axis 2).
     """
 
-    def run(state, x):
+    def run(carry, piece):
+        state, start = carry
+        x, mask = piece
         if truncate and state is not None:
             state = jax.lax.stop_gradient(state)
-        return _apply(apply_fn, params, state, x, rng, per_entry, deterministic=False)
+        if "seq_lengths" in lengths:
+            piece_lengths = {"seq_lengths": jnp.clip(lengths["seq_lengths"] - start, 0, None)}
+        else:
+            piece_lengths = {} if mask is None else {"mask": mask}
+        state, outputs = _apply(apply_fn, params, state, x, rng, per_entry, False, piece_lengths)
+        return (state, start + x.shape[2]), outputs
 
-    if chunk_length is None or inputs.shape[2] <= chunk_length:
-        return run(state, inputs)
+    batch, bands, time = inputs.shape[:3]
+    mask = lengths.get("mask")
+    if mask is not None:  # [batch, bands, time], time on the inputs' axis
+        mask = _validate.check_mask(mask, batch, bands, time)
+    if chunk_length is None or time <= chunk_length:
+        (state, _), outputs = run((state, 0), (inputs, lengths.get("mask")))
+        return state, outputs
     if state is None:  # the model's zeros, as a concrete carry for the scan
-        state = _zeros_like_final_state(lambda x: run(None, x), inputs[:, :, :1])
-    return scan_chunks(run, state, inputs, chunk_length, axis=2)
+        first = (inputs[:, :, :1], None if mask is None else mask[:, :, :1])
+        state = _zeros_like_final_state(lambda p: run((None, 0), p)[0], first)
+    (state, _), outputs = scan_chunks(run, (state, 0), (inputs, mask), chunk_length, axis=2)
+    return state, outputs
 
 
 def _zeros_like_final_state(run: Callable[[Any], tuple[Any, Any]], inputs: Any) -> Any:
@@ -78,15 +104,64 @@ def _zeros_like_final_state(run: Callable[[Any], tuple[Any, Any]], inputs: Any) 
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), final_state)
 
 
+def _loss_mask(targets_per, lengths, ends, batch, bands, time):
+    """The targets that count, for the loss and the metrics: per step,
+    ``[batch, bands, time]`` bools from ``seq_lengths`` or ``mask``; per
+    sequence, ``ends [batch]``; None when all of them count."""
+    if targets_per == "sequence":
+        return ends
+    if "seq_lengths" in lengths:
+        valid = _validate.check_seq_lengths(lengths["seq_lengths"], batch, bands, time)
+        return jnp.arange(time)[None, None, :] < valid[..., None]
+    if "mask" in lengths:
+        return _validate.check_mask(lengths["mask"], batch, bands, time)
+    return None
+
+
+def _call_loss(loss_fn, outputs, targets, mask):
+    return loss_fn(outputs, targets) if mask is None else loss_fn(outputs, targets, mask)
+
+
+def _takes_mask(loss_fn: Callable[..., Any]) -> bool:
+    """Whether ``loss_fn(outputs, targets, mask)`` is a valid call."""
+    try:
+        inspect.signature(loss_fn).bind(None, None, None)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (some builtins): let the call decide
+        return True
+    return True
+
+
 class _Step:
     """Shared validation, placement and lowering for the training and evaluation steps."""
 
     training: bool
 
-    def __init__(self, loss_fn: LossFn, mesh: Mesh | None) -> None:
+    def __init__(
+        self,
+        loss_fn: LossFn,
+        mesh: Mesh | None,
+        *,
+        targets_per: str = "step",
+        metrics: dict[str, Callable[[Any, Any], Any]] | None = None,
+    ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable; received {type(loss_fn).__name__}")
+        if targets_per not in TARGETS_PER:
+            raise ValueError(
+                f"targets_per: expected one of {TARGETS_PER}; received {targets_per!r}"
+            )
+        metrics = dict(metrics or {})
+        for name, fn in metrics.items():
+            if not isinstance(name, str) or name in ("loss", "count") or not callable(fn):
+                raise TypeError(
+                    "metrics: expected {name: fn(outputs, targets) -> per-target values}, names "
+                    f"other than 'loss' and 'count'; received {name!r}: {type(fn).__name__}"
+                )
         self.loss_fn = loss_fn
+        self.targets_per = targets_per
+        self.metrics = metrics
         self.mesh = None if mesh is None else _mesh.check_mesh(mesh)
         self._checked: set[Any] = set()
 
@@ -124,20 +199,27 @@ class _Step:
         targets: Any,
         rng: Rng = None,
         *,
+        seq_lengths: Any = None,
+        mask: Any = None,
+        ends: Any = None,
         abstract: bool = False,
     ) -> None:
         """Raises ValueError/TypeError for inputs the step cannot take.
 
         Runs nothing: shapes come from ``jax.eval_shape``. Each signature of
         shapes and dtypes is checked once, then remembered. ``abstract``
-        allows ``jax.ShapeDtypeStruct`` s (for :meth:`lower`).
+        allows ``jax.ShapeDtypeStruct`` s (for :meth:`lower`). ``targets=None``
+        checks a call without targets (:meth:`EvalStep.predict`).
         """
         if not isinstance(train_state, TrainState):
             raise TypeError(
                 "train_state: expected a flax.training.train_state.TrainState; "
                 f"received {type(train_state).__name__}"
             )
-        leaves, treedef = jax.tree.flatten((train_state.params, state, inputs, targets, rng))
+        extras = (seq_lengths, mask, ends)
+        leaves, treedef = jax.tree.flatten(
+            (train_state.params, state, inputs, targets, rng, extras)
+        )
         apply_fn = train_state.apply_fn
         try:
             hash(apply_fn)
@@ -151,23 +233,34 @@ class _Step:
         )
         if signature in self._checked:
             return
-        self._check(train_state, state, inputs, targets, rng, abstract)
+        self._check(train_state, state, inputs, targets, rng, extras, abstract)
         self._checked.add(signature)
 
-    def _check(self, train_state, state, inputs, targets, rng, abstract) -> None:
+    def _check(self, train_state, state, inputs, targets, rng, extras, abstract) -> None:
         inputs = _validate.check_inputs(inputs, nonempty=True, abstract=abstract)
         batch, bands, time, _ = inputs.shape
         if rng is not None:
             _validate.check_rng(rng, batch)
         if self.mesh is not None:
             _mesh.check_divisible(self.mesh, batch, bands)
+        lengths = self._check_lengths(*extras, batch, bands, time, abstract)
         apply_fn, params = train_state.apply_fn, train_state.params
         # Shape errors (a state that does not match the batch, wrong features)
         # come from the model itself, traced abstractly.
-        final_state, outputs = jax.eval_shape(
-            lambda p, s, x: _apply(apply_fn, p, s, x, None, False, deterministic=True),
-            params, state, inputs,
-        )  # fmt: skip
+        try:
+            final_state, outputs = jax.eval_shape(
+                lambda p, s, x, n: _apply(apply_fn, p, s, x, None, False, True, n),
+                params, state, inputs, lengths,
+            )  # fmt: skip
+        except TypeError as error:
+            for name in lengths:
+                if repr(name) in str(error) or f" {name}" in str(error):
+                    raise TypeError(
+                        f"{name}: the model's apply_fn does not take {name}= ({error}); give "
+                        "the model's __call__ that keyword (BandedLSTM takes seq_lengths "
+                        "and mask) to train on padded sequences"
+                    ) from error
+            raise
         if self.training and rng is None and self.needs_rng(train_state, inputs):
             raise ValueError(
                 "rng: the model has dropout on (it needs a 'dropout' rng in training) "
@@ -179,23 +272,110 @@ class _Step:
                 "state: expected the structure of the model's final state, "
                 f"{jax.tree.structure(final_state)}; received {jax.tree.structure(state)}"
             )
+        self._check_outputs(outputs, batch, bands, time)
+        if targets is None:
+            return
         self._check_targets(outputs, targets, batch, bands, time)
+        loss_mask = jax.eval_shape(
+            lambda n, e: _loss_mask(self.targets_per, n, e, batch, bands, time), lengths, extras[2]
+        )
+        if loss_mask is not None and not _takes_mask(self.loss_fn):
+            given = "ends" if self.targets_per == "sequence" else next(iter(lengths))
+            raise TypeError(
+                f"loss_fn: the batch has {given}, so the loss must skip the targets that do "
+                "not count: expected loss_fn(outputs, targets, mask), mask "
+                f"{'[batch]' if self.targets_per == 'sequence' else '[batch, bands, time]'} "
+                "bools; wrap a per-element loss in banded_rnn.training.masked_mean(...)"
+            )
+        for name, fn in [("loss_fn", self.loss_fn), *self.metrics.items()]:
+            self._check_reduction(name, fn, outputs, targets, loss_mask, scalar=fn is self.loss_fn)
+
+    def _check_lengths(self, seq_lengths, mask, ends, batch, bands, time, abstract) -> dict:
+        """The model's keyword arguments for ``seq_lengths`` or ``mask``, checked."""
+        if seq_lengths is not None and mask is not None:
+            raise ValueError("seq_lengths, mask: give one or the other, not both")
+        if ends is not None:
+            if self.targets_per != "sequence":
+                raise ValueError(
+                    "ends: marks the windows where a sequence's one target counts; it "
+                    "needs targets_per='sequence' (this step has targets_per='step': pass "
+                    "seq_lengths or mask to leave steps out)"
+                )
+            if _validate.shape_of(ends) != (batch,) or _validate.dtype_of(ends) != np.bool_:
+                raise ValueError(
+                    f"ends: expected bools [batch] = ({batch},); received "
+                    f"{_validate.shape_of(ends)} {_validate.dtype_of(ends)}"
+                )
+        if seq_lengths is not None:
+            if abstract:
+                shape = _validate.shape_of(seq_lengths)
+                if shape not in ((batch,), (batch, bands)):
+                    raise ValueError(
+                        f"seq_lengths: expected shape [batch] = ({batch},) or [batch, bands] = "
+                        f"({batch}, {bands}); received {shape}"
+                    )
+            else:
+                _validate.check_seq_lengths(seq_lengths, batch, bands, time)
+            return {"seq_lengths": seq_lengths}
+        if mask is not None:
+            _validate.check_mask_shape(_validate.shape_of(mask), batch, bands, time)
+            if _validate.dtype_of(mask) != np.bool_:
+                raise TypeError(f"mask: expected a bool dtype; received {_validate.dtype_of(mask)}")
+            return {"mask": mask}
+        return {}
+
+    def _check_outputs(self, outputs, batch, bands, time) -> None:
+        shape = _validate.shape_of(outputs)
+        if self.targets_per == "step" and shape[:3] != (batch, bands, time):
+            raise ValueError(
+                "outputs: with targets per step, expected the model's outputs "
+                f"[batch, bands, time, ...] = ({batch}, {bands}, {time}, ...); received "
+                f"{shape}. For one target per sequence (a classifier's logits), build the "
+                "step with targets_per='sequence'"
+            )
+        if self.targets_per == "sequence" and shape[:1] != (batch,):
+            raise ValueError(
+                f"outputs: expected the model's outputs [batch, ...] = ({batch}, ...); "
+                f"received {shape}"
+            )
 
     def _check_targets(self, outputs, targets, batch, bands, time) -> None:
         out_shape, target_shape = tuple(outputs.shape), _validate.shape_of(targets)
-        lead = (batch, bands, time)
-        if target_shape[:3] != lead or (
+        if self.targets_per == "sequence":
+            lead, expected = (batch,), f"[batch, ...] = ({batch}, ...)"
+        else:
+            lead = (batch, bands, time)
+            expected = f"[batch, bands, time, ...] = {lead}"
+        if target_shape[: len(lead)] != lead or (
             len(target_shape) == len(out_shape) and target_shape != out_shape
         ):
-            expected = f"{out_shape}" if len(out_shape) > 3 else f"[batch, bands, time] = {lead}"
             raise ValueError(
-                f"targets: expected shape [batch, bands, time, ...] matching the outputs "
-                f"{expected} (the outputs' shape when of the same rank); received {target_shape}"
+                f"targets: expected shape {expected}, the outputs' shape {out_shape} when of "
+                f"their rank; received {target_shape}"
             )
-        loss = jax.eval_shape(self.loss_fn, outputs, targets)
-        if not hasattr(loss, "shape") or loss.shape != ():
+
+    @staticmethod
+    def _check_reduction(name, fn, outputs, targets, mask, *, scalar) -> None:
+        """Raises unless ``fn`` (the loss, or a metric) takes these outputs and
+        targets and returns a scalar (the loss) or per-target values."""
+        try:
+            value = jax.eval_shape(
+                lambda o, t, m: _call_loss(fn, o, t, m) if scalar else fn(o, t),
+                outputs, targets, mask,
+            )  # fmt: skip
+        except Exception as error:
             raise ValueError(
-                f"loss_fn: expected a scalar loss; received {getattr(loss, 'shape', loss)!r}"
+                f"{name}: failed on the model's outputs {outputs.shape} {outputs.dtype} and the "
+                f"targets {_validate.shape_of(targets)} {_validate.dtype_of(targets)}: {error}"
+            ) from error
+        shape = getattr(value, "shape", None)
+        if scalar and shape != ():
+            raise ValueError(f"{name}: expected a scalar loss; received {shape or value!r}")
+        lead = None if mask is None else tuple(mask.shape)
+        if not scalar and (shape is None or (lead is not None and shape[: len(lead)] != lead)):
+            raise ValueError(
+                f"metrics[{name!r}]: expected values per target, of shape {lead or '[batch, ...]'}"
+                f" or longer; received {shape}"
             )
 
     # -- placement ----------------------------------------------------------------------
@@ -212,23 +392,36 @@ class _Step:
         restores onto the layout of what it is given, so place its templates."""
         return self._place(train_state, state, None, None, None)[:2]
 
-    def _place(self, train_state, state, inputs, targets, rng):
+    def _prepare(self, train_state, state, inputs, targets, rng, extras, *, abstract=False):
+        """Checks a call, then lays its arguments out as the jitted step takes
+        them: ``(train_state, state, inputs, targets, rng)``, and the given
+        ``extras`` as keywords."""
+        named = _named(extras)
+        self.check(train_state, state, inputs, targets, rng, **named, abstract=abstract)
+        *placed, extras = self._place(train_state, state, inputs, targets, rng, extras)
+        return placed, _named(extras)
+
+    def _place(self, train_state, state, inputs, targets, rng, extras=(None, None, None)):
         if self.mesh is None:
-            return train_state, state, inputs, targets, rng
+            return train_state, state, inputs, targets, rng, extras
         data = _mesh.data_sharding(self.mesh)
+        rows = _mesh.key_sharding(self.mesh)  # [batch, ...] on "batch" alone
         per_entry = rng is not None and _per_entry(rng, _validate.shape_of(inputs)[0])
-        keys = _mesh.key_sharding(self.mesh) if per_entry else _mesh.replicated(self.mesh)
+        keys = rows if per_entry else _mesh.replicated(self.mesh)
+        target_sharding = rows if self.targets_per == "sequence" else data
         return (
             _mesh.place(train_state, _mesh.replicated(self.mesh)),
             None if state is None else _mesh.place(state, data),
             None if inputs is None else _mesh.place(inputs, data),
-            None if targets is None else _mesh.place(targets, data),
+            None if targets is None else _mesh.place(targets, target_sharding),
             None if rng is None else _mesh.place(rng, keys),
+            _mesh.place(extras, rows),
         )
 
 
 class TrainStep(_Step):
-    """``(train_state, state, inputs, targets, rng) -> (train_state, state, metrics)``.
+    """``(train_state, state, inputs, targets, rng, *, seq_lengths, mask, ends)
+    -> (train_state, state, metrics)``.
 
     Made by :func:`make_train_step`; see there. ``lower(...)`` takes the same
     arguments and returns the jitted step's ``jax.stages.Lowered`` (for
@@ -237,8 +430,16 @@ class TrainStep(_Step):
 
     training = True
 
-    def __init__(self, loss_fn, *, truncate: bool, chunk_length: int | None, mesh: Mesh | None):
-        super().__init__(loss_fn, mesh)
+    def __init__(
+        self,
+        loss_fn,
+        *,
+        truncate: bool,
+        chunk_length: int | None,
+        mesh: Mesh | None,
+        targets_per: str = "step",
+    ):
+        super().__init__(loss_fn, mesh, targets_per=targets_per)
         self.chunk_length = _validate.positive_int(chunk_length, "chunk_length", optional=True)
         self.truncate = bool(truncate)
         kwargs: dict[str, Any] = {"donate_argnums": 0}
@@ -247,15 +448,19 @@ class TrainStep(_Step):
             kwargs["out_shardings"] = (replicated, _mesh.data_sharding(self.mesh), replicated)
         self._jitted = jax.jit(self._update, **kwargs)
 
-    def _update(self, train_state, state, inputs, targets, rng):
+    def _update(
+        self, train_state, state, inputs, targets, rng, seq_lengths=None, mask=None, ends=None
+    ):
         per_entry = _per_entry(rng, inputs.shape[0])
+        lengths = _lengths(seq_lengths, mask)
+        loss_mask = _loss_mask(self.targets_per, lengths, ends, *inputs.shape[:3])
 
         def loss_of(params):
             final_state, outputs = _run_window(
-                train_state.apply_fn, params, state, inputs, rng, per_entry,
+                train_state.apply_fn, params, state, inputs, rng, per_entry, lengths,
                 chunk_length=self.chunk_length, truncate=self.truncate,
             )  # fmt: skip
-            return self.loss_fn(outputs, targets), final_state
+            return _call_loss(self.loss_fn, outputs, targets, loss_mask), final_state
 
         (loss, final_state), grads = jax.value_and_grad(loss_of, has_aux=True)(train_state.params)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -270,35 +475,101 @@ class TrainStep(_Step):
         return keep(updated, kept), keep(final_state, start), metrics
 
     def __call__(
-        self, train_state: TrainState, state: Any, inputs: Any, targets: Any, rng: Rng = None
+        self,
+        train_state: TrainState,
+        state: Any,
+        inputs: Any,
+        targets: Any,
+        rng: Rng = None,
+        *,
+        seq_lengths: Any = None,
+        mask: Any = None,
+        ends: Any = None,
     ) -> tuple[TrainState, Any, Metrics]:
-        self.check(train_state, state, inputs, targets, rng)
+        extras = (seq_lengths, mask, ends)
+        placed, keywords = self._prepare(train_state, state, inputs, targets, rng, extras)
         with self._under_mesh():
-            return self._jitted(*self._place(train_state, state, inputs, targets, rng))
+            return self._jitted(*placed, **keywords)
 
     def lower(
-        self, train_state: TrainState, state: Any, inputs: Any, targets: Any, rng: Rng = None
+        self,
+        train_state: TrainState,
+        state: Any,
+        inputs: Any,
+        targets: Any,
+        rng: Rng = None,
+        *,
+        seq_lengths: Any = None,
+        mask: Any = None,
+        ends: Any = None,
     ) -> jax.stages.Lowered:
-        self.check(train_state, state, inputs, targets, rng, abstract=True)
+        extras = (seq_lengths, mask, ends)
+        placed, keywords = self._prepare(
+            train_state, state, inputs, targets, rng, extras, abstract=True
+        )
         with self._under_mesh():
-            return self._jitted.lower(*self._place(train_state, state, inputs, targets, rng))
+            return self._jitted.lower(*placed, **keywords)
+
+
+def _lengths(seq_lengths: Any, mask: Any) -> dict[str, Any]:
+    """The model's keyword arguments for the steps that are valid."""
+    if seq_lengths is not None:
+        return {"seq_lengths": seq_lengths}
+    return {} if mask is None else {"mask": mask}
+
+
+def _named(extras: tuple[Any, Any, Any]) -> dict[str, Any]:
+    """``extras`` as the keyword arguments of those that are given (so that a
+    step lowered without them is called without them)."""
+    names = ("seq_lengths", "mask", "ends")
+    return {name: value for name, value in zip(names, extras, strict=True) if value is not None}
+
+
+def _masked_sum(values: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """The sum of ``values [mask.shape..., ...]`` where ``mask`` holds, and
+    how many entries of ``mask`` hold (all of its shape's, for None)."""
+    if mask is None:
+        return jnp.sum(values), jnp.asarray(values.size, jnp.float32)
+    weights = _broadcast_mask(mask, values)
+    return jnp.sum(jnp.where(weights, values, 0)), jnp.sum(weights, dtype=jnp.float32)
+
+
+def _broadcast_mask(mask: jax.Array, values: jax.Array) -> jax.Array:
+    """``mask``, a prefix of ``values``' shape, broadcast to it."""
+    if tuple(values.shape[: mask.ndim]) != tuple(mask.shape):
+        raise ValueError(
+            f"mask: expected a prefix of the values' shape {tuple(values.shape)}; "
+            f"received {tuple(mask.shape)}"
+        )
+    mask = mask.reshape(mask.shape + (1,) * (values.ndim - mask.ndim))
+    return jnp.broadcast_to(mask, values.shape)
 
 
 class EvalStep(_Step):
-    """``(train_state, state, inputs, targets) -> (state, metrics)``, dropout off.
+    """``(train_state, state, inputs, targets, *, seq_lengths, mask, ends) ->
+    (state, metrics)``, dropout off; ``predict(train_state, state, inputs, *,
+    seq_lengths, mask) -> (state, outputs)``.
 
     Made by :func:`make_eval_step`; nothing is donated.
     """
 
     training = False
 
-    def __init__(self, loss_fn, *, mesh: Mesh | None):
-        super().__init__(loss_fn, mesh)
+    def __init__(
+        self,
+        loss_fn,
+        *,
+        mesh: Mesh | None,
+        targets_per: str = "step",
+        metrics: dict[str, Callable[[Any, Any], Any]] | None = None,
+    ):
+        super().__init__(loss_fn, mesh, targets_per=targets_per, metrics=metrics)
         kwargs: dict[str, Any] = {}
         if self.mesh is not None:
             replicated = _mesh.replicated(self.mesh)
             kwargs["out_shardings"] = (_mesh.data_sharding(self.mesh), replicated)
         self._jitted = jax.jit(self._evaluate, **kwargs)
+        self._predict = jax.jit(self._outputs)
 
     def without_mesh(self) -> EvalStep:
         """This step without its mesh (made once): for a batch the mesh cannot
@@ -306,21 +577,60 @@ class EvalStep(_Step):
         if self.mesh is None:
             return self
         if not hasattr(self, "_unsplit"):
-            self._unsplit = EvalStep(self.loss_fn, mesh=None)
+            self._unsplit = EvalStep(
+                self.loss_fn, mesh=None, targets_per=self.targets_per, metrics=self.metrics
+            )
         return self._unsplit
 
-    def _evaluate(self, train_state, state, inputs, targets):
-        final_state, outputs = _apply(
-            train_state.apply_fn, train_state.params, state, inputs, None, False, deterministic=True
-        )
-        return final_state, {"loss": self.loss_fn(outputs, targets)}
+    def _outputs(self, train_state, state, inputs, seq_lengths=None, mask=None):
+        lengths = _lengths(seq_lengths, mask)
+        apply_fn, params = train_state.apply_fn, train_state.params
+        return _apply(apply_fn, params, state, inputs, None, False, True, lengths)
+
+    def _evaluate(
+        self, train_state, state, inputs, targets, seq_lengths=None, mask=None, ends=None
+    ):
+        final_state, outputs = self._outputs(train_state, state, inputs, seq_lengths, mask)
+        lengths = _lengths(seq_lengths, mask)
+        mask = _loss_mask(self.targets_per, lengths, ends, *inputs.shape[:3])
+        lead = (inputs.shape[0],) if self.targets_per == "sequence" else inputs.shape[:3]
+        count = jnp.sum(mask, dtype=jnp.float32) if mask is not None else float(np.prod(lead))
+        metrics = {"loss": _call_loss(self.loss_fn, outputs, targets, mask), "count": count}
+        for name, fn in self.metrics.items():
+            total, weight = _masked_sum(fn(outputs, targets), mask)
+            metrics[name] = total / jnp.maximum(weight, 1.0)
+        return final_state, metrics
 
     def __call__(
-        self, train_state: TrainState, state: Any, inputs: Any, targets: Any
+        self,
+        train_state: TrainState,
+        state: Any,
+        inputs: Any,
+        targets: Any,
+        *,
+        seq_lengths: Any = None,
+        mask: Any = None,
+        ends: Any = None,
     ) -> tuple[Any, Metrics]:
-        self.check(train_state, state, inputs, targets)
+        extras = (seq_lengths, mask, ends)
+        placed, keywords = self._prepare(train_state, state, inputs, targets, None, extras)
         with self._under_mesh():
-            return self._jitted(*self._place(train_state, state, inputs, targets, None)[:4])
+            return self._jitted(*placed[:4], **keywords)
+
+    def predict(
+        self,
+        train_state: TrainState,
+        state: Any,
+        inputs: Any,
+        *,
+        seq_lengths: Any = None,
+        mask: Any = None,
+    ) -> tuple[Any, Any]:
+        """The model's ``(final_state, outputs)`` on ``inputs``, dropout off."""
+        extras = (seq_lengths, mask, None)
+        placed, keywords = self._prepare(train_state, state, inputs, None, None, extras)
+        with self._under_mesh():
+            return self._predict(*placed[:3], **keywords)
 
 
 def make_train_step(
@@ -329,6 +639,7 @@ def make_train_step(
     truncate: bool = True,
     mesh: Mesh | None = None,
     chunk_length: int | None = None,
+    targets_per: str = "step",
 ) -> TrainStep:
     """Builds a jitted training step for truncated back-propagation through time.
 
@@ -350,13 +661,31 @@ def make_train_step(
       deterministic=..., rngs={"dropout": key}) -> (final_state, outputs)``:
       ``BandedLSTM.apply``, or the ``apply`` of any Flax module wrapping it (a
       head, say) with that signature. ``state=None`` must mean zeros, and
-      ``outputs`` must be ``[batch, bands, time, ...]``. Its buffers are donated:
-      use the returned one.
+      ``outputs`` must be ``[batch, bands, time, ...]`` (per-step targets) or
+      ``[batch, ...]`` (per-sequence targets). Its buffers are donated: use
+      the returned one.
     * ``state`` is the model's state (for ``BandedLSTM``, a tuple of
       ``LSTMState``, each field ``[batch, bands, units]``), or None for zeros.
       Gradients never flow into it: the step is a boundary of the truncation.
-    * ``targets`` is ``[batch, bands, time, ...]``; if it has the outputs' rank
-      it must have the outputs' shape.
+    * ``targets`` is ``[batch, bands, time, ...]`` with ``targets_per="step"``
+      (sequence to sequence), or ``[batch, ...]`` with ``"sequence"`` (one
+      label or value per sequence, e.g. ``[batch]`` class indices or ``[batch,
+      bands]``, for a model whose outputs come from the state after each
+      sequence's last valid step); if it has the outputs' rank it must have
+      the outputs' shape. Mismatches are named before the loss runs.
+    * ``seq_lengths`` (``[batch]`` or ``[batch, bands]`` integers) or ``mask``
+      (``[batch, time]`` or ``[batch, bands, time]`` bools), optional, say which
+      steps of the window are valid: they go to ``apply_fn`` as keywords of
+      those names (``BandedLSTM`` freezes the state past them and outputs
+      zeros), counted from the window's start, and the loss is then called as
+      ``loss_fn(outputs, targets, mask)`` with the ``[batch, bands, time]``
+      bools of the steps that count (per-step targets), so that padding
+      never counts: :func:`masked_mean` makes such a loss.
+    * ``ends`` (``[batch]`` bools, per-sequence targets only), optional, says
+      in which entries the sequence ends within this window, so that its
+      label counts (with truncated BPTT, a label belongs to its sequence's
+      last window); the loss is then called with ``mask=ends``. Without it,
+      every entry's label counts.
     * ``rng`` is the dropout key. The model draws one dropout mask per
       (sequence, band) and keeps it for every time step, so to train a sequence
       chunk by chunk exactly as if it ran whole, pass the **same** key for all
@@ -385,6 +714,8 @@ def make_train_step(
       chunk_length: if set, the step runs its window in chunks of this many steps
         inside the one jitted call, carrying the state from chunk to chunk (a
         shorter last chunk takes the remainder). None runs the window whole.
+      targets_per: ``"step"`` (a target per time step) or ``"sequence"`` (one
+        per sequence).
 
     For long windows, build the model with ``BandedLSTM(..., remat_chunk=K)``:
     the backward pass then keeps the state only every ``K`` steps and
@@ -407,14 +738,28 @@ def make_train_step(
     >>> int(train_state.step), state[0].hidden.shape   # per layer: [batch, bands, units]
     (2, (2, 3, 8))
     """
-    return TrainStep(loss_fn, truncate=truncate, chunk_length=chunk_length, mesh=mesh)
+    return TrainStep(
+        loss_fn, truncate=truncate, chunk_length=chunk_length, mesh=mesh, targets_per=targets_per
+    )
 
 
-def make_eval_step(loss_fn: LossFn, *, mesh: Mesh | None = None) -> EvalStep:
-    """Builds a jitted evaluation step ``(train_state, state, inputs, targets) ->
-    (state, metrics)``: the model runs with dropout off from ``state``, and
-    ``metrics`` is ``{"loss": loss_fn(outputs, targets)}``. Arguments and the
-    ``apply_fn`` contract are those of :func:`make_train_step`.
+def make_eval_step(
+    loss_fn: LossFn,
+    *,
+    mesh: Mesh | None = None,
+    targets_per: str = "step",
+    metrics: dict[str, Callable[[Any, Any], Any]] | None = None,
+) -> EvalStep:
+    """Builds a jitted evaluation step ``(train_state, state, inputs, targets,
+    *, seq_lengths=None, mask=None, ends=None) -> (state, metrics)``: the model
+    runs with dropout off from ``state``, and ``metrics`` holds ``"loss"``,
+    ``"count"`` (how many targets counted: valid ``(entry, band, step)``
+    triples per step, entries per sequence) and, for every ``name: fn`` of
+    ``metrics``, the mean of ``fn(outputs, targets)`` (values per target, e.g.
+    :func:`accuracy`) over the targets that count. Arguments and the
+    ``apply_fn`` contract are those of :func:`make_train_step`. Its
+    ``predict(train_state, state, inputs, *, seq_lengths=None, mask=None)``
+    returns the model's ``(final_state, outputs)``.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> from flax.training.train_state import TrainState
@@ -429,4 +774,4 @@ def make_eval_step(loss_fn: LossFn, *, mesh: Mesh | None = None) -> EvalStep:
     >>> metrics["loss"].shape
     ()
     """
-    return EvalStep(loss_fn, mesh=mesh)
+    return EvalStep(loss_fn, mesh=mesh, targets_per=targets_per, metrics=metrics)
