@@ -269,7 +269,9 @@ class BandedLSTM(nn.Module):
             state and the arithmetic are at least float32.
           seq_lengths: optional integers, ``[batch]`` or ``[batch, bands]``.
             Steps at or past a sequence's length leave its state unchanged and
-            output zeros; lengths longer than ``time`` mean every step is valid,
+            output zeros, and what they hold never counts (a NaN there reaches
+            neither the outputs nor the gradients); lengths longer than ``time``
+            mean every step is valid,
             also past int32 (they are clipped to ``time`` before the cast).
             Under ``jax.jit`` with 64-bit types off, JAX itself casts int64
             arguments to int32 (2**40 becomes 0) before the model sees them:
@@ -309,6 +311,10 @@ class BandedLSTM(nn.Module):
         # Time-major from here on, so that layers chain without transposes
         # (see _run_layer on the [batch, bands] axes).
         layer_inputs = jnp.moveaxis(inputs, 2, 0).astype(dtype)
+        if valid is not None:
+            # Steps past the lengths never count, whatever they hold: zeroed,
+            # a NaN there cannot reach the weights' gradient (0 * NaN).
+            layer_inputs = jnp.where(valid[..., None], layer_inputs, jnp.zeros((), dtype))
         final_state = []
         for layer, layer_state in enumerate(state):
             weights = layer_weights(name=f"layer_{layer}")(layer_inputs.shape[-1])

@@ -3,7 +3,9 @@ started by tests/test_multihost.py; also the single-process reference it is
 compared with (``run``, imported).
 
 Usage: ``python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT DIRECTORY NUM_STEPS
-DEVICES BANDS``: ``DEVICES`` CPU devices per process, the mesh's bands axis ``BANDS``.
+DEVICES BANDS [padded]``: ``DEVICES`` CPU devices per process, the mesh's bands axis
+``BANDS``; ``padded``: sequences whose lengths are no multiple of the chunk, so
+that every batch carries ``seq_lengths`` across the processes, and a masked loss.
 Process 0 writes what the run gave, gathered to the host, to ``DIRECTORY/result.npz``.
 """
 
@@ -25,17 +27,19 @@ from banded_rnn.training import (
     gather_to_host,
     make_mesh,
     make_train_step,
+    masked_mean,
 )
 
 BATCH, BANDS, FEATURES, UNITS, CHUNK = 4, 2, 3, 5, 4
 LENGTHS = [8, 12, 4, 8, 16, 8, 12, 8]  # evaluated too: 4 of length 8 split over the mesh
+PADDED_LENGTHS = [8, 11, 3, 8, 14, 7, 12, 5]
 MODEL = BandedLSTM(UNITS, dropout=0.2, recurrent_dropout=0.2)
 
 
-def data():
+def data(lengths):
     rng = np.random.default_rng(0)
-    inputs = [rng.standard_normal((BANDS, t, FEATURES)).astype(np.float32) for t in LENGTHS]
-    targets = [rng.standard_normal((BANDS, t, UNITS)).astype(np.float32) for t in LENGTHS]
+    inputs = [rng.standard_normal((BANDS, t, FEATURES)).astype(np.float32) for t in lengths]
+    targets = [rng.standard_normal((BANDS, t, UNITS)).astype(np.float32) for t in lengths]
     return inputs, targets
 
 
@@ -43,10 +47,11 @@ def loss(outputs, targets):
     return jnp.mean((outputs - targets) ** 2)
 
 
-def run(num_steps, directory=None, mesh=None, **stream_kwargs):
+def run(num_steps, directory=None, mesh=None, padded=False, **stream_kwargs):
     """``fit`` on the shared data; returns the history and the final parameters
     and carried state, gathered to the host."""
-    inputs, targets = data()
+    inputs, targets = data(PADDED_LENGTHS if padded else LENGTHS)
+    loss_fn = masked_mean(lambda outputs, targets: (outputs - targets) ** 2) if padded else loss
     params = MODEL.init(jax.random.key(0), None, inputs[0][None])["params"]
     train_state = TrainState.create(apply_fn=MODEL.apply, params=params, tx=optax.adam(1e-2))
     stream = ChunkStream(inputs, targets, batch_size=BATCH, chunk_length=CHUNK, seed=1,
@@ -54,10 +59,10 @@ def run(num_steps, directory=None, mesh=None, **stream_kwargs):
     kwargs = dict(num_steps=num_steps, rng=jax.random.key(2), progress=False,
                   eval_data=(inputs, targets), eval_every=3)  # fmt: skip
     if directory is None:
-        result = fit(make_train_step(loss, mesh=mesh), train_state, stream, **kwargs)
+        result = fit(make_train_step(loss_fn, mesh=mesh), train_state, stream, **kwargs)
     else:
         with Checkpointer(directory) as checkpointer:
-            result = fit(make_train_step(loss, mesh=mesh), train_state, stream,
+            result = fit(make_train_step(loss_fn, mesh=mesh), train_state, stream,
                          checkpointer=checkpointer, checkpoint_every=2, **kwargs)  # fmt: skip
     params, state = gather_to_host((result.train_state.params, result.state))
     return result.history, params, state
@@ -65,11 +70,13 @@ def run(num_steps, directory=None, mesh=None, **stream_kwargs):
 
 def main() -> None:
     process_id, num_processes, port, directory, num_steps, devices, bands = sys.argv[1:8]
+    padded = sys.argv[8:] == ["padded"]
     jax.config.update("jax_num_cpu_devices", int(devices))
     jax.distributed.initialize(
         f"127.0.0.1:{port}", num_processes=int(num_processes), process_id=int(process_id)
     )
-    history, params, state = run(int(num_steps), directory, mesh=make_mesh(bands=int(bands)))
+    mesh = make_mesh(bands=int(bands))
+    history, params, state = run(int(num_steps), directory, mesh=mesh, padded=padded)
     if jax.process_index() == 0:
         leaves = jax.tree.leaves((params, state))
         np.savez(f"{directory}/result.npz", *leaves, **history)

@@ -1,8 +1,9 @@
 """Training over several processes (``jax.distributed``, gloo collectives), against
 one process with the same global batch: 4 processes of one device whole; 2
-processes of two devices each (bands split over them) killed (SIGKILL) and
-restarted from their checkpoints; one process of two devices resumed from its
-checkpoints; and the SLURM script of docs/guides/hosts.md.
+processes of two devices each (bands split over them), on sequences padded to
+the chunk, killed (SIGKILL) and restarted from their checkpoints; one process
+of two devices resumed from its checkpoints; and the SLURM script of
+docs/guides/hosts.md.
 
 The processes run inside a network namespace of their own (``unshare -rn``),
 where the only interface is loopback: the coordinator listens on 127.0.0.1,
@@ -40,11 +41,11 @@ scenario, directory, num_steps = sys.argv[1], sys.argv[2], sys.argv[3]
 env = {**os.environ, "PYTHONPATH": os.pathsep.join(["tests", "."])}
 
 
-def start(num_processes, devices, bands):
+def start(num_processes, devices, bands, *extra):
     return [
         subprocess.Popen(
             [sys.executable, "tests/multihost_worker.py", str(i), str(num_processes), "12355",
-             directory, num_steps, str(devices), str(bands)],
+             directory, num_steps, str(devices), str(bands), *extra],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for i in range(num_processes)
@@ -59,8 +60,8 @@ def finish(processes):
 
 if scenario == "whole":
     finish(start(4, 1, 1))
-else:  # killed: one process SIGKILLed once step 4 is saved; all restarted
-    processes = start(2, 2, 2)
+else:  # killed: one process SIGKILLed once step 4 is saved; all restarted (padded data)
+    processes = start(2, 2, 2, "padded")
     while not os.path.isdir(os.path.join(directory, "4")):
         assert all(p.poll() is None for p in processes), processes[0].communicate()[1][-3000:]
         time.sleep(0.05)
@@ -69,16 +70,25 @@ else:  # killed: one process SIGKILLed once step 4 is saved; all restarted
     for process in processes:  # the other one waits in a collective for its peer
         process.kill()
         process.communicate()
-    finish(start(2, 2, 2))
+    finish(start(2, 2, 2, "padded"))
 print("launched", flush=True)
 """
 
 
+def one_process(padded):
+    """One process, one device, the same global batch: losses, parameters, state."""
+    history, params, state = run(NUM_STEPS, padded=padded)
+    return history, jax.tree.leaves((params, state))
+
+
 @pytest.fixture(scope="module")
 def reference():
-    """One process, one device, the same global batch: losses, parameters, state."""
-    history, params, state = run(NUM_STEPS)
-    return history, jax.tree.leaves((params, state))
+    return one_process(padded=False)
+
+
+@pytest.fixture(scope="module")
+def padded_reference():
+    return one_process(padded=True)
 
 
 def in_loopback_namespace(command, **kwargs):
@@ -120,12 +130,13 @@ def test_four_processes_train_as_one(tmp_path, reference):
     check_against(launch("whole", tmp_path), reference)
 
 
-def test_two_processes_killed_and_restarted_resume_the_run(tmp_path, reference):
-    """Two devices per process, the bands split over them."""
+def test_two_processes_killed_and_restarted_resume_the_run(tmp_path, padded_reference):
+    """Two devices per process, the bands split over them; sequences of lengths
+    that are no multiple of the chunk, so every batch carries seq_lengths."""
     result = launch("killed", tmp_path)
     first = int(result["step"][0])
     assert first >= 5 and first % 2 == 1  # resumed after a checkpoint (every 2 steps)
-    check_against(result, reference, first_step=first)
+    check_against(result, padded_reference, first_step=first)
 
 
 def test_one_process_of_two_devices_resumes_on_its_mesh(tmp_path, reference):

@@ -475,3 +475,61 @@ def test_errors_name_the_mismatch():
         ChunkStream(list(x), list(y), batch_size=2, buckets=[4])
     with pytest.raises(ValueError, match=r"buckets: pads whole sequences"):
         ChunkStream(list(x), list(y), batch_size=2, chunk_length=3, buckets=[6])
+
+
+def test_padding_never_counts_whatever_it_holds():
+    """NaN past the lengths in the inputs and targets, unsigned lengths, lists:
+    the same loss, gradient and carried state as zero padding with int32
+    lengths, and the state after each sequence's own last step (reference)."""
+    sequences = [random_inputs(i, (BANDS, t, FEATURES)) for i, t in enumerate(LENGTHS)]
+    targets = [random_inputs(10 + i, (BANDS, t, UNITS)) for i, t in enumerate(LENGTHS)]
+    x, y = padded(sequences, 7), padded(targets, 7)
+    x_nan, y_nan = x.copy(), y.copy()
+    for row, t in enumerate(LENGTHS):
+        x_nan[row, :, t:] = np.nan
+        y_nan[row, :, t:] = np.nan
+    model = BandedLSTM(UNITS)
+    params = model.init(jax.random.key(0), None, x[:1])["params"]
+    step = make_train_step(masked_mean(squared_error), chunk_length=3, truncate=False)
+    runs = {}
+    for name, lengths, xs, ys in [
+        ("int32", np.array(LENGTHS, np.int32), x, y),
+        ("uint32", np.array(LENGTHS, np.uint32), x, y),
+        ("list", LENGTHS, x, y),
+        ("nan", np.array(LENGTHS, np.int32), x_nan, y_nan),
+    ]:
+        train_state, final, metrics = step(
+            train_state_of(model, params), None, xs, ys, seq_lengths=lengths
+        )
+        runs[name] = jax.device_get((train_state.opt_state, final, metrics))
+    for name in ("uint32", "list", "nan"):
+        for got, want in zip(jax.tree.leaves(runs[name]), jax.tree.leaves(runs["int32"]),
+                             strict=True):  # fmt: skip
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=name)
+    weights = lstm_params(flatten(params))
+    for row, s in enumerate(sequences):
+        ((hidden, _),) = lstm_reference(weights, s[None])[0]
+        np.testing.assert_allclose(runs["uint32"][1][0].hidden[row], hidden[0], atol=1e-6)
+
+
+def test_values_and_combinations_refused_on_every_call():
+    x = random_inputs(0, (2, BANDS, 5, FEATURES))
+    y = random_inputs(1, (2, BANDS, 5, UNITS))
+    model = BandedLSTM(UNITS)
+    params = model.init(jax.random.key(0), None, x)["params"]
+    step = make_train_step(masked_mean(squared_error))
+    train_state, _, _ = step(train_state_of(model, params), None, x, y, seq_lengths=[5, 3])
+    with pytest.raises(ValueError, match=r"seq_lengths: expected lengths >= 0"):
+        step(train_state, None, x, y, seq_lengths=np.array([-1, 3]))  # a signature seen before
+    with pytest.raises(TypeError, match=r"seq_lengths: expected an integer dtype"):
+        step(train_state, None, x, y, seq_lengths=np.array([5.0, 3.0]))
+    with pytest.raises(ValueError, match=r"chunk_length: .*targets_per='sequence'"):
+        make_train_step(masked_mean(squared_error), chunk_length=4, targets_per="sequence")
+    with pytest.raises(TypeError, match=r"metrics: .*received 'step'"):
+        make_eval_step(masked_mean(squared_error), metrics={"step": accuracy})
+    stream = ChunkStream(list(x), list(y), batch_size=2, chunk_length=5)
+    with pytest.raises(ValueError, match=r"metrics: are evaluated on eval_data"):
+        fit(step, train_state, stream, num_steps=1, rng=jax.random.key(0),
+            metrics={"accuracy": accuracy})  # fmt: skip
+    with pytest.raises(TypeError, match=r"buckets: expected a sequence of lengths"):
+        ChunkStream(list(x), list(y), batch_size=2, buckets=8)

@@ -104,6 +104,10 @@ def check_buckets(buckets: Any, longest: int) -> tuple[int, ...]:
     None is one bucket, ``longest``."""
     if buckets is None:
         return (longest,)
+    if not isinstance(buckets, (list, tuple, np.ndarray)):
+        raise TypeError(
+            f"buckets: expected a sequence of lengths; received {type(buckets).__name__}"
+        )
     buckets = tuple(_validate.positive_int(b, "buckets") for b in buckets)
     if not buckets or list(buckets) != sorted(set(buckets)) or buckets[-1] < longest:
         raise ValueError(

@@ -359,6 +359,8 @@ def fit(
         )
     if metrics is not None and eval_step is not None:
         raise ValueError("metrics: give them to make_eval_step when passing eval_step")
+    if metrics is not None and eval_data is None:
+        raise ValueError("metrics: are evaluated on eval_data, and eval_data is None")
     if eval_data is not None and eval_step is None:
         eval_step = make_eval_step(
             train_step.loss_fn, mesh=train_step.mesh, targets_per=train_step.targets_per,

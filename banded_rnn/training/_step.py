@@ -25,6 +25,8 @@ Metrics = dict[str, jax.Array]
 Rng = jax.Array | None
 TARGETS_PER = ("step", "sequence")
 """What a target belongs to: each time step, or each sequence (from its final state)."""
+RESERVED = ("loss", "count", "step")
+"""Names a metric cannot take: the evaluation's own, and ``fit``'s ``eval_step``."""
 
 
 def _per_entry(rng: Any, batch: int) -> bool:
@@ -77,8 +79,9 @@ def _run_window(
         x, mask = piece
         if truncate and state is not None:
             state = jax.lax.stop_gradient(state)
-        if "seq_lengths" in lengths:
-            piece_lengths = {"seq_lengths": jnp.clip(lengths["seq_lengths"] - start, 0, None)}
+        if "seq_lengths" in lengths:  # int32 [batch, bands] (no unsigned wrap-around)
+            seq_lengths = _validate.check_seq_lengths(lengths["seq_lengths"], *inputs.shape[:3])
+            piece_lengths = {"seq_lengths": jnp.clip(seq_lengths - start, 0, None)}
         else:
             piece_lengths = {} if mask is None else {"mask": mask}
         state, outputs = _apply(apply_fn, params, state, x, rng, per_entry, False, piece_lengths)
@@ -148,16 +151,16 @@ class _Step:
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable; received {type(loss_fn).__name__}")
-        if targets_per not in TARGETS_PER:
+        if not isinstance(targets_per, str) or targets_per not in TARGETS_PER:
             raise ValueError(
                 f"targets_per: expected one of {TARGETS_PER}; received {targets_per!r}"
             )
         metrics = dict(metrics or {})
         for name, fn in metrics.items():
-            if not isinstance(name, str) or name in ("loss", "count") or not callable(fn):
+            if not isinstance(name, str) or name in RESERVED or not callable(fn):
                 raise TypeError(
                     "metrics: expected {name: fn(outputs, targets) -> per-target values}, names "
-                    f"other than 'loss' and 'count'; received {name!r}: {type(fn).__name__}"
+                    f"other than {RESERVED}; received {name!r}: {type(fn).__name__}"
                 )
         self.loss_fn = loss_fn
         self.targets_per = targets_per
@@ -231,6 +234,9 @@ class _Step:
             apply_fn,
             tuple((_validate.shape_of(a), getattr(a, "dtype", type(a))) for a in leaves),
         )
+        if isinstance(seq_lengths, np.ndarray) and np.any(seq_lengths < 0):
+            # Host values, checked on every call (device arrays are not read).
+            raise ValueError(f"seq_lengths: expected lengths >= 0; received {seq_lengths}")
         if signature in self._checked:
             return
         self._check(train_state, state, inputs, targets, rng, extras, abstract)
@@ -243,7 +249,7 @@ class _Step:
             _validate.check_rng(rng, batch)
         if self.mesh is not None:
             _mesh.check_divisible(self.mesh, batch, bands)
-        lengths = self._check_lengths(*extras, batch, bands, time, abstract)
+        lengths = self._check_lengths(*extras, batch, bands, time)
         apply_fn, params = train_state.apply_fn, train_state.params
         # Shape errors (a state that does not match the batch, wrong features)
         # come from the model itself, traced abstractly.
@@ -254,7 +260,7 @@ class _Step:
             )  # fmt: skip
         except TypeError as error:
             for name in lengths:
-                if repr(name) in str(error) or f" {name}" in str(error):
+                if "unexpected keyword argument" in str(error) and name in str(error):
                     raise TypeError(
                         f"{name}: the model's apply_fn does not take {name}= ({error}); give "
                         "the model's __call__ that keyword (BandedLSTM takes seq_lengths "
@@ -290,7 +296,7 @@ class _Step:
         for name, fn in [("loss_fn", self.loss_fn), *self.metrics.items()]:
             self._check_reduction(name, fn, outputs, targets, loss_mask, scalar=fn is self.loss_fn)
 
-    def _check_lengths(self, seq_lengths, mask, ends, batch, bands, time, abstract) -> dict:
+    def _check_lengths(self, seq_lengths, mask, ends, batch, bands, time) -> dict:
         """The model's keyword arguments for ``seq_lengths`` or ``mask``, checked."""
         if seq_lengths is not None and mask is not None:
             raise ValueError("seq_lengths, mask: give one or the other, not both")
@@ -307,15 +313,16 @@ class _Step:
                     f"{_validate.shape_of(ends)} {_validate.dtype_of(ends)}"
                 )
         if seq_lengths is not None:
-            if abstract:
-                shape = _validate.shape_of(seq_lengths)
-                if shape not in ((batch,), (batch, bands)):
-                    raise ValueError(
-                        f"seq_lengths: expected shape [batch] = ({batch},) or [batch, bands] = "
-                        f"({batch}, {bands}); received {shape}"
-                    )
-            else:
-                _validate.check_seq_lengths(seq_lengths, batch, bands, time)
+            # Shapes and dtype only: values are checked on every call (check()),
+            # and a global array of several processes has none to read here.
+            shape, dtype = _validate.shape_of(seq_lengths), _validate.dtype_of(seq_lengths)
+            if shape not in ((batch,), (batch, bands)):
+                raise ValueError(
+                    f"seq_lengths: expected shape [batch] = ({batch},) or [batch, bands] = "
+                    f"({batch}, {bands}); received {shape}"
+                )
+            if not np.issubdtype(dtype, np.integer):
+                raise TypeError(f"seq_lengths: expected an integer dtype; received {dtype}")
             return {"seq_lengths": seq_lengths}
         if mask is not None:
             _validate.check_mask_shape(_validate.shape_of(mask), batch, bands, time)
@@ -396,6 +403,7 @@ class _Step:
         """Checks a call, then lays its arguments out as the jitted step takes
         them: ``(train_state, state, inputs, targets, rng)``, and the given
         ``extras`` as keywords."""
+        extras = tuple(e if e is None or hasattr(e, "shape") else np.asarray(e) for e in extras)
         named = _named(extras)
         self.check(train_state, state, inputs, targets, rng, **named, abstract=abstract)
         *placed, extras = self._place(train_state, state, inputs, targets, rng, extras)
@@ -441,6 +449,12 @@ class TrainStep(_Step):
     ):
         super().__init__(loss_fn, mesh, targets_per=targets_per)
         self.chunk_length = _validate.positive_int(chunk_length, "chunk_length", optional=True)
+        if self.chunk_length is not None and targets_per == "sequence":
+            raise ValueError(
+                "chunk_length: runs the window in chunks whose outputs are joined on the "
+                "time axis, and with targets_per='sequence' the outputs have none; leave it "
+                "None (BandedLSTM(remat_chunk=...) bounds the memory of long windows instead)"
+            )
         self.truncate = bool(truncate)
         kwargs: dict[str, Any] = {"donate_argnums": 0}
         if self.mesh is not None:
@@ -700,7 +714,8 @@ def make_train_step(
     and leaves the caller's buffers intact.
 
     Args:
-      loss_fn: ``loss_fn(outputs, targets) -> scalar``.
+      loss_fn: ``loss_fn(outputs, targets) -> scalar``, or ``loss_fn(outputs,
+        targets, mask)`` for batches with ``seq_lengths``, ``mask`` or ``ends``.
       truncate: with ``chunk_length``, stop the state's gradient at the boundaries of
         the chunks inside the step (truncated BPTT); False back-propagates
         through the whole window, exactly as if it ran in one piece.
