@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo", help="the three-band experiment: whole vs halves, band independence"
     )
     commands.add_parser(
-        "info", help="the path BandedLSTM takes here: native kernel (instruction set) or scan"
+        "info", help="the path BandedLSTM takes here: native kernel (its ISA), cuDNN or scan"
     )
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -26,9 +26,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def describe(details: dict) -> str:
-    """One line: the path float32 calls on this CPU take, and why."""
+    """One line: the path float32 calls on this machine take, and why."""
     import jax
 
+    from ._cudnn import platform_supported
+
+    if platform_supported():
+        device = jax.devices()[0].device_kind
+        return (
+            f"banded_rnn: XLA scan on {device}; cuDNN's fused LSTM with "
+            "implementation='cudnn' (float32, seq_lengths or no mask, not under vmap)"
+        )
     if details["kernel"] != "built":
         return f"banded_rnn: XLA scan (native kernel not built: {details['error']})"
     return (

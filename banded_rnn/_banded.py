@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from . import _kernel, _validate
+from . import _cudnn, _kernel, _validate
 from ._cell import LayerWeights, lstm_gates
 from ._chunked import scan_chunks
 from ._init import unit_forget_bias
@@ -153,7 +153,7 @@ def _run_layer(weights, recurrent_mask, carry, xs, *, unroll, remat_chunk, kerne
     return scan_chunks(run_chunk, carry, xs, remat_chunk, axis=0)
 
 
-IMPLEMENTATIONS = ("auto", "kernel", "scan")
+IMPLEMENTATIONS = ("auto", "kernel", "cudnn", "scan")
 """``BandedLSTM.implementation``'s values."""
 
 
@@ -209,14 +209,22 @@ class BandedLSTM(nn.Module):
       param_dtype: dtype of the parameters.
       implementation: how the recurrence runs. ``"kernel"``: the native CPU
         kernel (``csrc/``, one custom call per layer and chunk, rows split
-        over threads), float32 on CPU only. ``"scan"``: a ``jax.lax.scan``
-        that XLA compiles, for every platform and dtype. ``"auto"`` (the
-        default): the kernel where it applies (float32 arithmetic, CPU
-        backend, extension built), else the scan. Both give the same results
-        to float32 rounding; ``unroll`` applies to the scan only. The kernel
-        has first-order reverse-mode derivatives only (``grad``, ``vjp``) and
-        is a custom call that ``jax.export`` refuses: use ``"scan"`` for
-        ``jvp``, ``jacfwd``, ``hessian``, gradients of gradients and exports.
+        over threads), float32 on CPU only. ``"cudnn"``: cuDNN's fused LSTM
+        (``jax.experimental.rnn``, one call per layer and chunk, bands folded
+        into its rows) on a CUDA GPU, for float32 calls with ``seq_lengths``
+        or no mask, no recurrent dropout in training and no ``remat_chunk``,
+        not under ``jax.vmap`` (cuDNN's call has no batching rule, and the
+        training step's per-entry dropout keys vmap over the entries); not
+        yet run on a GPU by this project's tests, so opt-in. ``"scan"``: a
+        ``jax.lax.scan`` that XLA compiles, for every platform and dtype.
+        ``"auto"`` (the default): the kernel where it applies (float32
+        arithmetic, CPU backend, extension built), else the scan. All give
+        the same results to float32 rounding (cuDNN follows
+        ``jax_default_matmul_precision``: TF32 unless it is ``"highest"``);
+        ``unroll`` applies to the scan only. The kernel and cuDNN have
+        first-order reverse-mode derivatives only (``grad``, ``vjp``) and are
+        custom calls that ``jax.export`` refuses: use ``"scan"`` for ``jvp``,
+        ``jacfwd``, ``hessian``, gradients of gradients and exports.
     """
 
     units: int
@@ -300,6 +308,11 @@ class BandedLSTM(nn.Module):
         dropout_masks = self._dropout_masks(deterministic, (batch, bands), features)
         dtype = _compute_dtype(inputs.dtype, self.param_dtype)
         kernel = self._uses_kernel(dtype)
+        recurrent_dropout = not deterministic and self.recurrent_dropout > 0
+        cudnn = not kernel and self._uses_cudnn(dtype, mask is not None, recurrent_dropout, time)
+        lengths = None
+        if cudnn and seq_lengths is not None:
+            lengths = _validate.check_seq_lengths(seq_lengths, batch, bands, time)
         layer_weights = partial(
             _LayerWeights,
             self.units,
@@ -323,6 +336,12 @@ class BandedLSTM(nn.Module):
             if input_mask is not None:
                 layer_inputs = layer_inputs * input_mask.astype(dtype)[None]
             carry = tuple(_shard_like(c.astype(dtype), layer_inputs) for c in layer_state)
+            if cudnn:
+                (hidden, cell), layer_inputs = _cudnn.run_layer(
+                    weights, carry, layer_inputs, lengths
+                )
+                final_state.append(LSTMState(hidden, cell))
+                continue
             (hidden, cell), layer_inputs = _run_layer(
                 weights,
                 None if recurrent_mask is None else recurrent_mask.astype(dtype),
@@ -358,7 +377,7 @@ class BandedLSTM(nn.Module):
 
     def _uses_kernel(self, dtype: Any) -> bool:
         """Whether this call runs the native kernel (see ``implementation``)."""
-        if self.implementation == "scan" or _kernel.scan_forced():
+        if self.implementation in ("scan", "cudnn") or _kernel.scan_forced():
             return False
         backend = jax.default_backend()
         fits = jnp.dtype(dtype) == jnp.float32 and backend == "cpu"
@@ -378,6 +397,31 @@ class BandedLSTM(nn.Module):
             _kernel.warn_unavailable()
             return False
         return fits
+
+    def _uses_cudnn(self, dtype: Any, masked: bool, recurrent_dropout: bool, time: int) -> bool:
+        """Whether this call runs cuDNN's fused LSTM (see ``implementation``):
+        decided in Python from the platform and the call, never by tracing.
+        Only when asked for: ``"auto"`` keeps the scan on GPUs until the path
+        has been checked on one (cuDNN's call also has no ``vmap`` rule)."""
+        if self.implementation != "cudnn" or _kernel.scan_forced():
+            return False
+        reasons = {
+            "it runs float32 only": jnp.dtype(dtype) != jnp.float32,
+            f"it runs on {_cudnn.PLATFORMS} ({jax.default_backend()} here)": (
+                not _cudnn.platform_supported()
+            ),
+            "it takes seq_lengths, not a mask": masked,
+            "it draws its own dropout masks (recurrent_dropout in training)": recurrent_dropout,
+            "it keeps its own residuals (remat_chunk)": self.remat_chunk is not None,
+            "it needs at least one time step": time == 0,
+        }
+        refused = [reason for reason, applies in reasons.items() if applies]
+        if refused:
+            raise ValueError(
+                f"implementation='cudnn': this call cannot run on cuDNN: {'; '.join(refused)} "
+                "(use 'auto' or 'scan')"
+            )
+        return True
 
     def _dropout_masks(
         self, deterministic: bool, batch_bands: tuple[int, int], features: int

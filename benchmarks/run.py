@@ -61,6 +61,16 @@ def use_cpu_devices(count: int) -> int:
     return len(jax.devices())
 
 
+def device_label(devices: int) -> str:
+    """What the rows ran on: ``"2 CPU devices"``, or the accelerator's kind."""
+    import jax
+
+    if jax.default_backend() == "cpu":
+        return f"{devices} CPU device{'s' if devices > 1 else ''}"
+    first = jax.devices()[0]
+    return f"{len(jax.devices())} x {first.device_kind} ({first.platform})"
+
+
 def build_impls(
     config: Config, baselines: list[str], seed: int = 0, sharded: bool = False
 ) -> tuple[list[Impl], list[Row]]:
@@ -200,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         quick=args.quick,
         repeats=repeats_label,
         elapsed=time.perf_counter() - start,
-        info={**machine(), "devices": f"{devices} CPU device{'s' if devices > 1 else ''}"},
+        info={**machine(), "devices": device_label(devices)},
         sgemm_size=SGEMM_SIZE,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
