@@ -218,9 +218,11 @@ class BandedLSTM(nn.Module):
         yet run on a GPU by this project's tests, so opt-in. ``"scan"``: a
         ``jax.lax.scan`` that XLA compiles, for every platform and dtype.
         ``"auto"`` (the default): the kernel where it applies (float32
-        arithmetic, CPU backend, extension built), else the scan. All give
-        the same results to float32 rounding (cuDNN follows
-        ``jax_default_matmul_precision``: TF32 unless it is ``"highest"``);
+        arithmetic, CPU backend, extension built), else the scan. The kernel
+        and the scan give the same results to float32 rounding; cuDNN does
+        where ``jax_default_matmul_precision`` is ``"highest"`` or
+        ``"float32"``, and otherwise runs TF32 (``"bfloat16"`` is refused by
+        JAX's wrapper);
         ``unroll`` applies to the scan only. The kernel and cuDNN have
         first-order reverse-mode derivatives only (``grad``, ``vjp``) and are
         custom calls that ``jax.export`` refuses: use ``"scan"`` for ``jvp``,

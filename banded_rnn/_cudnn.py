@@ -60,7 +60,8 @@ def run_layer(
 ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
     """One layer over ``inputs [time, batch, bands, features]`` from ``carry``
     (``hidden``, ``cell``, each ``[batch, bands, units]``), with ``lengths``
-    (int32 ``[batch, bands]``, at most ``time``) or every step valid.
+    (int32 ``[batch, bands]``; past ``time`` means every step, 0 or less
+    none) or every step valid.
 
     Returns ``((hidden, cell), outputs [time, batch, bands, units])``: the
     state after each row's last valid step (its initial state for length 0),
@@ -73,9 +74,10 @@ def run_layer(
     x = jnp.moveaxis(inputs, 0, 2).reshape(rows, time, features)  # [rows, time, features]
     if lengths is None:
         lengths = jnp.full((batch, bands), time, jnp.int32)
-    lengths = lengths.reshape(rows)
-    # cuDNN wants at least one step per row: a row of length 0 runs one step
-    # whose result is dropped below.
+    # cuDNN refuses lengths past the chunk (traced int32 lengths arrive
+    # unclipped) and wants at least one step per row: a row of length 0 (or
+    # less) runs one step whose result is dropped below.
+    lengths = jnp.clip(lengths.reshape(rows), 0, time)
     y, h_n, c_n = cudnn_lstm(
         x,
         hidden.reshape(1, rows, units),

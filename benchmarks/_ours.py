@@ -1,7 +1,8 @@
 """Our implementation of every configuration, through the public API only.
 
 "Ours" is ``BandedLSTM``'s default (``implementation="auto"``: the native CPU
-kernel); :func:`build_scan` is the same with the XLA scan.
+kernel), or ``implementation="cudnn"`` on a CUDA GPU; :func:`build_scan` is
+the same with the XLA scan.
 
 * full sequence: ``jax.jit(model.apply)``;
 * streaming: ``banded_rnn.Stream(..., outputs="device")`` fed device-resident

@@ -1,11 +1,12 @@
-"""The cuDNN path (``implementation="cudnn"``, chosen by ``"auto"`` on a GPU).
+"""The cuDNN path (``implementation="cudnn"``, opt-in).
 
 Everywhere: our parameters packed into cuDNN's flat layout, checked against
 ``jax.experimental.rnn``'s own unpacking; and the whole path, bands folded into
 cuDNN's rows, lengths, state in and out, run with ``jax.experimental.rnn.lstm_ref``
 (the pure-JAX reference of the same flat layout) in place of the cuDNN call,
-against the float64 NumPy reference and the scan, with gradients. On a GPU only
-(skipped elsewhere): cuDNN itself against the same references.
+against the float64 NumPy reference and the scan, with gradients. On a GPU the
+same tests run cuDNN itself (checked in the compiled program), and one more
+runs only there.
 """
 
 from functools import partial
@@ -54,6 +55,16 @@ def cudnn_calls(monkeypatch):
     return calls
 
 
+def ran_cudnn(calls, fn, *args) -> bool:
+    """Whether ``fn(*args)`` goes through cuDNN: the traced calls of the
+    stand-in, or, on a GPU, cuDNN's custom call in the lowered program."""
+    if ON_GPU:
+        return "cudnn_rnn" in jax.jit(fn).lower(*args).as_text()
+    calls.clear()
+    jax.eval_shape(fn, *args)
+    return bool(calls)
+
+
 def data(seed=0):
     x = random_inputs(seed, (BATCH, BANDS, TIME, FEATURES))
     lengths = np.array([[TIME, 4], [0, 7], [1, TIME]], np.int32)  # [batch, bands], a 0 too
@@ -88,6 +99,7 @@ def test_outputs_and_state_match_the_float64_reference(cudnn_calls, num_layers, 
         scan = BandedLSTM(UNITS, num_layers=num_layers, implementation="scan")
         scan_final, scan_outputs = scan.apply(variables, state, x, seq_lengths=seq_lengths)
     assert len(cudnn_calls) == num_layers or ON_GPU
+    assert ran_cudnn(cudnn_calls, model.apply, variables, state, x)
     ref_state, ref_outputs = lstm_reference(
         params_from_variables(variables), x, [tuple(s) for s in state], seq_lengths=seq_lengths
     )
@@ -115,24 +127,25 @@ def test_gradients_equal_the_scans(cudnn_calls):
     with jax.default_matmul_precision("highest"):
         grads = jax.grad(lambda *a: loss("cudnn", *a), argnums=(0, 1, 2))(variables, state, x)
         expected = jax.grad(lambda *a: loss("scan", *a), argnums=(0, 1, 2))(variables, state, x)
-    assert cudnn_calls or ON_GPU
+    assert ran_cudnn(cudnn_calls, jax.grad(partial(loss, "cudnn")), variables, state, x)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_training_steps_with_dropout_equal_the_scans(cudnn_calls):
-    """Input dropout between layers keeps its masks: three steps of Adam with
+    """Input dropout between layers keeps its masks: three steps of SGD with
     lengths and one key for the batch (one per entry would vmap, which cuDNN's
-    call cannot), as on the scan."""
+    call cannot), as on the scan; the step runs its window in chunks of 4, so
+    the lengths it passes on can exceed a chunk's 4 steps."""
     x, seq_lengths = data(5)
     y = random_inputs(6, (BATCH, BANDS, TIME, UNITS))
     keys = jax.random.key(7)
-    step = make_train_step(masked_mean(lambda o, t: (o - t) ** 2))
+    step = make_train_step(masked_mean(lambda o, t: (o - t) ** 2), chunk_length=4)
     results = {}
     for implementation in ("cudnn", "scan"):
         model = BandedLSTM(UNITS, num_layers=2, dropout=0.3, implementation=implementation)
         params = init_model(model, x)["params"]
-        train_state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(0.01))
+        train_state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1))
         state, losses = None, []
         with jax.default_matmul_precision("highest"):
             for _ in range(3):
@@ -188,16 +201,35 @@ def test_cudnn_is_refused_without_a_gpu():
         BandedLSTM(UNITS, implementation="cudnn").apply(variables, None, x)
 
 
+def test_lengths_past_the_chunk_and_negative_ones_under_jit(cudnn_calls):
+    """Traced int32 lengths reach the layer unclipped: longer than the chunk
+    means every step, 0 or less none, as on the scan."""
+    x, _ = data(9)
+    lengths = np.array([[TIME + 5, 2**30], [-3, 0], [TIME, 1]], np.int32)
+    model = BandedLSTM(UNITS, implementation="cudnn")
+    variables = init_model(model, x)
+    state = random_state(model, BATCH, BANDS, seed=10)
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(model.apply)(variables, state, x, seq_lengths=lengths)
+        scan = BandedLSTM(UNITS, implementation="scan")
+        want = jax.jit(scan.apply)(variables, state, x, seq_lengths=lengths)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
 @gpu_only
 def test_on_the_gpu_chunked_equals_whole_to_rounding():
     x, seq_lengths = data(8)
-    model = BandedLSTM(UNITS, num_layers=2)
+    model = BandedLSTM(UNITS, num_layers=2, implementation="cudnn")
     variables = init_model(model, x)
     with jax.default_matmul_precision("highest"):
-        whole_state, whole = model.apply(variables, None, x)
-        state, first = model.apply(variables, None, x[:, :, :4])
-        state, second = model.apply(variables, state, x[:, :, 4:])
+        whole_state, whole = model.apply(variables, None, x, seq_lengths=seq_lengths)
+        state, first = model.apply(
+            variables, None, x[:, :, :4], seq_lengths=np.minimum(seq_lengths, 4)
+        )
+        state, second = model.apply(
+            variables, state, x[:, :, 4:], seq_lengths=np.maximum(seq_lengths - 4, 0)
+        )
     np.testing.assert_allclose(np.concatenate([first, second], axis=2), whole, atol=1e-5)
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(whole_state), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
-    del seq_lengths
