@@ -361,7 +361,7 @@ def test_bad_input_raises_before_the_kernel_runs():
 
 def test_kernel_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match="implementation"):
-        BandedLSTM(4, implementation="cudnn")
+        BandedLSTM(4, implementation="fused")
     jax.config.update("jax_enable_x64", True)
     try:
         model = BandedLSTM(4, implementation="kernel", param_dtype=jnp.float64)
