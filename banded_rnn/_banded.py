@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -12,7 +14,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from . import _cudnn, _kernel, _validate
-from ._cell import LayerWeights, lstm_gates
+from ._cell import LayerWeights, activation_fn, is_standard, lstm_gates
 from ._chunked import scan_chunks
 from ._init import unit_forget_bias
 from ._state import LSTMState, State, zero_state
@@ -28,14 +30,19 @@ class _LayerWeights(nn.Module):
     recurrent_kernel_init: Initializer
     unit_forget_bias: bool
     param_dtype: Any
+    use_bias: bool
 
     @nn.compact
     def __call__(self, features: int) -> LayerWeights:
+        """The weights, with zeros for the bias when ``use_bias`` is off (no
+        ``bias`` parameter then, as in ``keras.layers.LSTM(use_bias=False)``)."""
         gates = 4 * self.units
         kernel = self.param("kernel", self.kernel_init, (features, gates), self.param_dtype)
         recurrent_kernel = self.param(
             "recurrent_kernel", self.recurrent_kernel_init, (self.units, gates), self.param_dtype
         )
+        if not self.use_bias:
+            return kernel, recurrent_kernel, jnp.zeros((gates,), self.param_dtype)
         bias = self.param("bias", self._bias_init, (gates,), self.param_dtype)
         return kernel, recurrent_kernel, bias
 
@@ -57,24 +64,29 @@ round differently, and one formula per layer keeps chunked runs equal to whole
 runs bit for bit (benchmarks/NOTES.md, entries 3 and 12)."""
 
 
+Gates = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+"""``lstm_gates`` with the layer's activations bound."""
+
+
 def _time_step(
     project: Callable[[jax.Array, jax.Array], jax.Array],
     recurrent_mask: jax.Array | None,
+    gates: Gates,
     carry: tuple[jax.Array, jax.Array],
     xs: tuple[jax.Array, jax.Array | None],
 ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
-    """One time step for every (sequence, band) at once: ``[batch, bands, ...]``."""
+    """One time step for every (sequence, band) at once: ``[batch, bands, ...]``.
+    An invalid step leaves the state as it was and outputs its hidden state."""
     hidden, cell = carry
     inputs, valid = xs
     dropped = hidden if recurrent_mask is None else hidden * recurrent_mask
     preactivations = checkpoint_name(project(inputs, dropped), "preactivations")
-    new_hidden, new_cell = lstm_gates(preactivations, cell)
-    if valid is None:
-        return (new_hidden, new_cell), new_hidden
-    valid = valid[..., None]
-    new_hidden = jnp.where(valid, new_hidden, hidden)
-    new_cell = jnp.where(valid, new_cell, cell)
-    return (new_hidden, new_cell), jnp.where(valid, new_hidden, jnp.zeros_like(new_hidden))
+    new_hidden, new_cell = gates(preactivations, cell)
+    if valid is not None:
+        valid = valid[..., None]
+        new_hidden = jnp.where(valid, new_hidden, hidden)
+        new_cell = jnp.where(valid, new_cell, cell)
+    return (new_hidden, new_cell), new_hidden
 
 
 def _shard_like(state: jax.Array, inputs: jax.Array) -> jax.Array:
@@ -92,7 +104,7 @@ def _shard_like(state: jax.Array, inputs: jax.Array) -> jax.Array:
     return state + jnp.zeros_like(inputs[..., :1].sum(axis=0), dtype=state.dtype)
 
 
-def _scan_layer(weights, recurrent_mask, carry, xs, *, unroll):
+def _scan_layer(weights, recurrent_mask, carry, xs, *, unroll, gates=lstm_gates):
     """Scans one layer over ``xs = (inputs [time, batch, bands, features], valid
     [time, batch, bands] or None)`` from ``carry``.
 
@@ -121,14 +133,25 @@ def _scan_layer(weights, recurrent_mask, carry, xs, *, unroll):
     # the recomputation (benchmarks/NOTES.md, entry 8). No effect without
     # differentiation.
     step = jax.checkpoint(
-        partial(_time_step, project, recurrent_mask),
+        partial(_time_step, project, recurrent_mask, gates),
         policy=jax.checkpoint_policies.save_only_these_names("preactivations"),
         prevent_cse=False,  # the scan already keeps XLA from merging steps
     )
     return jax.lax.scan(step, carry, xs, unroll=unroll)
 
 
-def _run_layer(weights, recurrent_mask, carry, xs, *, unroll, remat_chunk, kernel, packed=None):
+def _run_layer(
+    weights,
+    recurrent_mask,
+    carry,
+    xs,
+    *,
+    unroll,
+    remat_chunk,
+    kernel,
+    packed=None,
+    gates=lstm_gates,
+):
     """One layer over ``xs``: on the native CPU kernel if ``kernel`` (reading
     ``packed`` weights if given), else ``_scan_layer``; optionally
     rematerialised in chunks of ``remat_chunk`` steps.
@@ -144,9 +167,10 @@ def _run_layer(weights, recurrent_mask, carry, xs, *, unroll, remat_chunk, kerne
     boundaries and recomputes each chunk, so a training step's memory no
     longer grows with ``time * 4 * units``.
     """
-    layer = (
-        partial(_kernel.run_layer, packed=packed) if kernel else partial(_scan_layer, unroll=unroll)
-    )
+    if kernel:
+        layer = partial(_kernel.run_layer, packed=packed)
+    else:
+        layer = partial(_scan_layer, unroll=unroll, gates=gates)
     if remat_chunk is None or xs[0].shape[0] <= remat_chunk:
         return layer(weights, recurrent_mask, carry, xs)
     run_chunk = jax.checkpoint(partial(layer, weights, recurrent_mask))
@@ -156,6 +180,50 @@ def _run_layer(weights, recurrent_mask, carry, xs, *, unroll, remat_chunk, kerne
 IMPLEMENTATIONS = ("auto", "kernel", "cudnn", "scan")
 """``BandedLSTM.implementation``'s values."""
 
+MERGE_MODES = ("concat", "sum", "mul", "ave")
+"""``BandedLSTM.merge_mode``'s values, Keras's ``Bidirectional`` merge modes."""
+
+_streaming: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "banded_rnn_streaming", default=None
+)
+
+
+@contextlib.contextmanager
+def forward_chunks(what: str) -> Iterator[None]:
+    """Marks the calls traced inside as one chunk of a sequence fed in time
+    order, each continuing the last one's state (``what`` names the caller, for
+    the error): a ``BandedLSTM`` that runs backwards refuses them, as its state
+    threads from a sequence's end."""
+    token = _streaming.set(what)
+    try:
+        yield
+    finally:
+        _streaming.reset(token)
+
+
+def _flip_time(x: jax.Array, lengths: jax.Array | None) -> jax.Array:
+    """``x [time, batch, bands, ...]`` reversed in time: each (sequence, band)'s
+    first ``lengths [batch, bands]`` steps reversed in place and the rest after
+    them (as flax's ``flip_sequences``), or the whole axis when ``lengths`` is
+    None. Its own inverse."""
+    time = x.shape[0]
+    if lengths is None or time == 0:
+        return jnp.flip(x, axis=0)
+    index = (jnp.arange(time - 1, -1, -1)[:, None, None] + lengths[None]) % time
+    index = index.reshape(index.shape + (1,) * (x.ndim - index.ndim))
+    return jnp.take_along_axis(x, index, axis=0)
+
+
+def _merge(mode: str, forward: jax.Array, backward: jax.Array) -> jax.Array:
+    """The two directions' outputs merged as Keras's ``Bidirectional`` does."""
+    if mode == "concat":
+        return jnp.concatenate([forward, backward], axis=-1)
+    if mode == "sum":
+        return forward + backward
+    if mode == "mul":
+        return forward * backward
+    return (forward + backward) / 2
+
 
 class BandedLSTM(nn.Module):
     """A stack of LSTM layers shared by every band, with explicit per-band state.
@@ -164,15 +232,30 @@ class BandedLSTM(nn.Module):
     same weights, and every (sequence, band) pair keeps its own state: bands
     never see each other. Per layer and time step, with
     ``z = x_t @ kernel + h @ recurrent_kernel + bias`` split into the gates
-    ``i, f, g, o``::
+    ``i, f, g, o``, ``act = activation`` and ``rec = recurrent_activation``
+    (by default tanh and sigmoid)::
 
-        c' = sigmoid(f) * c + sigmoid(i) * tanh(g)
-        h' = sigmoid(o) * tanh(c')
+        c' = rec(f) * c + rec(i) * act(g)
+        h' = rec(o) * act(c')
 
-    exactly as ``keras.layers.LSTM`` (sigmoid and tanh activations), with its
-    parameter layout per layer: ``kernel [features, 4 * units]``,
-    ``recurrent_kernel [units, 4 * units]``, ``bias [4 * units]``, stored under
+    exactly as ``keras.layers.LSTM``, with its parameter layout per layer:
+    ``kernel [features, 4 * units]``, ``recurrent_kernel [units, 4 * units]``,
+    ``bias [4 * units]`` (absent with ``use_bias=False``), stored under
     ``params/layer_{i}``. Layer ``i + 1`` reads the hidden outputs of layer ``i``.
+
+    Directions: ``reverse=True`` runs every layer from the last step to the
+    first (flax ``nn.RNN(reverse=True)``, Keras ``go_backwards``).
+    ``bidirectional=True`` runs each layer both ways, the backward direction's
+    weights under ``params/layer_{i}_reverse``, and merges the two outputs
+    (``merge_mode``) into the next layer's inputs and the outputs, as
+    ``torch.nn.LSTM(bidirectional=True)`` (which concatenates) and Keras's
+    ``Bidirectional`` do. A backward direction's state threads from the end:
+    the state it takes is the one after the steps that follow the call's
+    inputs, and its final state is the one after the call's first step. So a
+    reversed stack fed a sequence in chunks from the last chunk to the first
+    equals the whole call; a bidirectional one needs the whole sequence in
+    one call, and ``Stream`` and the training step's ``chunk_length``, which
+    feed chunks in time order, refuse both.
 
     The state goes in first and comes out first, like ``jax.lax.scan``:
     feeding a sequence whole, or in consecutive chunks while passing each
@@ -207,6 +290,37 @@ class BandedLSTM(nn.Module):
       recurrent_kernel_init: the recurrent weights' initialiser; Keras's
         default, orthogonal.
       param_dtype: dtype of the parameters.
+      use_bias: whether each layer has a ``bias``; without it, none is created
+        (Keras's ``use_bias=False``).
+      activation: the cell's activation ``act`` (Keras's ``activation``, flax's
+        ``activation_fn``): a name of ``keras.activations`` (``"tanh"``,
+        ``"relu"``, ``"hard_sigmoid"``, ... with Keras 3's definitions) or any
+        function of one array.
+      recurrent_activation: the gates' activation ``rec`` (Keras's
+        ``recurrent_activation``, flax's ``gate_fn``), named or a function.
+        The fused paths (the kernel, cuDNN) run tanh and sigmoid only; other
+        activations run on the scan, which ``"auto"`` chooses.
+      reverse: run the sequence from its last step to its first. With
+        ``seq_lengths``, each sequence's valid steps are reversed in place and
+        its padding stays at the end (flax's ``flip_sequences``); otherwise,
+        and with a ``mask``, the whole time axis is (Keras's ``go_backwards``).
+      keep_order: with ``reverse``, return the outputs in the order of the
+        inputs; without it (the default, as flax and Keras), in the order they
+        were computed, i.e. reversed.
+      bidirectional: run every layer forwards and backwards (see above). The
+        state is then a tuple of ``2 * num_layers`` LSTMState, ordered as
+        PyTorch's ``h_n``: layer 0 forward, layer 0 backward, layer 1 forward, ...
+      merge_mode: how a bidirectional layer merges its directions' outputs
+        (each in input order): ``"concat"`` (outputs ``2 * units`` wide, the
+        forward half first), ``"sum"``, ``"mul"`` or ``"ave"``.
+      zero_output_for_mask: a step that ``seq_lengths`` or ``mask`` leaves out
+        outputs zeros if True (the default); if False it repeats the last
+        valid step's output (the initial hidden state before any), as
+        ``keras.layers.LSTM``'s default does. Its state is left as it was either way.
+      time_major: inputs and outputs are ``[time, batch, bands, ...]`` instead
+        of ``[batch, bands, time, ...]`` (flax's and PyTorch's time-major
+        layout); masks, lengths and the state keep theirs. Free under
+        ``jax.jit``: the stack runs time-major inside.
       implementation: how the recurrence runs. ``"kernel"``: the native CPU
         kernel (``csrc/``, one custom call per layer and chunk, rows split
         over threads), float32 on CPU only. ``"cudnn"``: cuDNN's fused LSTM
@@ -218,7 +332,8 @@ class BandedLSTM(nn.Module):
         yet run on a GPU by this project's tests, so opt-in. ``"scan"``: a
         ``jax.lax.scan`` that XLA compiles, for every platform and dtype.
         ``"auto"`` (the default): the kernel where it applies (float32
-        arithmetic, CPU backend, extension built), else the scan. The kernel
+        arithmetic, CPU backend, extension built, tanh and sigmoid), else the
+        scan. The kernel
         and the scan give the same results to float32 rounding; cuDNN does
         where ``jax_default_matmul_precision`` is ``"highest"`` or
         ``"float32"``, and otherwise runs TF32 (``"bfloat16"`` is refused by
@@ -240,6 +355,15 @@ class BandedLSTM(nn.Module):
     recurrent_kernel_init: Initializer = nn.initializers.orthogonal()
     param_dtype: Any = jnp.float32
     implementation: str = "auto"
+    use_bias: bool = True
+    activation: str | Callable[[jax.Array], jax.Array] = "tanh"
+    recurrent_activation: str | Callable[[jax.Array], jax.Array] = "sigmoid"
+    reverse: bool = False
+    keep_order: bool = False
+    bidirectional: bool = False
+    merge_mode: str = "concat"
+    zero_output_for_mask: bool = True
+    time_major: bool = False
 
     def __post_init__(self) -> None:
         if self.implementation not in IMPLEMENTATIONS:
@@ -247,18 +371,43 @@ class BandedLSTM(nn.Module):
                 f"implementation: expected one of {IMPLEMENTATIONS}; "
                 f"received {self.implementation!r}"
             )
+        if self.merge_mode not in MERGE_MODES:
+            raise ValueError(
+                f"merge_mode: expected one of {MERGE_MODES}; received {self.merge_mode!r}"
+            )
         for name in ("units", "num_layers", "unroll"):
             _validate.positive_int(getattr(self, name), name)
         _validate.positive_int(self.remat_chunk, "remat_chunk", optional=True)
         for name in ("dropout", "recurrent_dropout"):
             _validate.rate(getattr(self, name), name)
+        activation_fn(self.activation, "activation")
+        activation_fn(self.recurrent_activation, "recurrent_activation")
+        if self.bidirectional and self.reverse:
+            raise ValueError(
+                "reverse: a bidirectional stack runs both directions already; "
+                "give bidirectional=True or reverse=True, not both"
+            )
         super().__post_init__()
 
+    @property
+    def num_directions(self) -> int:
+        """2 for a bidirectional stack, else 1."""
+        return 2 if self.bidirectional else 1
+
+    @property
+    def output_units(self) -> int:
+        """The width of the outputs: ``2 * units`` for a bidirectional stack
+        concatenating its directions, else ``units``."""
+        return 2 * self.units if self.bidirectional and self.merge_mode == "concat" else self.units
+
     def initial_state(self, batch_size: int, num_bands: int, dtype: Any = jnp.float32) -> State:
-        """Zeros for every layer: a tuple of ``num_layers`` LSTMState, each field
-        ``[batch_size, num_bands, units]``, every field its own buffer (so the
-        state can be donated). Needs no parameters."""
-        return zero_state(self.num_layers, (batch_size, num_bands, self.units), dtype)
+        """Zeros for every layer and direction: a tuple of ``num_layers *
+        num_directions`` LSTMState, each field ``[batch_size, num_bands,
+        units]``, every field its own buffer (so the state can be donated).
+        Needs no parameters."""
+        return zero_state(
+            self.num_layers * self.num_directions, (batch_size, num_bands, self.units), dtype
+        )
 
     @nn.compact
     def __call__(
@@ -273,48 +422,76 @@ class BandedLSTM(nn.Module):
         """Runs the stack over ``inputs`` from ``state``.
 
         Args:
-          state: a tuple of ``num_layers`` LSTMState, each field
-            ``[batch, bands, units]``; ``None`` starts from zeros.
-          inputs: ``[batch, bands, time, features]``, any floating dtype. The
-            state and the arithmetic are at least float32.
+          state: a tuple of ``num_layers * num_directions`` LSTMState, each
+            field ``[batch, bands, units]``; ``None`` starts from zeros.
+          inputs: ``[batch, bands, time, features]`` (``[time, batch, bands,
+            features]`` if ``time_major``), any floating dtype. The state and
+            the arithmetic are at least float32.
           seq_lengths: optional integers, ``[batch]`` or ``[batch, bands]``.
             Steps at or past a sequence's length leave its state unchanged and
-            output zeros, and what they hold never counts (a NaN there reaches
-            neither the outputs nor the gradients); lengths longer than ``time``
-            mean every step is valid,
+            output zeros (see ``zero_output_for_mask``), and what they hold
+            never counts (a NaN there reaches neither the outputs nor the
+            gradients); lengths longer than ``time`` mean every step is valid,
             also past int32 (they are clipped to ``time`` before the cast).
             Under ``jax.jit`` with 64-bit types off, JAX itself casts int64
             arguments to int32 (2**40 becomes 0) before the model sees them:
             pass int32 or uint32 lengths there.
           mask: optional booleans, ``[batch, time]`` or ``[batch, bands, time]``:
             a false step leaves that sequence's state unchanged and outputs
-            zeros, wherever it is. Give ``seq_lengths`` or ``mask``, not both.
+            zeros (see ``zero_output_for_mask``), wherever it is. Give
+            ``seq_lengths`` or ``mask``, not both.
           deterministic: if False, apply dropout with the ``'dropout'`` rng.
 
         Returns:
           ``(final_state, outputs)``: the state after each sequence's last
-          valid step, and the last layer's hidden outputs
-          ``[batch, bands, time, units]``.
+          valid step (for a backward direction, after its first), and the last
+          layer's hidden outputs ``[batch, bands, time, output_units]``.
         """
+        what = _streaming.get()
+        if what is not None and (self.reverse or self.bidirectional):
+            raise ValueError(
+                f"{what} feeds a sequence in chunks in time order, but this BandedLSTM runs "
+                f"{'both ways' if self.bidirectional else 'backwards'}: its backward state "
+                "threads from the sequence's end. Run it on whole sequences (one call "
+                "each), or a reversed stack on chunks from the last to the first"
+            )
         features = _validate.input_features(self.variables)  # None while initialising
         if features is None and not self.is_initializing():
             _validate.check_variables(self, self.variables)  # raises, naming what is missing
+        if self.time_major:
+            inputs = _validate.as_array(inputs, "inputs")
+            if inputs.ndim != 4:
+                raise ValueError(
+                    "inputs: with time_major=True, expected rank 4, [time, batch, bands, "
+                    f"features]; received shape {tuple(inputs.shape)}"
+                )
+            inputs = jnp.moveaxis(inputs, 0, 2)
         inputs = _validate.check_inputs(inputs, features=features)
         _validate.check_devices(variables=self.variables, state=state, inputs=inputs)
         batch, bands, time, features = inputs.shape
+        directions = (False, True) if self.bidirectional else (self.reverse,)
         if state is None:
             state = self.initial_state(batch, bands)
         else:
-            state = _validate.check_state(state, self.num_layers, (batch, bands, self.units))
-        valid = _valid_steps(seq_lengths, mask, batch, bands, time)
-        dropout_masks = self._dropout_masks(deterministic, (batch, bands), features)
+            state = _validate.check_state(
+                state, self.num_layers * len(directions), (batch, bands, self.units)
+            )
+        if seq_lengths is not None and mask is not None:
+            raise ValueError("seq_lengths, mask: give one or the other, not both")
+        lengths = None
+        if seq_lengths is not None:
+            lengths = _validate.check_seq_lengths(seq_lengths, batch, bands, time)
+        valid = _valid_steps(lengths, mask, batch, bands, time)
         dtype = _compute_dtype(inputs.dtype, self.param_dtype)
         kernel = self._uses_kernel(dtype)
         recurrent_dropout = not deterministic and self.recurrent_dropout > 0
         cudnn = not kernel and self._uses_cudnn(dtype, mask is not None, recurrent_dropout, time)
-        lengths = None
-        if cudnn and seq_lengths is not None:
-            lengths = _validate.check_seq_lengths(seq_lengths, batch, bands, time)
+        dropout_masks = self._dropout_masks(deterministic, (batch, bands), features)
+        gates = partial(
+            lstm_gates,
+            activation=activation_fn(self.activation),
+            recurrent_activation=activation_fn(self.recurrent_activation),
+        )
         layer_weights = partial(
             _LayerWeights,
             self.units,
@@ -322,6 +499,7 @@ class BandedLSTM(nn.Module):
             self.recurrent_kernel_init,
             self.unit_forget_bias,
             self.param_dtype,
+            self.use_bias,
         )
         # Time-major from here on, so that layers chain without transposes
         # (see _run_layer on the [batch, bands] axes).
@@ -331,31 +509,51 @@ class BandedLSTM(nn.Module):
             # a NaN there cannot reach the weights' gradient (0 * NaN).
             layer_inputs = jnp.where(valid[..., None], layer_inputs, jnp.zeros((), dtype))
         final_state = []
-        for layer, layer_state in enumerate(state):
-            weights = layer_weights(name=f"layer_{layer}")(layer_inputs.shape[-1])
-            weights = tuple(w.astype(dtype) for w in weights)
-            input_mask, recurrent_mask = dropout_masks[layer]
-            if input_mask is not None:
-                layer_inputs = layer_inputs * input_mask.astype(dtype)[None]
-            carry = tuple(_shard_like(c.astype(dtype), layer_inputs) for c in layer_state)
-            if cudnn:
-                (hidden, cell), layer_inputs = _cudnn.run_layer(
-                    weights, carry, layer_inputs, lengths
-                )
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction, backward in enumerate(directions):
+                index = layer * len(directions) + direction
+                suffix = "_reverse" if direction else ""
+                weights = layer_weights(name=f"layer_{layer}{suffix}")(layer_inputs.shape[-1])
+                weights = tuple(w.astype(dtype) for w in weights)
+                input_mask, recurrent_mask = dropout_masks[index]
+                x = layer_inputs
+                if input_mask is not None:
+                    x = x * input_mask.astype(dtype)[None]
+                # A backward direction runs forwards over the reversed steps.
+                # Reversed in place within seq_lengths, the valid steps stay first.
+                steps = valid
+                if backward:
+                    x = _flip_time(x, lengths)
+                    if lengths is None and valid is not None:
+                        steps = valid[::-1]
+                carry = tuple(_shard_like(c.astype(dtype), x) for c in state[index])
+                if cudnn:
+                    (hidden, cell), y = _cudnn.run_layer(weights, carry, x, lengths)
+                else:
+                    (hidden, cell), y = _run_layer(
+                        weights,
+                        None if recurrent_mask is None else recurrent_mask.astype(dtype),
+                        carry,
+                        (x, steps),
+                        unroll=self.unroll,
+                        remat_chunk=self.remat_chunk,
+                        kernel=kernel,
+                        packed=(
+                            self._packed_weights(f"layer_{layer}{suffix}", weights)
+                            if kernel
+                            else None
+                        ),
+                        gates=gates,
+                    )
                 final_state.append(LSTMState(hidden, cell))
-                continue
-            (hidden, cell), layer_inputs = _run_layer(
-                weights,
-                None if recurrent_mask is None else recurrent_mask.astype(dtype),
-                carry,
-                (layer_inputs, valid),
-                unroll=self.unroll,
-                remat_chunk=self.remat_chunk,
-                kernel=kernel,
-                packed=self._packed_weights(f"layer_{layer}", weights) if kernel else None,
-            )
-            final_state.append(LSTMState(hidden, cell))
-        return tuple(final_state), jnp.moveaxis(layer_inputs, 0, 2)
+                if steps is not None and self.zero_output_for_mask:
+                    y = jnp.where(steps[..., None], y, jnp.zeros((), dtype))
+                if backward and (self.bidirectional or self.keep_order):
+                    y = _flip_time(y, lengths)
+                outputs.append(y)
+            layer_inputs = outputs[0] if len(outputs) == 1 else _merge(self.merge_mode, *outputs)
+        return tuple(final_state), jnp.moveaxis(layer_inputs, 0, 0 if self.time_major else 2)
 
     def _packed_weights(self, name: str, weights: tuple[jax.Array, ...]) -> jax.Array | None:
         """Layer ``name``'s forward weights packed ahead of time, or None.
@@ -382,12 +580,19 @@ class BandedLSTM(nn.Module):
         if self.implementation in ("scan", "cudnn") or _kernel.scan_forced():
             return False
         backend = jax.default_backend()
-        fits = jnp.dtype(dtype) == jnp.float32 and backend == "cpu"
+        standard = is_standard(self.activation, self.recurrent_activation)
+        fits = jnp.dtype(dtype) == jnp.float32 and backend == "cpu" and standard
         if self.implementation == "kernel":
             if not _kernel.available():
                 raise RuntimeError(
                     "implementation='kernel': the native CPU kernel is not built "
                     f"({_kernel.info()['error']}); use 'auto' or 'scan'"
+                )
+            if not standard:
+                raise ValueError(
+                    "implementation='kernel': the kernel runs the tanh and sigmoid "
+                    f"activations; this model has activation={self.activation!r}, "
+                    f"recurrent_activation={self.recurrent_activation!r} (use 'auto' or 'scan')"
                 )
             if not fits:
                 raise ValueError(
@@ -416,6 +621,9 @@ class BandedLSTM(nn.Module):
             "it draws its own dropout masks (recurrent_dropout in training)": recurrent_dropout,
             "it keeps its own residuals (remat_chunk)": self.remat_chunk is not None,
             "it needs at least one time step": time == 0,
+            "it runs the tanh and sigmoid activations only": not is_standard(
+                self.activation, self.recurrent_activation
+            ),
         }
         refused = [reason for reason, applies in reasons.items() if applies]
         if refused:
@@ -428,38 +636,39 @@ class BandedLSTM(nn.Module):
     def _dropout_masks(
         self, deterministic: bool, batch_bands: tuple[int, int], features: int
     ) -> list[tuple[jax.Array | None, jax.Array | None]]:
-        """One ``(input_mask, recurrent_mask)`` per layer, ``[batch, bands, size]``,
-        or Nones: the dropout masks, kept for every time step."""
+        """One ``(input_mask, recurrent_mask)`` per layer and direction (in the
+        state's order), ``[batch, bands, size]``, or Nones: the dropout masks,
+        kept for every time step; each direction draws its own."""
         rates = (self.dropout, self.recurrent_dropout)
+        count = self.num_layers * self.num_directions
         if deterministic or not any(rates):
-            return [(None, None)] * self.num_layers
+            return [(None, None)] * count
         if not self.has_rng("dropout"):
             raise ValueError(
                 "rngs: dropout is on (deterministic=False) but no 'dropout' rng was "
                 "given; pass rngs={'dropout': key} to apply"
             )
-        keys = jax.random.split(self.make_rng("dropout"), (self.num_layers, 2))
+        keys = jax.random.split(self.make_rng("dropout"), (count, 2))
         masks = []
-        for layer in range(self.num_layers):
-            sizes = (features if layer == 0 else self.units, self.units)
+        for index in range(count):
+            layer = index // self.num_directions
+            sizes = (features if layer == 0 else self.output_units, self.units)
             masks.append(
                 tuple(
                     jax.random.bernoulli(key, 1.0 - rate, (*batch_bands, size)) / (1.0 - rate)
                     if rate
                     else None
-                    for key, rate, size in zip(keys[layer], rates, sizes, strict=True)
+                    for key, rate, size in zip(keys[index], rates, sizes, strict=True)
                 )
             )
         return masks
 
 
-def _valid_steps(seq_lengths, mask, batch, bands, time) -> jax.Array | None:
+def _valid_steps(lengths, mask, batch, bands, time) -> jax.Array | None:
     """``[time, batch, bands]`` booleans, which steps update the state, from
-    ``seq_lengths`` or ``mask``; None when every step does."""
-    if seq_lengths is not None and mask is not None:
-        raise ValueError("seq_lengths, mask: give one or the other, not both")
-    if seq_lengths is not None:
-        lengths = _validate.check_seq_lengths(seq_lengths, batch, bands, time)
+    checked ``lengths`` (int32 ``[batch, bands]``) or ``mask``; None when every
+    step does."""
+    if lengths is not None:
         return jnp.arange(time)[:, None, None] < lengths[None]
     if mask is not None:
         return jnp.moveaxis(_validate.check_mask(mask, batch, bands, time), 2, 0)

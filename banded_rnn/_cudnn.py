@@ -65,7 +65,7 @@ def run_layer(
 
     Returns ``((hidden, cell), outputs [time, batch, bands, units])``: the
     state after each row's last valid step (its initial state for length 0),
-    and zeros past each row's length, as the scan gives them.
+    and past each row's length that state's hidden, as the scan gives them.
     """
     time, batch, bands, features = inputs.shape
     hidden, cell = carry
@@ -95,6 +95,6 @@ def run_layer(
     h_n = jnp.where(empty, hidden.reshape(rows, units), h_n[0])
     c_n = jnp.where(empty, cell.reshape(rows, units), c_n[0])
     valid = jnp.arange(time)[None, :, None] < lengths[:, None, None]
-    y = jnp.where(valid, y, jnp.zeros((), y.dtype))  # [rows, time, units]
+    y = jnp.where(valid, y, h_n[:, None, :])  # [rows, time, units]
     outputs = jnp.moveaxis(y.reshape(batch, bands, time, units), 2, 0)
     return (h_n.reshape(batch, bands, units), c_n.reshape(batch, bands, units)), outputs

@@ -377,9 +377,9 @@ def _split_over_rows(function, rows: PartitionSpec, explicit: bool):
 def run_layer(weights, recurrent_mask, carry, xs, packed=None):
     """``_scan_layer``'s contract on the kernel: one layer over ``xs = (inputs
     [time, batch, bands, features], valid [time, batch, bands] or None)`` from
-    ``carry = (h, c)``; returns ``((h, c), outputs)`` with the outputs zero at
-    invalid steps. ``packed``: the weights as :func:`pack_forward` lays them
-    out, or None."""
+    ``carry = (h, c)``; returns ``((h, c), outputs)``, an invalid step's output
+    being the hidden state it leaves unchanged. ``packed``: the weights as
+    :func:`pack_forward` lays them out, or None."""
     _require()
     inputs, valid = xs
     hidden, cell = carry
@@ -391,6 +391,4 @@ def run_layer(weights, recurrent_mask, carry, xs, packed=None):
     if split is not None:
         run = _split_over_rows(recurrence, *split)
     hs, cell = run(inputs, kernel, recurrent, bias, hidden, cell, valid, recurrent_mask, packed)
-    if valid is None:
-        return (hs[-1], cell), hs
-    return (hs[-1], cell), jnp.where(valid[..., None], hs, 0.0)
+    return (hs[-1], cell), hs

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from . import _kernel, _validate
-from ._banded import BandedLSTM
+from ._banded import BandedLSTM, forward_chunks
 from ._state import reset_state
 
 StepFn = Callable[..., tuple[Any, jax.Array]]
@@ -91,7 +91,8 @@ def stream_apply(
     keywords = _inference_keywords(model)
     if seq_lengths is not None:
         keywords["seq_lengths"] = seq_lengths
-    return model.apply(variables, state, chunk, **keywords)
+    with forward_chunks("a Stream"):
+        return model.apply(variables, state, chunk, **keywords)
 
 
 def _inference_keywords(model: nn.Module) -> dict[str, Any]:

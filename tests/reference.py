@@ -107,3 +107,116 @@ def two_in_series_reference(params, inputs, state=None):
     low, hidden = lstm_reference(low_params, inputs, state["low"])
     high, outputs = lstm_reference(high_params, _dense(params["mid"], hidden), state["high"])
     return {"low": low, "high": high}, outputs
+
+
+def directional_reference(
+    variables,
+    inputs,
+    *,
+    state=None,
+    seq_lengths=None,
+    mask=None,
+    reverse=False,
+    keep_order=False,
+    bidirectional=False,
+    merge="concat",
+    activation=np.tanh,
+    recurrent_activation=_sigmoid,
+    zero_output=True,
+):
+    """An LSTM stack with every option of ``BandedLSTM``, one (sequence, band)
+    and one direction at a time, in float64.
+
+    ``variables['params']`` holds ``layer_{i}`` (and ``layer_{i}_reverse`` when
+    ``bidirectional``), ``bias`` optional. ``state``: a list of ``(hidden,
+    cell)`` per layer and direction (layer 0 forward, layer 0 backward, ...).
+    A backward direction visits, with ``seq_lengths``, the steps ``len - 1 ...
+    0`` then the padding ``time - 1 ... len`` (flax's ``flip_sequences``);
+    otherwise ``time - 1 ... 0``, skipping masked steps. A skipped step outputs
+    zeros, or with ``zero_output=False`` the last output before it in visiting
+    order (the initial hidden state before any). Returns ``(final_state,
+    outputs)`` as lists per layer and direction, and ``[batch, bands, time, width]``.
+    """
+    params = variables["params"]
+    x = np.asarray(inputs, np.float64)
+    batch, bands, time, _ = x.shape
+    lengths = np.full((batch, bands), time)
+    if seq_lengths is not None:
+        lengths = np.broadcast_to(np.asarray(seq_lengths).reshape(batch, -1), (batch, bands))
+        lengths = np.minimum(lengths, time)
+    valid = np.ones((batch, bands, time), bool)
+    if mask is not None:
+        valid = np.broadcast_to(np.asarray(mask, bool).reshape(batch, -1, time), valid.shape)
+    directions = [False, True] if bidirectional else [reverse]
+    num_layers = sum(1 for name in params if not name.endswith("_reverse"))
+
+    def weights(name):
+        p = params[name]
+        kernel = np.asarray(p["kernel"], np.float64)
+        bias = np.asarray(p["bias"], np.float64) if "bias" in p else 0.0
+        return kernel, np.asarray(p["recurrent_kernel"], np.float64), bias
+
+    finals = {}
+    outputs = None
+    for b in range(batch):
+        for n in range(bands):
+            sequence = x[b, n]
+            length = lengths[b, n]
+            for layer in range(num_layers):
+                results = []
+                for d, backward in enumerate(directions):
+                    index = layer * len(directions) + d
+                    kernel, recurrent_kernel, bias = weights(
+                        f"layer_{layer}" + ("_reverse" if d else "")
+                    )
+                    units = recurrent_kernel.shape[0]
+                    if state is None:
+                        h, c = np.zeros(units), np.zeros(units)
+                    else:
+                        h = np.array(state[index][0][b, n], np.float64)
+                        c = np.array(state[index][1][b, n], np.float64)
+                    if not backward:
+                        order = list(range(time))
+                    elif seq_lengths is not None:
+                        order = list(range(length - 1, -1, -1)) + list(
+                            range(time - 1, length - 1, -1)
+                        )
+                    else:
+                        order = list(range(time - 1, -1, -1))
+                    visited = np.zeros((time, units))  # in visiting order
+                    for p, t in enumerate(order):
+                        if t < length and valid[b, n, t]:
+                            z = sequence[t] @ kernel + h @ recurrent_kernel + bias
+                            i = recurrent_activation(z[:units])
+                            f = recurrent_activation(z[units : 2 * units])
+                            g = activation(z[2 * units : 3 * units])
+                            o = recurrent_activation(z[3 * units :])
+                            c = f * c + i * g
+                            h = o * activation(c)
+                            visited[p] = h
+                        elif not zero_output:
+                            visited[p] = h
+                    finals.setdefault(index, [np.zeros((batch, bands, units)) for _ in range(2)])
+                    finals[index][0][b, n], finals[index][1][b, n] = h, c
+                    in_input_order = not backward or bidirectional or keep_order
+                    out = np.zeros((time, units))
+                    if in_input_order:
+                        out[order] = visited
+                    else:
+                        out = visited
+                    results.append(out)
+                if len(results) == 1:
+                    sequence = results[0]
+                elif merge == "concat":
+                    sequence = np.concatenate(results, axis=-1)
+                elif merge == "sum":
+                    sequence = results[0] + results[1]
+                elif merge == "mul":
+                    sequence = results[0] * results[1]
+                else:
+                    sequence = (results[0] + results[1]) / 2
+            if outputs is None:
+                outputs = np.zeros((batch, bands, time, sequence.shape[-1]))
+            outputs[b, n] = sequence
+    final = [tuple(finals[i]) for i in range(len(finals))]
+    return final, outputs

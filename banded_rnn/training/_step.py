@@ -17,6 +17,7 @@ from flax.training.train_state import TrainState
 from jax.sharding import Mesh
 
 from .. import _validate
+from .._banded import forward_chunks
 from .._chunked import scan_chunks
 from . import _mesh
 
@@ -94,10 +95,11 @@ def _run_window(
     if chunk_length is None or time <= chunk_length:
         (state, _), outputs = run((state, 0), (inputs, lengths.get("mask")))
         return state, outputs
-    if state is None:  # the model's zeros, as a concrete carry for the scan
-        first = (inputs[:, :, :1], None if mask is None else mask[:, :, :1])
-        state = _zeros_like_final_state(lambda p: run((None, 0), p)[0], first)
-    (state, _), outputs = scan_chunks(run, (state, 0), (inputs, mask), chunk_length, axis=2)
+    with forward_chunks(f"the training step's chunk_length={chunk_length}"):
+        if state is None:  # the model's zeros, as a concrete carry for the scan
+            first = (inputs[:, :, :1], None if mask is None else mask[:, :, :1])
+            state = _zeros_like_final_state(lambda p: run((None, 0), p)[0], first)
+        (state, _), outputs = scan_chunks(run, (state, 0), (inputs, mask), chunk_length, axis=2)
     return state, outputs
 
 
