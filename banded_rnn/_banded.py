@@ -282,7 +282,9 @@ class BandedLSTM(nn.Module):
         step (variational dropout, as Keras does), so the same rng gives the
         same masks however the sequence is chunked.
       unit_forget_bias: start the forget gate's bias at one (Keras's default).
-      unroll: time steps per iteration of the scanned loop.
+      unroll: time steps per iteration of the scanned loop; ``True`` unrolls
+        every step of a call (Keras's ``unroll=True``: compiles longer, for
+        short sequences).
       remat_chunk: if set, rematerialise the recurrence in chunks of this many
         steps: the backward pass stores the state only at chunk boundaries and
         recomputes the rest, trading compute for memory on long sequences.
@@ -349,7 +351,7 @@ class BandedLSTM(nn.Module):
     dropout: float = 0.0
     recurrent_dropout: float = 0.0
     unit_forget_bias: bool = True
-    unroll: int = 1
+    unroll: int | bool = 1
     remat_chunk: int | None = None
     kernel_init: Initializer = nn.initializers.glorot_uniform()
     recurrent_kernel_init: Initializer = nn.initializers.orthogonal()
@@ -375,8 +377,10 @@ class BandedLSTM(nn.Module):
             raise ValueError(
                 f"merge_mode: expected one of {MERGE_MODES}; received {self.merge_mode!r}"
             )
-        for name in ("units", "num_layers", "unroll"):
+        for name in ("units", "num_layers"):
             _validate.positive_int(getattr(self, name), name)
+        if self.unroll is not True:
+            _validate.positive_int(self.unroll, "unroll")
         _validate.positive_int(self.remat_chunk, "remat_chunk", optional=True)
         for name in ("dropout", "recurrent_dropout"):
             _validate.rate(getattr(self, name), name)
@@ -396,8 +400,8 @@ class BandedLSTM(nn.Module):
 
     @property
     def output_units(self) -> int:
-        """The width of the outputs: ``2 * units`` for a bidirectional stack
-        concatenating its directions, else ``units``."""
+        """Width of the outputs, ``2 * units`` for a bidirectional stack that
+        concatenates its directions, else ``units``."""
         return 2 * self.units if self.bidirectional and self.merge_mode == "concat" else self.units
 
     def initial_state(self, batch_size: int, num_bands: int, dtype: Any = jnp.float32) -> State:

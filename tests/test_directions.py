@@ -264,9 +264,9 @@ def test_a_callable_activation_is_used_as_given(lstm):
 
 
 def test_named_activations_match_keras():
-    import interop  # noqa: F401  (sets the JAX backend before keras)
     import keras
 
+    import interop  # noqa: F401  (sets the JAX backend before keras)
     from banded_rnn._cell import ACTIVATIONS as OURS
 
     z = np.linspace(-6.0, 6.0, 97).astype(np.float32)
@@ -369,6 +369,7 @@ def test_the_training_steps_chunk_length_refuses_backward_directions():
     train_state = TrainState.create(
         apply_fn=model.apply, params=variables["params"], tx=optax.sgd(0.1)
     )
+
     def loss(outputs, targets):
         return jnp.mean((outputs - targets) ** 2)
 

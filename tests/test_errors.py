@@ -153,8 +153,11 @@ def test_a_bare_pair_for_one_layer_names_lstm_state_and_the_order():
 
 @pytest.mark.parametrize("field", ["units", "num_layers", "unroll", "remat_chunk"])
 def test_booleans_are_no_counts(field):
-    kwargs = {"units": 3, field: True}
-    with pytest.raises(ValueError, match=rf"{field}: expected .*an integer >= 1; received True"):
+    # unroll=True means every step (Keras's meaning); False is no count there either.
+    kwargs = {"units": 3, field: False if field == "unroll" else True}
+    with pytest.raises(
+        ValueError, match=rf"{field}: expected .*an integer >= 1; received {kwargs[field]}"
+    ):
         BandedLSTM(**kwargs)
 
 
