@@ -31,16 +31,22 @@ except ImportError as error:
 
 from ._convert import from_keras_lstm as from_keras_lstm
 from ._convert import from_torch_lstm as from_torch_lstm
+from ._convert import keras_lstm_options as keras_lstm_options
 from ._convert import to_keras_lstm as to_keras_lstm
 from ._convert import to_torch_lstm as to_torch_lstm
+from ._convert import torch_lstm_options as torch_lstm_options
 from ._layer import BandedLSTMLayer as BandedLSTMLayer
+from ._layer import Bidirectional as Bidirectional
 from ._layer import reset_states as reset_states
 
 __all__ = [
     "BandedLSTMLayer",
+    "Bidirectional",
     "from_keras_lstm",
     "from_torch_lstm",
+    "keras_lstm_options",
     "reset_states",
     "to_keras_lstm",
     "to_torch_lstm",
+    "torch_lstm_options",
 ]

@@ -5,51 +5,51 @@ All three use the gates ``i, f, g, o`` in that order. Keras stores a layer as
 ``bias [4 * units]``, exactly as ``BandedLSTM`` does; PyTorch stores the
 transposes, ``weight_ih_l{k} [4 * units, features]`` and ``weight_hh_l{k}
 [4 * units, units]``, and two biases that are always summed, ``bias_ih_l{k} +
-bias_hh_l{k}``.
+bias_hh_l{k}``. A backward direction is ``params/layer_{i}_reverse`` here, the
+``backward_layer`` of a Keras ``Bidirectional``, and the ``_reverse`` keys in
+PyTorch. A stack without biases has no ``bias`` here (``BandedLSTM(use_bias=
+False)``, Keras's ``use_bias=False``) and no ``bias_*`` keys in PyTorch
+(``bias=False``).
+
+The weights say how many layers and directions a stack has and whether it has
+biases, but not how it computes: ``keras_lstm_options`` and
+``torch_lstm_options`` give the ``BandedLSTM`` arguments that run the
+converted weights as the peer does.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
 import keras
 import numpy as np
 
-from banded_rnn._cell import LayerWeights
+from banded_rnn._cell import ACTIVATIONS
 
 _NAMES = ("kernel", "recurrent_kernel", "bias")
 _TORCH_KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)(_reverse)?$")
-_KERAS_OPTIONS = {
-    "activation": "tanh",
-    "recurrent_activation": "sigmoid",
-    "use_bias": True,
-    "go_backwards": False,
-}
-"""The ``keras.layers.LSTM`` options ``BandedLSTM`` implements, with the one value it supports."""
+_SUFFIXES = ("", "_reverse")
+"""Each direction's key suffix, here as in PyTorch: forward, then backward."""
+
+Weights = tuple[Any, ...]
+"""One direction of one layer: ``(kernel, recurrent_kernel, bias)``, or
+``(kernel, recurrent_kernel)`` without a bias."""
+
+Stack = list[tuple[Weights, ...]]
+"""Every layer, first layer first: its forward direction's weights and, in a
+bidirectional stack, its backward direction's."""
 
 
 # -- BandedLSTM variables -----------------------------------------------------------------
 
 
-def layer_weights(variables: Any, name: str = "variables") -> list[LayerWeights]:
-    """Checks ``{'params': {'layer_{i}': {kernel, recurrent_kernel, bias}}}`` and
-    returns its ``LayerWeights``, first layer first."""
-    params = _params_of(variables, name)
-    stack = [_layer_entry(params, i, name) for i in range(len(params))]
-    kernel_shape, recurrent_shape = np.shape(stack[0][0]), np.shape(stack[0][1])
-    units = recurrent_shape[0] if len(recurrent_shape) == 2 else 0
-    features = kernel_shape[0] if len(kernel_shape) == 2 else 0
-    for i, weights in enumerate(stack):
-        where = f"{name}['params']['layer_{i}']"
-        _check_layer_weights(weights, where, features if i == 0 else units, units)
-    return stack
-
-
-def _params_of(variables: Any, name: str) -> Mapping[str, Any]:
-    """``variables['params']``, with the keys ``layer_0 ... layer_{n - 1}``."""
+def stack_weights(variables: Any, name: str = "variables") -> Stack:
+    """Checks ``BandedLSTM`` variables and returns their weights per layer and
+    direction: ``{'params': {'layer_{i}': {'kernel', 'recurrent_kernel'[,
+    'bias']}[, 'layer_{i}_reverse': {...}]}}``."""
     if not isinstance(variables, Mapping) or not isinstance(variables.get("params"), Mapping):
         raise TypeError(
             f"{name}: expected BandedLSTM variables, a mapping "
@@ -57,83 +57,179 @@ def _params_of(variables: Any, name: str) -> Mapping[str, Any]:
             f"received {type(variables).__name__}"
         )
     params = variables["params"]
-    if not params or sorted(params) != sorted(f"layer_{i}" for i in range(len(params))):
+    suffixes = _SUFFIXES if "layer_0_reverse" in params else _SUFFIXES[:1]
+    num_layers = len(params) // len(suffixes)
+    keys = [[f"layer_{i}{suffix}" for suffix in suffixes] for i in range(num_layers)]
+    if not params or sorted(params) != sorted(key for layer in keys for key in layer):
         raise ValueError(
-            f"{name}['params']: expected the keys layer_0 ... layer_{{n - 1}}; "
+            f"{name}['params']: expected the keys layer_0 ... layer_{{n - 1}}, and "
+            f"layer_{{i}}_reverse for every layer of a bidirectional stack; "
             f"received {sorted(params)}"
         )
-    return params
+    names = (
+        _NAMES
+        if isinstance(params["layer_0"], Mapping) and "bias" in params["layer_0"]
+        else _NAMES[:2]
+    )
+    stack = [
+        tuple(_entry(params[key], names, f"{name}['params']['{key}']") for key in layer)
+        for layer in keys
+    ]
+
+    def where(i: int, direction: int, weight: str) -> str:
+        return f"{name}['params']['{keys[i][direction]}']['{weight}']"
+
+    return check_stack(stack, name, where)
 
 
-def _layer_entry(params: Mapping[str, Any], i: int, name: str) -> LayerWeights:
-    """The ``LayerWeights`` under ``params['layer_{i}']``, which must hold exactly their keys."""
-    layer = params[f"layer_{i}"]
-    if not isinstance(layer, Mapping) or sorted(layer) != sorted(_NAMES):
+def _entry(layer: Any, names: Sequence[str], where: str) -> Weights:
+    """The weights under one ``params`` key, which must hold exactly ``names``
+    (those of ``layer_0``: every layer has a bias, or none has)."""
+    if not isinstance(layer, Mapping) or sorted(layer) != sorted(names):
         received = sorted(layer) if isinstance(layer, Mapping) else type(layer).__name__
         raise ValueError(
-            f"{name}['params']['layer_{i}']: expected the keys {list(_NAMES)}; received {received}"
+            f"{where}: expected the keys {list(names)}, as layer_0 has (every layer has a "
+            f"bias or none has); received {received}"
         )
-    return tuple(layer[n] for n in _NAMES)
+    return tuple(layer[n] for n in names)
 
 
-def _check_layer_weights(weights: LayerWeights, where: str, features: int, units: int) -> None:
-    """Shapes ``[features, 4u]``, ``[u, 4u]``, ``[4u]`` and floating dtypes."""
-    expected = ((features, 4 * units), (units, 4 * units), (4 * units,))
-    for n, value, shape in zip(_NAMES, weights, expected, strict=True):
-        if tuple(np.shape(value)) != shape or units < 1:
+def check_stack(stack: Stack, name: str, where: Callable[[int, int, str], str]) -> Stack:
+    """Checks what ``BandedLSTM`` needs of a stack's weights: one ``units`` and
+    one number of directions for every layer, a bias in every direction or in
+    none, floating dtypes, and each layer reading its predecessor's output
+    (``units`` wide; for a bidirectional stack also ``2 * units``, the
+    directions concatenated). ``where(layer, direction, weight)`` names a
+    weight in the errors."""
+    units = np.shape(stack[0][0][1])[0] if np.ndim(stack[0][0][1]) == 2 else 0
+    features = np.shape(stack[0][0][0])[0] if np.ndim(stack[0][0][0]) == 2 else 0
+    directions, has_bias = len(stack[0]), len(stack[0][0]) == 3
+    widths = (units, 2 * units) if directions == 2 else (units,)
+    for i, layer in enumerate(stack):
+        if len(layer) != directions:
             raise ValueError(
-                f"{where}['{n}']: expected shape {shape} (kernel [features, 4 * units], "
-                "recurrent_kernel [units, 4 * units], bias [4 * units]); "
-                f"received {tuple(np.shape(value))}"
+                f"{name}: every layer must have the same directions, as BandedLSTM has one "
+                f"`bidirectional`; layer 0 has {directions}, layer {i} has {len(layer)}"
             )
-        dtype = getattr(value, "dtype", None) or np.asarray(value).dtype
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise TypeError(f"{where}['{n}']: expected a floating dtype; received {dtype}")
+        for d, weights in enumerate(layer):
+            if len(weights) != len(stack[0][0]):
+                raise ValueError(
+                    f"{name}: every layer must have a bias or none must, as BandedLSTM has "
+                    f"one `use_bias`; layer 0 has {'one' if has_bias else 'none'}, "
+                    f"layer {i} {'has none' if has_bias else 'has one'}"
+                )
+            recurrent = np.shape(weights[1])
+            if units < 1 or recurrent != (units, 4 * units):
+                raise ValueError(
+                    f"{name}: every layer must have the same units, as BandedLSTM has one "
+                    f"`units`; {where(0, 0, 'recurrent_kernel')} has shape "
+                    f"{np.shape(stack[0][0][1])}, {where(i, d, 'recurrent_kernel')} has "
+                    f"{recurrent} (expected [units, 4 * units])"
+                )
+            kernel = np.shape(weights[0])
+            inputs = features if i == 0 else np.shape(stack[1][0][0])[0]
+            if i > 0 and inputs not in widths:
+                raise ValueError(
+                    f"{where(i, d, 'kernel')}: layer {i} reads the outputs of layer "
+                    f"{i - 1}, so expected {' or '.join(str(w) for w in widths)} input "
+                    f"features; received shape {kernel}"
+                )
+            if kernel != (inputs, 4 * units):
+                raise ValueError(
+                    f"{where(i, d, 'kernel')}: expected shape {(inputs, 4 * units)} (kernel "
+                    f"[features, 4 * units], as layer {i}'s other weights); received {kernel}"
+                )
+            if has_bias and np.shape(weights[2]) != (4 * units,):
+                raise ValueError(
+                    f"{where(i, d, 'bias')}: expected shape {(4 * units,)}; "
+                    f"received {np.shape(weights[2])}"
+                )
+            for weight, value in zip(_NAMES, weights, strict=False):
+                dtype = getattr(value, "dtype", None) or np.asarray(value).dtype
+                if not jnp.issubdtype(dtype, jnp.floating):
+                    raise TypeError(
+                        f"{where(i, d, weight)}: expected a floating dtype; received {dtype}"
+                    )
+    return stack
 
 
-def make_variables(stack: Sequence[LayerWeights]) -> dict[str, Any]:
-    """``BandedLSTM`` variables from the ``LayerWeights`` of every layer, first layer first."""
+def make_variables(stack: Stack) -> dict[str, Any]:
+    """``BandedLSTM`` variables from a stack's weights."""
     return {
         "params": {
-            f"layer_{i}": {n: jnp.asarray(value) for n, value in zip(_NAMES, weights, strict=True)}
-            for i, weights in enumerate(stack)
+            f"layer_{i}{suffix}": {
+                n: jnp.asarray(value) for n, value in zip(_NAMES, weights, strict=False)
+            }
+            for i, layer in enumerate(stack)
+            for suffix, weights in zip(_SUFFIXES, layer, strict=False)
         }
     }
-
-
-def _check_stack(stack: list[LayerWeights], name: str) -> list[LayerWeights]:
-    """Checks that the layers share ``units`` and that each reads the last's output."""
-    units = np.shape(stack[0][1])[0]
-    for i, (kernel, recurrent_kernel, _) in enumerate(stack):
-        if np.shape(recurrent_kernel)[0] != units:
-            raise ValueError(
-                f"{name}: every layer must have the same units, as BandedLSTM has one "
-                f"`units`; layer 0 has {units}, layer {i} has {np.shape(recurrent_kernel)[0]}"
-            )
-        if i > 0 and np.shape(kernel)[0] != units:
-            raise ValueError(
-                f"{name}: layer {i} must read the {units} outputs of layer {i - 1}; "
-                f"its kernel has {np.shape(kernel)[0]} input features"
-            )
-    return stack
 
 
 # -- Keras ----------------------------------------------------------------------------------
 
 
-def from_keras_lstm(layer_or_layers: Any) -> dict[str, Any]:
-    """``BandedLSTM`` variables from one built ``keras.layers.LSTM``, or a list
-    of them for a stack (first layer first).
+def _keras_entries(layer_or_layers: Any) -> tuple[list[Any], list[str], bool]:
+    """The Keras layers of a stack, their names for errors, and whether they are
+    ``Bidirectional``; every one built, all ``LSTM`` or all ``Bidirectional(LSTM)``."""
+    many = isinstance(layer_or_layers, (list, tuple))
+    layers = list(layer_or_layers) if many else [layer_or_layers]
+    if not layers:
+        raise ValueError(
+            "layer_or_layers: expected at least one keras.layers.LSTM or "
+            "keras.layers.Bidirectional(LSTM); received []"
+        )
+    names = [f"layer_or_layers[{i}]" if many else "layer_or_layers" for i in range(len(layers))]
+    kinds = []
+    for layer, where in zip(layers, names, strict=True):
+        bidirectional = isinstance(layer, keras.layers.Bidirectional)
+        lstms = (layer.forward_layer, layer.backward_layer) if bidirectional else (layer,)
+        if not all(isinstance(lstm, keras.layers.LSTM) for lstm in lstms):
+            received = type(layer).__name__
+            if bidirectional:
+                received += f"({type(layer.forward_layer).__name__})"
+            raise TypeError(
+                f"{where}: expected a keras.layers.LSTM or a keras.layers.Bidirectional "
+                f"wrapping one (for a stack, a list of them); received {received}"
+            )
+        if not layer.built:
+            raise ValueError(f"{where}: the layer is not built; call it on an input or build it")
+        if bidirectional and (lstms[0].go_backwards or not lstms[1].go_backwards):
+            raise ValueError(
+                f"{where}: expected a Bidirectional whose forward_layer runs forwards and whose "
+                "backward_layer runs backwards (go_backwards False, True); received "
+                f"{lstms[0].go_backwards}, {lstms[1].go_backwards}"
+            )
+        kinds.append(bidirectional)
+    if len(set(kinds)) > 1:
+        raise ValueError(
+            "layer_or_layers: expected a stack of LSTM layers or one of Bidirectional(LSTM) "
+            "layers, as BandedLSTM has one `bidirectional`; received both"
+        )
+    return layers, names, kinds[0]
 
-    The result runs every band through the same maths as the Keras layer(s):
-    ``BandedLSTM(units, num_layers=len(layers)).apply(variables, None, x)`` on
-    ``x [batch, bands, time, features]`` equals the Keras stack on each
-    ``x[:, band]``. Only the Keras defaults the core implements are accepted:
-    ``activation='tanh'``, ``recurrent_activation='sigmoid'``,
-    ``use_bias=True``, ``go_backwards=False``.
+
+def _keras_directions(layer: Any) -> tuple[Any, ...]:
+    """The ``keras.layers.LSTM`` of each direction of a checked layer."""
+    if isinstance(layer, keras.layers.Bidirectional):
+        return layer.forward_layer, layer.backward_layer
+    return (layer,)
+
+
+def from_keras_lstm(layer_or_layers: Any) -> dict[str, Any]:
+    """``BandedLSTM`` variables from one built ``keras.layers.LSTM`` or
+    ``keras.layers.Bidirectional(LSTM)``, or a list of them for a stack (first
+    layer first; all LSTM or all Bidirectional).
+
+    ``BandedLSTM(**keras_lstm_options(layer_or_layers)).apply(variables, None,
+    x)`` on ``x [batch, bands, time, features]`` then equals the Keras stack
+    on each ``x[:, band]``: any activations, with or without biases, forwards,
+    backwards or both ways.
 
     Returns:
-      ``{'params': {'layer_{i}': {'kernel', 'recurrent_kernel', 'bias'}}}``.
+      ``{'params': {'layer_{i}': {'kernel', 'recurrent_kernel', 'bias'}}}``
+      (no ``bias`` with ``use_bias=False``; the backward layer of a
+      ``Bidirectional`` under ``layer_{i}_reverse``).
 
     >>> import keras, numpy as np
     >>> from banded_rnn import BandedLSTM
@@ -145,44 +241,109 @@ def from_keras_lstm(layer_or_layers: Any) -> dict[str, Any]:
     >>> bool(np.allclose(y[:, 1], band_1, atol=1e-5))
     True
     """
-    many = isinstance(layer_or_layers, (list, tuple))
-    lstms = list(layer_or_layers) if many else [layer_or_layers]
-    if not lstms:
-        raise ValueError("layer_or_layers: expected at least one keras.layers.LSTM; received []")
-    stack = [
-        _keras_layer_weights(lstm, f"layer_or_layers[{i}]" if many else "layer_or_layers")
-        for i, lstm in enumerate(lstms)
-    ]
-    return make_variables(_check_stack(stack, "layer_or_layers"))
-
-
-def _keras_layer_weights(lstm: Any, where: str) -> LayerWeights:
-    """The ``LayerWeights`` of one built ``keras.layers.LSTM`` with supported options."""
-    if not isinstance(lstm, keras.layers.LSTM):
-        raise TypeError(
-            f"{where}: expected a keras.layers.LSTM (for a stack, a list of them); "
-            f"received {type(lstm).__name__}"
-        )
-    if not lstm.built:
-        raise ValueError(f"{where}: the LSTM is not built; call it on an input or build it")
-    config = lstm.get_config()
-    for option, value in _KERAS_OPTIONS.items():
-        if config.get(option) != value:
-            raise ValueError(
-                f"{where}: expected {option}={value!r}, the only value BandedLSTM "
-                f"implements; received {config.get(option)!r}"
-            )
+    layers, names, _ = _keras_entries(layer_or_layers)
     # Not get_weights(): Keras 3.15's Variable.numpy() warns under NumPy 2.
-    return tuple(keras.ops.convert_to_numpy(w.value) for w in lstm.weights)
+    stack = [
+        tuple(
+            tuple(keras.ops.convert_to_numpy(w.value) for w in lstm.weights)
+            for lstm in _keras_directions(layer)
+        )
+        for layer in layers
+    ]
+
+    def where(i: int, direction: int, weight: str) -> str:
+        lstm = "backward_layer" if direction else "forward_layer"
+        return f"{names[i]}{'.' + lstm if len(stack[i]) == 2 else ''}.{weight}"
+
+    return make_variables(check_stack(stack, "layer_or_layers", where))
+
+
+_KERAS_SAME = (
+    "units",
+    "activation",
+    "recurrent_activation",
+    "use_bias",
+    "dropout",
+    "recurrent_dropout",
+    "go_backwards",
+    "zero_output_for_mask",
+)
+"""The ``keras.layers.LSTM`` settings every layer of a stack must share: one
+``BandedLSTM`` argument each."""
+
+
+def keras_lstm_options(layer_or_layers: Any) -> dict[str, Any]:
+    """The ``BandedLSTM`` arguments that compute as the Keras layer(s) do:
+    ``units``, ``num_layers``, ``activation``, ``recurrent_activation``,
+    ``use_bias``, ``dropout``, ``recurrent_dropout``, ``zero_output_for_mask``
+    and ``reverse`` (``go_backwards``) or ``bidirectional`` with
+    ``merge_mode``. An activation goes by its name where ``banded_rnn`` has
+    it, else as the Keras function.
+
+    ``layer_or_layers`` is what ``from_keras_lstm`` takes; every layer of a
+    stack must share those settings. ``merge_mode=None`` (a pair of outputs)
+    is a ``ValueError``: take ``"concat"`` and split the last axis in halves.
+
+    >>> import keras
+    >>> lstm = keras.layers.Bidirectional(keras.layers.LSTM(8, activation="relu"), merge_mode="sum")
+    >>> lstm.build((None, None, 4))
+    >>> options = keras_lstm_options(lstm)
+    >>> options["bidirectional"], options["merge_mode"], options["activation"]
+    (True, 'sum', 'relu')
+    """
+    layers, names, bidirectional = _keras_entries(layer_or_layers)
+    settings = []
+    for layer, where in zip(layers, names, strict=True):
+        lstm = _keras_directions(layer)[0]
+        config = {option: getattr(lstm, option) for option in _KERAS_SAME}
+        for option in ("activation", "recurrent_activation"):
+            config[option] = activation_name(config[option])
+        if bidirectional:
+            if layer.merge_mode is None:
+                raise ValueError(
+                    f"{where}: merge_mode=None returns the directions as a pair, which one "
+                    "BandedLSTM output cannot be; use merge_mode='concat' and split the last "
+                    "axis in halves"
+                )
+            config["merge_mode"] = layer.merge_mode
+        settings.append(config)
+    for i, config in enumerate(settings[1:], 1):
+        for option, value in config.items():
+            if value is not settings[0][option] and value != settings[0][option]:
+                raise ValueError(
+                    f"{names[i]}: every layer of a stack must have the same {option}, as "
+                    f"BandedLSTM has one; layer 0 has {settings[0][option]!r}, layer {i} has "
+                    f"{value!r}"
+                )
+    options = dict(settings[0], num_layers=len(layers))
+    go_backwards = options.pop("go_backwards")
+    if bidirectional:
+        options["bidirectional"] = True
+    else:
+        options["reverse"] = go_backwards
+    return options
+
+
+def activation_name(activation: Callable[..., Any]) -> Any:
+    """A Keras activation as ``BandedLSTM`` takes it: its name where the name is
+    one of ``banded_rnn``'s (the same function in JAX, and the native kernel
+    for tanh and sigmoid), else the Keras function itself."""
+    name = keras.activations.serialize(activation)
+    if isinstance(name, str) and name in ACTIVATIONS and keras.activations.get(name) is activation:
+        return name
+    return activation
 
 
 def to_keras_lstm(variables: Any) -> list[list[np.ndarray]]:
-    """The weight lists for ``keras.layers.LSTM``, one per layer of ``variables``.
+    """The weight lists of the Keras layers, one per layer of ``variables``: for
+    ``keras.layers.LSTM``, or for ``keras.layers.Bidirectional(LSTM)`` if the
+    stack is bidirectional (the forward layer's weights, then the backward
+    layer's, as ``Bidirectional.set_weights`` takes them).
 
     ``for lstm, weights in zip(lstms, to_keras_lstm(variables)):
-    lstm.set_weights(weights)`` gives each ``keras.layers.LSTM(units)`` (built
-    on the right number of features) exactly the weights of that layer. A
-    one-layer model gives a list of one list.
+    lstm.set_weights(weights)`` gives each Keras layer (with the same units and
+    ``use_bias``, built on the right number of features) exactly the weights
+    of that layer. A one-layer model gives a list of one list.
 
     >>> import jax, keras, numpy as np
     >>> from banded_rnn import BandedLSTM
@@ -191,7 +352,9 @@ def to_keras_lstm(variables: Any) -> list[list[np.ndarray]]:
     >>> lstm.build((None, None, 4))                    # [batch, time, features]
     >>> lstm.set_weights(to_keras_lstm(variables)[0])
     """
-    return [[np.asarray(w) for w in weights] for weights in layer_weights(variables)]
+    return [
+        [np.asarray(w) for weights in layer for w in weights] for layer in stack_weights(variables)
+    ]
 
 
 # -- PyTorch --------------------------------------------------------------------------------
@@ -208,121 +371,165 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def _torch_state_dict(state_dict: Any, name: str) -> Mapping[str, Any]:
+    """The mapping of a state dict, or of a module's ``state_dict()``."""
+    if not isinstance(state_dict, Mapping) and callable(getattr(state_dict, "state_dict", None)):
+        state_dict = state_dict.state_dict()
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"{name}: expected a mapping such as torch.nn.LSTM.state_dict(), or the LSTM; "
+            f"received {type(state_dict).__name__}"
+        )
+    return state_dict
+
+
 def from_torch_lstm(state_dict: Any) -> dict[str, Any]:
     """``BandedLSTM`` variables from a ``torch.nn.LSTM``'s ``state_dict()``.
+
+    ``BandedLSTM(**torch_lstm_options(state_dict)).apply(variables, None, x)``
+    on ``x [batch, bands, time, features]`` then equals the torch LSTM on each
+    ``x[:, band]`` (``batch_first=True``; the state is PyTorch's ``h_n`` and
+    ``c_n`` in the same order: layer 0 forward, layer 0 backward, layer 1 ...).
 
     Args:
       state_dict: a mapping with ``weight_ih_l{k} [4 * units, features]``,
         ``weight_hh_l{k} [4 * units, units]`` and, unless the LSTM was built
         with ``bias=False``, ``bias_ih_l{k}`` and ``bias_hh_l{k}`` ``[4 *
-        units]``, for ``k = 0 .. num_layers - 1``: torch tensors or NumPy
-        arrays. A ``torch.nn.LSTM`` itself is accepted too. Bidirectional
-        LSTMs (``*_reverse`` keys) and ``proj_size`` (``weight_hr_l{k}``) have
-        no counterpart in ``BandedLSTM`` and raise a ``ValueError``.
+        units]``, for ``k = 0 .. num_layers - 1``, and the same with
+        ``_reverse`` for a bidirectional LSTM: torch tensors or NumPy arrays.
+        A ``torch.nn.LSTM`` itself is accepted too. ``proj_size``
+        (``weight_hr_l{k}``) has no counterpart in ``BandedLSTM`` and raises a
+        ``ValueError``.
 
     Returns:
-      ``{'params': {'layer_{k}': {'kernel', 'recurrent_kernel', 'bias'}}}`` with
-      ``kernel = weight_ih.T``, ``recurrent_kernel = weight_hh.T`` and
-      ``bias = bias_ih + bias_hh``; ``batch_first`` does not matter, as
-      ``BandedLSTM`` always takes ``[batch, bands, time, features]``.
+      ``{'params': {'layer_{k}': {'kernel', 'recurrent_kernel', 'bias'}}}``
+      (and ``layer_{k}_reverse``) with ``kernel = weight_ih.T``,
+      ``recurrent_kernel = weight_hh.T`` and ``bias = bias_ih + bias_hh``
+      (no ``bias`` for ``bias=False``).
 
     >>> import numpy as np, torch
     >>> from banded_rnn import BandedLSTM
-    >>> lstm = torch.nn.LSTM(4, 8, num_layers=2, batch_first=True)
+    >>> lstm = torch.nn.LSTM(4, 8, num_layers=2, batch_first=True, bidirectional=True)
     >>> x = np.random.default_rng(0).standard_normal((2, 3, 5, 4)).astype("float32")
     >>> with torch.no_grad():
-    ...     band_0 = lstm(torch.from_numpy(x[:, 0]))[0].numpy()  # [batch, time, units]
-    >>> _, y = BandedLSTM(8, num_layers=2).apply(from_torch_lstm(lstm), None, x)
+    ...     band_0 = lstm(torch.from_numpy(x[:, 0]))[0].numpy()  # [batch, time, 2 * units]
+    >>> model = BandedLSTM(**torch_lstm_options(lstm))
+    >>> _, y = model.apply(from_torch_lstm(lstm), None, x)
     >>> bool(np.allclose(y[:, 0], band_0, atol=1e-5))
     True
     """
-    if not isinstance(state_dict, Mapping) and callable(getattr(state_dict, "state_dict", None)):
-        state_dict = state_dict.state_dict()
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(
-            f"state_dict: expected a mapping such as torch.nn.LSTM.state_dict(); "
-            f"received {type(state_dict).__name__}"
-        )
-    entries = _torch_layer_entries(state_dict)
-    stack = [_torch_layer_weights(entry, k) for k, entry in enumerate(entries)]
-    return make_variables(_check_stack(stack, "state_dict"))
+    state_dict = _torch_state_dict(state_dict, "state_dict")
+    stack = _torch_stack(state_dict)
+
+    def where(i: int, direction: int, weight: str) -> str:
+        key = {"kernel": "weight_ih", "recurrent_kernel": "weight_hh", "bias": "bias_ih"}[weight]
+        return f"state_dict['{key}_l{i}{_SUFFIXES[direction]}']"
+
+    return make_variables(check_stack(stack, "state_dict", where))
 
 
-def _torch_layer_entries(state_dict: Mapping[str, Any]) -> list[dict[str, np.ndarray]]:
-    """The arrays of ``state_dict`` per layer ``k``, ``{'weight_ih': ..., ...}``,
-    for layers ``0 .. n - 1``; options ``BandedLSTM`` lacks raise."""
-    entries: dict[int, dict[str, np.ndarray]] = {}
+def _torch_stack(state_dict: Mapping[str, Any]) -> Stack:
+    """The weights of every layer and direction of a torch state dict, in
+    ``BandedLSTM``'s layout; keys it cannot hold raise."""
+    entries: dict[tuple[int, int], dict[str, np.ndarray]] = {}
     for key, value in state_dict.items():
-        kind, layer = _parse_torch_key(str(key))
-        entries.setdefault(layer, {})[kind] = _to_numpy(value)
-    if not entries or sorted(entries) != list(range(len(entries))):
+        match = _TORCH_KEY.match(str(key))
+        if match is None:
+            raise ValueError(
+                f"state_dict: unexpected key {key!r}; expected weight_ih_l{{k}}, "
+                "weight_hh_l{k}, bias_ih_l{k}, bias_hh_l{k}, each optionally with _reverse"
+            )
+        kind, layer, reverse = match.groups()
+        if kind == "weight_hr":
+            raise ValueError(
+                f"state_dict: key {key!r} belongs to a torch.nn.LSTM with proj_size > 0; "
+                "BandedLSTM has no projection of the hidden state (proj_size=0)"
+            )
+        entries.setdefault((int(layer), int(bool(reverse))), {})[kind] = _to_numpy(value)
+    directions = 2 if any(d for _, d in entries) else 1
+    num_layers = len(entries) // directions
+    expected = [(k, d) for k in range(num_layers) for d in range(directions)]
+    if not entries or sorted(entries) != expected:
+        received = [f"l{k}{_SUFFIXES[d]}" for k, d in sorted(entries)]
         raise ValueError(
-            f"state_dict: expected layers l0 ... l{{n - 1}}; received {sorted(entries)}"
+            f"state_dict: expected layers l0 ... l{{n - 1}}, each with _reverse if any has "
+            f"(a bidirectional LSTM); received {received}"
         )
-    return [entries[k] for k in range(len(entries))]
+    return [
+        tuple(_torch_weights(entries[k, d], f"l{k}{_SUFFIXES[d]}") for d in range(directions))
+        for k in range(num_layers)
+    ]
 
 
-def _parse_torch_key(key: str) -> tuple[str, int]:
-    """``'weight_ih_l1'`` to ``('weight_ih', 1)``."""
-    match = _TORCH_KEY.match(key)
-    if match is None:
-        raise ValueError(
-            f"state_dict: unexpected key {key!r}; expected weight_ih_l{{k}}, "
-            "weight_hh_l{k}, bias_ih_l{k}, bias_hh_l{k}"
-        )
-    kind, layer, reverse = match.groups()
-    if reverse:
-        raise ValueError(
-            f"state_dict: key {key!r} belongs to a bidirectional torch.nn.LSTM; "
-            "BandedLSTM runs forwards only (bidirectional=False)"
-        )
-    if kind == "weight_hr":
-        raise ValueError(
-            f"state_dict: key {key!r} belongs to a torch.nn.LSTM with proj_size > 0; "
-            "BandedLSTM has no projection (proj_size=0)"
-        )
-    return kind, int(layer)
-
-
-def _torch_layer_weights(entry: Mapping[str, np.ndarray], k: int) -> LayerWeights:
-    """The ``LayerWeights`` of torch layer ``k``: the weights transposed, the biases summed."""
+def _torch_weights(entry: Mapping[str, np.ndarray], layer: str) -> Weights:
+    """One direction of one torch layer: the weights transposed, the biases summed."""
     for kind in ("weight_ih", "weight_hh"):
         if kind not in entry:
-            raise ValueError(f"state_dict: missing {kind}_l{k}")
+            raise ValueError(f"state_dict: missing {kind}_{layer}")
     weight_ih, weight_hh = entry["weight_ih"], entry["weight_hh"]
     if weight_hh.ndim != 2 or weight_hh.shape[0] != 4 * weight_hh.shape[1]:
         raise ValueError(
-            f"state_dict['weight_hh_l{k}']: expected shape [4 * units, units]; "
+            f"state_dict['weight_hh_{layer}']: expected shape [4 * units, units]; "
             f"received {weight_hh.shape}"
         )
     units = weight_hh.shape[1]
     if weight_ih.ndim != 2 or weight_ih.shape[0] != 4 * units:
         raise ValueError(
-            f"state_dict['weight_ih_l{k}']: expected shape [4 * units, features] = "
+            f"state_dict['weight_ih_{layer}']: expected shape [4 * units, features] = "
             f"({4 * units}, features); received {weight_ih.shape}"
         )
-    return weight_ih.T, weight_hh.T, _torch_bias(entry, k, units, weight_hh.dtype)
-
-
-def _torch_bias(entry: Mapping[str, np.ndarray], k: int, units: int, dtype: Any) -> np.ndarray:
-    """``bias_ih_l{k} + bias_hh_l{k}``, or zeros for ``bias=False``."""
     biases = [entry.get(kind) for kind in ("bias_ih", "bias_hh")]
     if sum(b is None for b in biases) == 1:
-        raise ValueError(f"state_dict: layer {k} has only one of bias_ih_l{k}, bias_hh_l{k}")
+        raise ValueError(
+            f"state_dict: layer {layer} has only one of bias_ih_{layer}, bias_hh_{layer}"
+        )
+    if biases[0] is None:
+        return weight_ih.T, weight_hh.T
     for kind, b in zip(("bias_ih", "bias_hh"), biases, strict=True):
-        if b is not None and b.shape != (4 * units,):
+        if b.shape != (4 * units,):
             raise ValueError(
-                f"state_dict['{kind}_l{k}']: expected shape ({4 * units},); received {b.shape}"
+                f"state_dict['{kind}_{layer}']: expected shape ({4 * units},); received {b.shape}"
             )
-    return np.zeros(4 * units, dtype) if biases[0] is None else biases[0] + biases[1]
+    return weight_ih.T, weight_hh.T, biases[0] + biases[1]
+
+
+def torch_lstm_options(lstm_or_state_dict: Any) -> dict[str, Any]:
+    """The ``BandedLSTM`` arguments that compute as a ``torch.nn.LSTM`` does:
+    ``units``, ``num_layers``, ``use_bias`` and ``bidirectional`` (its
+    directions concatenated, ``merge_mode='concat'``), from the LSTM or its
+    ``state_dict()``.
+
+    PyTorch's ``dropout`` is left out: it drops between layers, a fresh mask
+    per step, while ``BandedLSTM``'s drops each layer's inputs with one mask
+    per sequence (Keras's variational dropout). ``batch_first`` does not
+    matter, as ``BandedLSTM`` takes ``[batch, bands, time, features]`` (or
+    ``time_major=True``, ``[time, batch, bands, features]``).
+
+    >>> import torch
+    >>> torch_lstm_options(torch.nn.LSTM(4, 8, num_layers=2, bias=False, bidirectional=True))
+    {'units': 8, 'num_layers': 2, 'use_bias': False, 'bidirectional': True, 'merge_mode': 'concat'}
+    """
+    stack = stack_weights(from_torch_lstm(lstm_or_state_dict))
+    options = {
+        "units": int(np.shape(stack[0][0][1])[0]),
+        "num_layers": len(stack),
+        "use_bias": len(stack[0][0]) == 3,
+    }
+    if len(stack[0]) == 2:
+        options.update(bidirectional=True, merge_mode="concat")
+    return options
 
 
 def to_torch_lstm(variables: Any, tensors: bool = True) -> dict[str, Any]:
-    """A ``state_dict`` for ``torch.nn.LSTM(features, units, num_layers)``.
+    """A ``state_dict`` for ``torch.nn.LSTM(features, units, num_layers,
+    bias=use_bias, bidirectional=bidirectional)``.
 
     ``torch_lstm.load_state_dict(to_torch_lstm(variables))`` gives the torch
-    LSTM (``bias=True``, either ``batch_first``) the weights of every layer;
-    the whole bias goes to ``bias_ih_l{k}`` and ``bias_hh_l{k}`` is zero.
+    LSTM (either ``batch_first``) the weights of every layer and direction;
+    the whole bias goes to ``bias_ih_l{k}`` and ``bias_hh_l{k}`` is zero. A
+    bidirectional stack must concatenate its directions (PyTorch's only
+    merge): one whose later layers read ``units`` features (``merge_mode``
+    sum, mul or ave) is a ``ValueError``.
 
     Args:
       variables: ``BandedLSTM`` variables.
@@ -334,13 +541,24 @@ def to_torch_lstm(variables: Any, tensors: bool = True) -> dict[str, Any]:
     >>> torch.nn.LSTM(4, 8).load_state_dict(to_torch_lstm(variables))
     <All keys matched successfully>
     """
+    stack = stack_weights(variables)
+    units = np.shape(stack[0][0][1])[0]
+    if len(stack) > 1 and len(stack[0]) == 2 and np.shape(stack[1][0][0])[0] != 2 * units:
+        raise ValueError(
+            "variables: layer 1 of this bidirectional stack reads "
+            f"{np.shape(stack[1][0][0])[0]} features, the merged (summed, multiplied or "
+            f"averaged) directions; torch.nn.LSTM concatenates them ({2 * units} features), "
+            "so only a stack with merge_mode='concat' converts"
+        )
     state_dict = {}
-    for k, (kernel, recurrent_kernel, bias) in enumerate(layer_weights(variables)):
-        bias = np.asarray(bias)
-        state_dict[f"weight_ih_l{k}"] = np.ascontiguousarray(np.asarray(kernel).T)
-        state_dict[f"weight_hh_l{k}"] = np.ascontiguousarray(np.asarray(recurrent_kernel).T)
-        state_dict[f"bias_ih_l{k}"] = bias.copy()
-        state_dict[f"bias_hh_l{k}"] = np.zeros_like(bias)
+    for k, layer in enumerate(stack):
+        for suffix, weights in zip(_SUFFIXES, layer, strict=False):
+            state_dict[f"weight_ih_l{k}{suffix}"] = np.ascontiguousarray(np.asarray(weights[0]).T)
+            state_dict[f"weight_hh_l{k}{suffix}"] = np.ascontiguousarray(np.asarray(weights[1]).T)
+            if len(weights) == 3:
+                bias = np.asarray(weights[2])
+                state_dict[f"bias_ih_l{k}{suffix}"] = bias.copy()
+                state_dict[f"bias_hh_l{k}{suffix}"] = np.zeros_like(bias)
     if tensors:
         import torch
 

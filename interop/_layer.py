@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,7 +14,7 @@ from banded_rnn import BandedLSTM, LSTMState, State, _validate
 from banded_rnn._init import unit_forget_bias
 from banded_rnn._state import batch_mask, reset_state
 
-from ._convert import LayerWeights, layer_weights
+from ._convert import activation_name, stack_weights
 
 
 def _check_backend() -> None:
@@ -36,17 +37,31 @@ class _LayerVariables(keras.layers.Layer):
         self,
         features: int,
         units: int,
-        initializers: tuple[Any, Any, Any],
+        options: dict[str, tuple[Any, Any, Any]],
+        use_bias: bool,
         state_shape: tuple[int, int, int] | None,
     ) -> None:
-        kernel_init, recurrent_init, bias_init = initializers
-        self.kernel = self.add_weight(
-            shape=(features, 4 * units), initializer=kernel_init, name="kernel"
-        )
-        self.recurrent_kernel = self.add_weight(
-            shape=(units, 4 * units), initializer=recurrent_init, name="recurrent_kernel"
-        )
-        self.bias = self.add_weight(shape=(4 * units,), initializer=bias_init, name="bias")
+        """Adds the weights, each with its ``(initializer, regularizer,
+        constraint)`` from ``options`` (keyed ``kernel``, ``recurrent_kernel``,
+        ``bias``), no ``bias`` without ``use_bias``, and the state variables
+        when ``state_shape`` is given."""
+        shapes = {
+            "kernel": (features, 4 * units),
+            "recurrent_kernel": (units, 4 * units),
+            "bias": (4 * units,),
+        }
+        for name, shape in shapes.items():
+            initializer, regularizer, constraint = options[name]
+            weight = None
+            if name != "bias" or use_bias:
+                weight = self.add_weight(
+                    shape=shape,
+                    initializer=initializer,
+                    regularizer=regularizer,
+                    constraint=constraint,
+                    name=name,
+                )
+            setattr(self, name, weight)
         self.hidden = self.cell = None
         if state_shape is not None:
             self.hidden = self.add_weight(
@@ -58,8 +73,10 @@ class _LayerVariables(keras.layers.Layer):
         self.built = True
 
     @property
-    def weight_variables(self) -> LayerWeights:
-        return self.kernel, self.recurrent_kernel, self.bias
+    def weight_variables(self) -> dict[str, Any]:
+        """The weights by ``BandedLSTM``'s names; no ``bias`` without one."""
+        names = ("kernel", "recurrent_kernel", "bias")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     @property
     def state_variables(self) -> LSTMState:
@@ -97,8 +114,17 @@ class BandedLSTMLayer(keras.layers.Layer):
     features]`` has its own ``hidden`` and ``cell`` state; the weights are
     shared. Per stacked layer ``i`` the variables are ``layer_{i}/kernel
     [features, 4 * units]``, ``layer_{i}/recurrent_kernel [units, 4 * units]``
-    and ``layer_{i}/bias [4 * units]``, the layout and gate order (``i, f, g,
-    o``) of ``keras.layers.LSTM``.
+    and ``layer_{i}/bias [4 * units]`` (none with ``use_bias=False``), the
+    layout and gate order (``i, f, g, o``) of ``keras.layers.LSTM``.
+
+    It takes every argument of ``keras.layers.LSTM`` with Keras's meaning
+    (activations, ``use_bias``, initialisers, regularizers, constraints,
+    dropout, ``go_backwards``, ``stateful``, ``unroll``, ``use_cudnn``,
+    ``zero_output_for_mask``), and Keras's defaults except
+    ``return_sequences=True``: a banded layer usually feeds per-step heads.
+    ``interop.Bidirectional(BandedLSTMLayer(...))`` runs it both ways (Keras's
+    own ``Bidirectional`` reverses axis 1, the bands here, and is refused for
+    sequences).
 
     State: with ``stateful=True`` the state of every sequence and band is kept
     in non-trainable variables ``layer_{i}/hidden`` and ``layer_{i}/cell``,
@@ -120,9 +146,11 @@ class BandedLSTMLayer(keras.layers.Layer):
     Masks: a Keras mask (from ``keras.layers.Masking``, which gives ``[batch,
     bands, time]``, or ``mask=`` of shape ``[batch, time]`` or ``[batch, bands,
     time]``) is applied step by step, as ``keras.layers.LSTM`` does: a masked
-    step leaves that sequence's state unchanged and outputs zeros (Keras's
-    ``zero_output_for_mask=True``), wherever it is, and the next valid step
-    carries on from the frozen state.
+    step leaves that sequence's state unchanged, wherever it is, and the next
+    valid step carries on from the frozen state. It outputs the last valid
+    step's output (Keras's default ``zero_output_for_mask=False``) or zeros
+    (``zero_output_for_mask=True``). With ``return_sequences=False`` the output
+    is the last step's, as in Keras.
 
     Saving: models save and load as usual, the layer under the registered name
     ``interop>BandedLSTMLayer``. ``import interop`` before
@@ -131,8 +159,8 @@ class BandedLSTMLayer(keras.layers.Layer):
 
     The configuration ``BandedLSTM`` holds (``units``, ``num_layers``,
     ``dropout``, ``recurrent_dropout``, ``unit_forget_bias``, ``unroll``,
-    ``remat_chunk``) lives in ``layer.module`` only; the layer's attributes of
-    those names read it and cannot be assigned.
+    ``remat_chunk``, ``use_bias``) lives in ``layer.module`` only; the layer's
+    attributes of those names read it and cannot be assigned.
 
     >>> import numpy as np
     >>> layer = BandedLSTMLayer(8, num_layers=2)
@@ -143,23 +171,41 @@ class BandedLSTMLayer(keras.layers.Layer):
     Args:
       units: size of the state of every layer, and of the outputs.
       num_layers: number of stacked LSTM layers.
-      stateful: keep the final state of every sequence and band in variables
-        and start the next call from it.
-      return_sequences: output every step ``[batch, bands, time, units]``; if
-        False, the output at each sequence's last valid step,
-        ``[batch, bands, units]``.
-      return_state: also return the final state, a tuple of ``num_layers``
-        ``LSTMState``: the call returns ``(outputs, final_state)``.
+      activation: the cell's activation (Keras's ``activation``; ``None``
+        means linear).
+      recurrent_activation: the gates' activation. Other than tanh and
+        sigmoid, the layer runs on the XLA scan instead of the native kernel.
+      use_bias: whether each layer has a bias.
+      kernel_initializer, recurrent_initializer, bias_initializer: Keras
+        initialisers, with Keras's defaults.
+      unit_forget_bias: add one to the forget gate's initial bias, as Keras does.
+      kernel_regularizer, recurrent_regularizer, bias_regularizer: Keras
+        regularizers of every layer's weights (their losses are in
+        ``layer.losses``).
+      activity_regularizer: a regularizer of the outputs, as for any Keras layer.
+      kernel_constraint, recurrent_constraint, bias_constraint: Keras
+        constraints, applied by the optimiser after each update.
       dropout, recurrent_dropout: fractions of each layer's inputs and of its
         previous hidden state dropped in training (``training=True``); one mask
         per sequence and band for all steps, drawn from a Keras ``SeedGenerator``.
-      unit_forget_bias: start the forget gate's bias at one, as Keras does.
-      unroll: time steps per iteration of the scanned loop.
+      seed: seed of the dropout masks.
+      return_sequences: output every step ``[batch, bands, time, units]``; if
+        False, the last step's output ``[batch, bands, units]``.
+      return_state: also return the final state, a tuple of ``num_layers``
+        ``LSTMState``: the call returns ``(outputs, final_state)``.
+      go_backwards: run the sequence from its last step to its first and
+        return the outputs in that (reversed) order, as Keras does.
+      stateful: keep the final state of every sequence and band in variables
+        and start the next call from it.
+      unroll: ``True`` unrolls every step (Keras's meaning), ``False`` none; an
+        integer gives the steps per iteration of the scanned loop.
+      use_cudnn: ``"auto"`` (the default: the native kernel on CPU, the scan
+        elsewhere), ``True`` (cuDNN's fused LSTM, refused where it cannot
+        run) or ``False``.
+      zero_output_for_mask: masked steps output zeros instead of the last
+        valid output.
       remat_chunk: rematerialise the recurrence in chunks of this many steps in
         the backward pass (see ``BandedLSTM``).
-      kernel_initializer, recurrent_initializer, bias_initializer: Keras
-        initialisers, with Keras's defaults.
-      seed: seed of the dropout masks.
     """
 
     # The fields shared with BandedLSTM, declared once: read from self.module,
@@ -171,26 +217,45 @@ class BandedLSTMLayer(keras.layers.Layer):
     unit_forget_bias = _ModuleField()
     unroll = _ModuleField()
     remat_chunk = _ModuleField()
+    use_bias = _ModuleField()
 
     def __init__(
         self,
         units: int,
         num_layers: int = 1,
-        stateful: bool = False,
-        return_sequences: bool = True,
-        return_state: bool = False,
-        dropout: float = 0.0,
-        recurrent_dropout: float = 0.0,
-        unit_forget_bias: bool = True,
-        unroll: int = 1,
-        remat_chunk: int | None = None,
+        *,
+        activation: Any = "tanh",
+        recurrent_activation: Any = "sigmoid",
+        use_bias: bool = True,
         kernel_initializer: Any = "glorot_uniform",
         recurrent_initializer: Any = "orthogonal",
         bias_initializer: Any = "zeros",
+        unit_forget_bias: bool = True,
+        kernel_regularizer: Any = None,
+        recurrent_regularizer: Any = None,
+        bias_regularizer: Any = None,
+        activity_regularizer: Any = None,
+        kernel_constraint: Any = None,
+        recurrent_constraint: Any = None,
+        bias_constraint: Any = None,
+        dropout: float = 0.0,
+        recurrent_dropout: float = 0.0,
         seed: int | None = None,
+        return_sequences: bool = True,
+        return_state: bool = False,
+        go_backwards: bool = False,
+        stateful: bool = False,
+        unroll: bool | int = False,
+        use_cudnn: bool | str = "auto",
+        zero_output_for_mask: bool = False,
+        remat_chunk: int | None = None,
         **kwargs: Any,
     ) -> None:
         _check_backend()
+        if use_cudnn not in ("auto", True, False):
+            raise ValueError(f"use_cudnn: expected 'auto', True or False; received {use_cudnn!r}")
+        self.activation = keras.activations.get(activation)
+        self.recurrent_activation = keras.activations.get(recurrent_activation)
         # Validates units, num_layers, the rates, unroll and remat_chunk.
         module = BandedLSTM(
             units,
@@ -198,17 +263,30 @@ class BandedLSTMLayer(keras.layers.Layer):
             dropout=dropout,
             recurrent_dropout=recurrent_dropout,
             unit_forget_bias=bool(unit_forget_bias),
-            unroll=unroll,
+            unroll=1 if unroll is False else unroll,
             remat_chunk=remat_chunk,
+            use_bias=bool(use_bias),
+            activation=activation_name(self.activation),
+            recurrent_activation=activation_name(self.recurrent_activation),
+            reverse=bool(go_backwards),
+            zero_output_for_mask=bool(zero_output_for_mask),
+            implementation="cudnn" if use_cudnn is True else "auto",
         )
-        super().__init__(**kwargs)
+        super().__init__(activity_regularizer=activity_regularizer, **kwargs)
         self._module = module
         self.stateful = bool(stateful)
         self.return_sequences = bool(return_sequences)
         self.return_state = bool(return_state)
+        self.use_cudnn = use_cudnn
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.recurrent_initializer = keras.initializers.get(recurrent_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.recurrent_regularizer = keras.regularizers.get(recurrent_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.kernel_constraint = keras.constraints.get(kernel_constraint)
+        self.recurrent_constraint = keras.constraints.get(recurrent_constraint)
+        self.bias_constraint = keras.constraints.get(bias_constraint)
         self.seed = seed
         self.seed_generator = (
             keras.random.SeedGenerator(seed) if dropout or recurrent_dropout else None
@@ -222,6 +300,30 @@ class BandedLSTMLayer(keras.layers.Layer):
         """The ``banded_rnn.BandedLSTM`` this layer runs; ``layer.module.apply(
         layer.get_flax_variables(), state, x)`` computes what the layer does."""
         return self._module
+
+    @property
+    def go_backwards(self) -> bool:
+        """Whether the layer runs from the last step to the first (read-only)."""
+        return self._module.reverse
+
+    @property
+    def zero_output_for_mask(self) -> bool:
+        """Whether masked steps output zeros rather than the last valid output."""
+        return self._module.zero_output_for_mask
+
+    @zero_output_for_mask.setter
+    def zero_output_for_mask(self, value: bool) -> None:
+        # Settable, as on keras.layers.LSTM: Keras's Bidirectional sets it on
+        # the layers it wraps.
+        self._module = self._module.clone(zero_output_for_mask=bool(value))
+
+    @property
+    def states(self) -> list[Any] | None:
+        """The state variables of a built stateful layer, ``[hidden, cell]`` per
+        layer (as ``keras.layers.LSTM.states``); None otherwise."""
+        if not self.stateful or not self.built:
+            return None
+        return [v for layer in self._stack for v in layer.state_variables]
 
     # -- building ---------------------------------------------------------------
 
@@ -258,21 +360,29 @@ class BandedLSTMLayer(keras.layers.Layer):
         bias_init = self.bias_initializer
         if self.unit_forget_bias:
             bias_init = unit_forget_bias(self.units, bias_init)
-        initializers = (self.kernel_initializer, self.recurrent_initializer, bias_init)
+        options = {
+            "kernel": (self.kernel_initializer, self.kernel_regularizer, self.kernel_constraint),
+            "recurrent_kernel": (
+                self.recurrent_initializer,
+                self.recurrent_regularizer,
+                self.recurrent_constraint,
+            ),
+            "bias": (bias_init, self.bias_regularizer, self.bias_constraint),
+        }
         # Keras's initialisers (orthogonal) rely on implicit rank promotion;
         # allow it here so the layer builds under jax_numpy_rank_promotion="raise".
         with jax.numpy_rank_promotion("allow"):
             for i, variables in enumerate(self._stack):
                 features_in = features if i == 0 else self.units
-                variables.create(features_in, self.units, initializers, state_shape)
+                variables.create(features_in, self.units, options, self.use_bias, state_shape)
         self.built = True
 
     # -- weights ------------------------------------------------------------------
 
     def get_flax_variables(self) -> dict[str, Any]:
         """The weights as ``BandedLSTM`` variables, ``{'params': {'layer_{i}':
-        {'kernel', 'recurrent_kernel', 'bias'}}}``: copies of the current values
-        (the layer must be built)."""
+        {'kernel', 'recurrent_kernel', 'bias'}}}`` (no ``bias`` without one):
+        copies of the current values (the layer must be built)."""
         if not self.built:
             raise ValueError(
                 "get_flax_variables: the layer is not built; call it on an input first"
@@ -282,26 +392,39 @@ class BandedLSTMLayer(keras.layers.Layer):
 
     def _variables_from(self, read: Any) -> dict[str, Any]:
         """``BandedLSTM`` variables made of ``read(variable)`` for every weight."""
-        names = ("kernel", "recurrent_kernel", "bias")
         return {
             "params": {
-                f"layer_{i}": {
-                    name: read(v) for name, v in zip(names, layer.weight_variables, strict=True)
-                }
+                f"layer_{i}": {name: read(v) for name, v in layer.weight_variables.items()}
                 for i, layer in enumerate(self._stack)
             }
         }
 
     def set_flax_variables(self, variables: Any) -> None:
         """Assigns ``BandedLSTM`` variables (as ``get_flax_variables``, or
-        ``model.init`` of a ``BandedLSTM`` with the same units and layers) to
-        the weights. Everything is checked before anything is assigned. An
-        unbuilt, non-stateful layer is built for the kernel's features."""
-        stack = layer_weights(variables)
-        if len(stack) != self.num_layers or stack[0][1].shape[0] != self.units:
+        ``model.init`` of a ``BandedLSTM`` with the same units, layers and
+        ``use_bias``) to the weights. Everything is checked before anything is
+        assigned. An unbuilt, non-stateful layer is built for the kernel's
+        features."""
+        stack = stack_weights(variables)
+        units = stack[0][0][1].shape[0]
+        if len(stack[0]) == 2:
+            raise ValueError(
+                "variables: expected one direction per layer; received a bidirectional stack "
+                "(layer_{i}_reverse): give its layer_{i} to interop.Bidirectional's forward "
+                "layer and its layer_{i}_reverse to the backward layer"
+            )
+        stack = [layer for (layer,) in stack]
+        if len(stack) != self.num_layers or units != self.units:
             raise ValueError(
                 f"variables: expected {self.num_layers} layers of {self.units} units; received "
-                f"{len(stack)} layers of {stack[0][1].shape[0]} units"
+                f"{len(stack)} layers of {units} units"
+            )
+        has_bias = len(stack[0]) == 3
+        if has_bias != self.use_bias:
+            raise ValueError(
+                f"variables: the layer has use_bias={self.use_bias}, so expected "
+                f"{'a' if self.use_bias else 'no'} 'bias' in every layer; received "
+                f"{'one' if has_bias else 'none'}"
             )
         features = stack[0][0].shape[0]
         if not self.built:
@@ -320,7 +443,7 @@ class BandedLSTMLayer(keras.layers.Layer):
                 f"{tuple(stack[0][0].shape)}"
             )
         for layer, weights in zip(self._stack, stack, strict=True):
-            for variable, value in zip(layer.weight_variables, weights, strict=True):
+            for variable, value in zip(layer.weight_variables.values(), weights, strict=True):
                 variable.assign(jnp.asarray(value, variable.dtype))
 
     # -- stored state -------------------------------------------------------------
@@ -364,6 +487,14 @@ class BandedLSTMLayer(keras.layers.Layer):
             _validate.check_mask_shape(tuple(mask.shape), batch, bands, time, "mask")
         if initial_state is None:
             return None
+        if (
+            isinstance(initial_state, list | tuple)
+            and len(initial_state) == 1
+            and isinstance(initial_state[0], list | tuple)
+            and not isinstance(initial_state[0], LSTMState)
+        ):
+            # One direction's half of a Bidirectional's initial_state: [state].
+            initial_state = initial_state[0]
         state_shape = (batch, bands, self.units)
         return _validate.check_state(initial_state, self.num_layers, state_shape, "initial_state")
 
@@ -388,7 +519,7 @@ class BandedLSTMLayer(keras.layers.Layer):
             field ``[batch, bands, units]``; by default zeros, or the stored
             state of a stateful layer.
           mask: optional booleans ``[batch, time]`` or ``[batch, bands, time]``;
-            a masked step freezes the state and outputs zeros.
+            a masked step freezes the state (see ``zero_output_for_mask``).
           training: apply dropout.
 
         Returns:
@@ -396,6 +527,8 @@ class BandedLSTMLayer(keras.layers.Layer):
           units]`` with ``return_sequences=False``), and with
           ``return_state=True`` also the final state: ``(outputs, final_state)``.
         """
+        if self.go_backwards and self.return_sequences:
+            _refuse_keras_bidirectional()
         state = self._check_call(inputs, initial_state, mask)
         if state is None and self.stateful:
             state = self._stored_state()
@@ -408,7 +541,13 @@ class BandedLSTMLayer(keras.layers.Layer):
         )
         if self.stateful:
             self._store_state(final_state)
-        output = outputs if self.return_sequences else final_state[-1].hidden
+        if self.return_sequences:
+            output = outputs
+        elif outputs.shape[2]:
+            # The last step's output, in the order the steps ran, as Keras returns.
+            output = outputs[:, :, -1]
+        else:
+            output = final_state[-1].hidden
         output = output.astype(self.compute_dtype)
         if not self.return_state:
             return output
@@ -422,6 +561,21 @@ class BandedLSTMLayer(keras.layers.Layer):
         key = jax.random.wrap_key_data(self.seed_generator.next())
         return {"deterministic": False, "rngs": {"dropout": key}}
 
+    def compute_output_shape(
+        self, sequences_shape: Sequence[int | None], initial_state_shape: Any = None
+    ) -> Any:
+        """The shapes of what the call returns for inputs of ``sequences_shape``:
+        the outputs', and with ``return_state`` a tuple of ``num_layers``
+        ``LSTMState`` of ``[batch, bands, units]`` shapes."""
+        shape = tuple(sequences_shape)
+        self._check_input_shape(shape, "sequences_shape")
+        batch, bands, time, _ = shape
+        output = (batch, bands) + ((time,) if self.return_sequences else ()) + (self.units,)
+        if not self.return_state:
+            return output
+        state = (batch, bands, self.units)
+        return output, tuple(LSTMState(state, state) for _ in range(self.num_layers))
+
     def compute_output_spec(
         self,
         inputs: Any,
@@ -430,16 +584,13 @@ class BandedLSTMLayer(keras.layers.Layer):
         training: bool | None = None,
     ) -> Any:
         self._check_call(inputs, initial_state, mask)
-        batch, bands, time, _ = tuple(inputs.shape)
+        shapes = self.compute_output_shape(inputs.shape)
         dtype = self.compute_dtype
-        output_shape = (batch, bands) + ((time,) if self.return_sequences else ()) + (self.units,)
-        output = keras.KerasTensor(output_shape, dtype=dtype)
         if not self.return_state:
-            return output
-        state_shape = (batch, bands, self.units)
-        return output, tuple(
-            LSTMState(keras.KerasTensor(state_shape, dtype), keras.KerasTensor(state_shape, dtype))
-            for _ in range(self.num_layers)
+            return keras.KerasTensor(shapes, dtype=dtype)
+        output, state = shapes
+        return keras.KerasTensor(output, dtype=dtype), tuple(
+            LSTMState(*(keras.KerasTensor(s, dtype) for s in layer)) for layer in state
         )
 
     def compute_mask(self, inputs: Any, mask: Any = None) -> Any:
@@ -452,15 +603,122 @@ class BandedLSTMLayer(keras.layers.Layer):
         config = super().get_config()
         config.update({name: getattr(self, name) for name in self._module_fields})
         config.update(
-            stateful=self.stateful,
-            return_sequences=self.return_sequences,
-            return_state=self.return_state,
+            activation=keras.activations.serialize(self.activation),
+            recurrent_activation=keras.activations.serialize(self.recurrent_activation),
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             recurrent_initializer=keras.initializers.serialize(self.recurrent_initializer),
             bias_initializer=keras.initializers.serialize(self.bias_initializer),
+            kernel_regularizer=keras.regularizers.serialize(self.kernel_regularizer),
+            recurrent_regularizer=keras.regularizers.serialize(self.recurrent_regularizer),
+            bias_regularizer=keras.regularizers.serialize(self.bias_regularizer),
+            kernel_constraint=keras.constraints.serialize(self.kernel_constraint),
+            recurrent_constraint=keras.constraints.serialize(self.recurrent_constraint),
+            bias_constraint=keras.constraints.serialize(self.bias_constraint),
             seed=self.seed,
+            return_sequences=self.return_sequences,
+            return_state=self.return_state,
+            go_backwards=self.go_backwards,
+            stateful=self.stateful,
+            use_cudnn=self.use_cudnn,
+            zero_output_for_mask=self.zero_output_for_mask,
         )
         return config
+
+
+def _refuse_keras_bidirectional() -> None:
+    """Raises if the calling code is ``keras.layers.Bidirectional.call``, which
+    would reverse the backward outputs along axis 1: the bands of a banded
+    layer, not its time axis. ``interop.Bidirectional`` reverses axis 2."""
+    keras_call = keras.layers.Bidirectional.call.__code__
+    frame = sys._getframe(1)
+    for _ in range(40):
+        if frame is None:
+            return
+        if frame.f_code is keras_call:
+            raise ValueError(
+                "keras.layers.Bidirectional reverses the backward layer's outputs along "
+                "axis 1, which for a BandedLSTMLayer ([batch, bands, time, units]) is the "
+                "bands, not time; wrap it in interop.Bidirectional instead (the same "
+                "arguments and merge modes, reversing time)"
+            )
+        frame = frame.f_back
+
+
+@keras.saving.register_keras_serializable(package="interop")
+class Bidirectional(keras.layers.Bidirectional):
+    """``keras.layers.Bidirectional`` for banded layers: the same arguments,
+    merge modes (``"concat"``, ``"sum"``, ``"mul"``, ``"ave"``, ``None``),
+    ``return_state``, ``stateful`` and serialization, with the backward layer's
+    outputs reversed along the time axis of ``[batch, bands, time, units]``
+    (Keras's reverses axis 1, the bands). Any other Keras RNN it wraps runs
+    exactly as in ``keras.layers.Bidirectional``.
+
+    With ``return_state=True`` the call returns ``(outputs, forward_state,
+    backward_state)``, each state a tuple of ``num_layers`` ``LSTMState``;
+    ``initial_state=[forward_state, backward_state]`` starts from them. The
+    backward layer's state threads from the end of each call's inputs.
+
+    >>> import numpy as np
+    >>> layer = Bidirectional(BandedLSTMLayer(8), merge_mode="sum")
+    >>> layer(np.zeros((2, 3, 10, 4), "float32")).shape  # [batch, bands, time, units]
+    (2, 3, 10, 8)
+    """
+
+    def call(
+        self,
+        sequences: Any,
+        initial_state: Any = None,
+        mask: Any = None,
+        training: bool | None = None,
+    ) -> Any:
+        if not isinstance(self.forward_layer, BandedLSTMLayer):
+            return super().call(sequences, initial_state, mask=mask, training=training)
+        forward_state = backward_state = None
+        if initial_state is not None:
+            if not isinstance(initial_state, list | tuple) or len(initial_state) != 2:
+                received = type(initial_state).__name__
+                if isinstance(initial_state, list | tuple):
+                    received += f" of length {len(initial_state)}"
+                raise ValueError(
+                    "initial_state: expected [forward_state, backward_state], each a tuple "
+                    f"of {self.forward_layer.num_layers} LSTMState; received {received}"
+                )
+            forward_state, backward_state = initial_state
+        kwargs = {"mask": mask, "training": training}
+        y = self.forward_layer(sequences, initial_state=forward_state, **kwargs)
+        y_rev = self.backward_layer(sequences, initial_state=backward_state, **kwargs)
+        states = ()
+        if self.return_state:
+            (y, forward_final), (y_rev, backward_final) = y, y_rev
+            states = (forward_final, backward_final)
+        y = keras.ops.cast(y, self.compute_dtype)
+        y_rev = keras.ops.cast(y_rev, self.compute_dtype)
+        if self.return_sequences:
+            y_rev = keras.ops.flip(y_rev, axis=2)  # [batch, bands, time, units]
+        if self.merge_mode == "concat":
+            output = keras.ops.concatenate([y, y_rev], axis=-1)
+        elif self.merge_mode == "sum":
+            output = y + y_rev
+        elif self.merge_mode == "ave":
+            output = (y + y_rev) / 2
+        elif self.merge_mode == "mul":
+            output = y * y_rev
+        else:
+            output = (y, y_rev)
+        if not self.return_state:
+            return output
+        return (*output, *states) if self.merge_mode is None else (output, *states)
+
+    def compute_mask(self, inputs: Any, mask: Any = None) -> Any:
+        if not isinstance(self.forward_layer, BandedLSTMLayer):
+            return super().compute_mask(inputs, mask)
+        if isinstance(mask, list):
+            mask = mask[0]
+        output_mask = mask if self.return_sequences else None
+        outputs = [output_mask] * (2 if self.merge_mode is None else 1)
+        if self.return_state:
+            outputs += [None] * (4 * self.forward_layer.num_layers)
+        return outputs[0] if len(outputs) == 1 else outputs
 
 
 def reset_states(model: keras.layers.Layer) -> list[BandedLSTMLayer]:

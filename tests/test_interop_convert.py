@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import interop
-from banded_rnn import BandedLSTM
+from banded_rnn import BandedLSTM, LSTMState
 from interop import BandedLSTMLayer
 
 from helpers import init_model, random_inputs
@@ -87,6 +87,85 @@ def test_keras_round_trips_are_exact(num_layers):
     jax.tree.map(np.testing.assert_array_equal, interop.from_keras_lstm(lstms), variables)
 
 
+def _randomise(layer, seed):
+    """Random weights (biases included) for a built Keras layer."""
+    rng = np.random.default_rng(seed)
+    layer.set_weights([0.5 * rng.standard_normal(w.shape) for w in _keras_weights(layer)])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"activation": "relu", "recurrent_activation": "hard_sigmoid", "use_bias": False},
+        {"go_backwards": True, "activation": "softsign"},
+        {"go_backwards": True, "zero_output_for_mask": True, "use_bias": False},
+    ],
+    ids=["relu-no-bias", "backwards-softsign", "backwards-zero-output"],
+)
+def test_keras_lstm_options_run_as_the_keras_stack(options):
+    """Any activations, use_bias and go_backwards: two stacked Keras LSTMs on
+    each band, with a mask with a hole, equal BandedLSTM(**keras_lstm_options)."""
+    batch, bands, time, features, units = 2, 3, 6, 3, 4
+    lstms = []
+    for i in range(2):
+        lstm = keras.layers.LSTM(units, return_sequences=True, return_state=True, **options)
+        lstm.build((None, None, features if i == 0 else units))
+        _randomise(lstm, seed=30 + i)
+        lstms.append(lstm)
+    kwargs = interop.keras_lstm_options(lstms)
+    assert kwargs["reverse"] == options.get("go_backwards", False)
+    assert kwargs["use_bias"] == options.get("use_bias", True)
+    x = random_inputs(27, (batch, bands, time, features))
+    mask = np.ones((batch, time), bool)
+    mask[0, 2] = mask[1, 4:] = False
+    final, y = BandedLSTM(**kwargs).apply(interop.from_keras_lstm(lstms), None, x, mask=mask)
+    for band in range(bands):
+        sequence = x[:, band]
+        for layer, lstm in enumerate(lstms):
+            sequence, hidden, cell = (np.asarray(a) for a in lstm(sequence, mask=mask))
+            np.testing.assert_allclose(final[layer].hidden[:, band], hidden, atol=ATOL)
+            np.testing.assert_allclose(final[layer].cell[:, band], cell, atol=ATOL)
+        np.testing.assert_allclose(y[:, band], sequence, atol=ATOL)
+
+
+@pytest.mark.parametrize("merge_mode", ["concat", "sum", "mul", "ave"])
+def test_keras_bidirectional_stacks_convert_both_ways(merge_mode):
+    """A stack of two Keras Bidirectional(LSTM), every merge mode, with a mask:
+    outputs per band, and to_keras_lstm's weight lists load back exactly."""
+    batch, bands, time, features, units = 2, 2, 5, 3, 4
+    width = 2 * units if merge_mode == "concat" else units
+    layers = []
+    for i in range(2):
+        lstm = keras.layers.LSTM(units, return_sequences=True, use_bias=i == 0)
+        layer = keras.layers.Bidirectional(lstm, merge_mode=merge_mode)
+        layer.build((None, None, features if i == 0 else width))
+        _randomise(layer, seed=40 + i)
+        layers.append(layer)
+    with pytest.raises(ValueError, match=r"layer_or_layers: every layer must have a bias or none"):
+        interop.from_keras_lstm(layers)
+    layers[1] = keras.layers.Bidirectional(
+        keras.layers.LSTM(units, return_sequences=True), merge_mode=merge_mode
+    )
+    layers[1].build((None, None, width))
+    _randomise(layers[1], seed=42)
+
+    kwargs = interop.keras_lstm_options(layers)
+    assert kwargs["bidirectional"] and kwargs["merge_mode"] == merge_mode
+    variables = interop.from_keras_lstm(layers)
+    x = random_inputs(28, (batch, bands, time, features))
+    mask = np.ones((batch, time), bool)
+    mask[1, 3:] = False
+    _, y = BandedLSTM(**kwargs).apply(variables, None, x, mask=mask)
+    for band in range(bands):
+        expected = layers[1](layers[0](x[:, band], mask=mask), mask=mask)
+        np.testing.assert_allclose(y[:, band], expected, atol=ATOL)
+
+    ours = init_model(BandedLSTM(**kwargs), x, seed=10)
+    for layer, weights in zip(layers, interop.to_keras_lstm(ours), strict=True):
+        layer.set_weights(weights)
+    jax.tree.map(np.testing.assert_array_equal, interop.from_keras_lstm(layers), ours)
+
+
 def _torch_lstm(features, units, num_layers, seed, bias=True):
     torch.manual_seed(seed)
     lstm = torch.nn.LSTM(features, units, num_layers, bias=bias, batch_first=True)
@@ -129,9 +208,59 @@ def test_from_torch_lstm_accepts_the_module_and_bias_false():
     lstm = _torch_lstm(3, 4, 2, seed=5, bias=False)
     x = random_inputs(22, (1, 2, 6, 3))
     variables = interop.from_torch_lstm(lstm)
-    assert not np.asarray(variables["params"]["layer_1"]["bias"]).any()
-    _, core = BandedLSTM(4, num_layers=2).apply(variables, None, x)
+    assert all(
+        sorted(layer) == ["kernel", "recurrent_kernel"] for layer in variables["params"].values()
+    )
+    options = interop.torch_lstm_options(lstm)
+    assert options == {"units": 4, "num_layers": 2, "use_bias": False}
+    _, core = BandedLSTM(**options).apply(variables, None, x)
     np.testing.assert_allclose(core, _torch_per_band(lstm, x)[0], atol=ATOL)
+    state_dict = interop.to_torch_lstm(variables)
+    assert sorted(state_dict) == sorted(lstm.state_dict())
+    jax.tree.map(np.testing.assert_array_equal, interop.from_torch_lstm(state_dict), variables)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_bidirectional_torch_lstm_with_its_state_order(bias):
+    """torch.nn.LSTM(bidirectional=True, num_layers=2): outputs, and h_n / c_n
+    indexed layer * 2 + direction, both ways through the converters."""
+    batch, bands, time, features, units = 2, 3, 7, 4, 5
+    torch.manual_seed(3)
+    lstm = torch.nn.LSTM(features, units, 2, bias=bias, batch_first=True, bidirectional=True)
+    x = random_inputs(24, (batch, bands, time, features))
+    h0 = random_inputs(25, (4, batch, bands, units))
+    c0 = random_inputs(26, (4, batch, bands, units))
+    with torch.no_grad():
+        runs = [
+            lstm(torch.from_numpy(x[:, b]), (torch.from_numpy(h0[:, :, b].copy()),
+                                             torch.from_numpy(c0[:, :, b].copy())))
+            for b in range(bands)
+        ]  # fmt: skip
+    outputs = np.stack([y.numpy() for y, _ in runs], axis=1)
+    h_n = np.stack([h.numpy() for _, (h, _) in runs], axis=2)
+    c_n = np.stack([c.numpy() for _, (_, c) in runs], axis=2)
+
+    options = interop.torch_lstm_options(lstm.state_dict())
+    assert options == {
+        "units": units, "num_layers": 2, "use_bias": bias, "bidirectional": True,
+        "merge_mode": "concat",
+    }  # fmt: skip
+    variables = interop.from_torch_lstm(lstm)
+    assert sorted(variables["params"]) == [
+        "layer_0", "layer_0_reverse", "layer_1", "layer_1_reverse"
+    ]  # fmt: skip
+    state = tuple(LSTMState(h0[k], c0[k]) for k in range(4))
+    final, y = BandedLSTM(**options).apply(variables, state, x)
+    np.testing.assert_allclose(y, outputs, atol=ATOL)
+    for k in range(4):
+        np.testing.assert_allclose(final[k].hidden, h_n[k], atol=ATOL)
+        np.testing.assert_allclose(final[k].cell, c_n[k], atol=ATOL)
+
+    ours = init_model(BandedLSTM(**options), x, seed=9)
+    lstm.load_state_dict(interop.to_torch_lstm(ours))
+    _, y = BandedLSTM(**options).apply(ours, None, x)
+    np.testing.assert_allclose(y, _torch_per_band(lstm, x)[0], atol=ATOL)
+    jax.tree.map(np.testing.assert_array_equal, interop.from_torch_lstm(lstm), ours)
 
 
 @pytest.mark.parametrize("num_layers", [1, 2])
@@ -166,9 +295,6 @@ def test_numpy_state_dicts_never_import_torch():
 
 
 def test_unsupported_torch_options_are_clear_errors():
-    bidirectional = torch.nn.LSTM(3, 4, bidirectional=True).state_dict()
-    with pytest.raises(ValueError, match=r"weight_ih_l0_reverse.*bidirectional"):
-        interop.from_torch_lstm(bidirectional)
     projected = torch.nn.LSTM(3, 4, proj_size=2).state_dict()
     with pytest.raises(ValueError, match=r"weight_hr_l0.*proj_size"):
         interop.from_torch_lstm(projected)
@@ -183,26 +309,42 @@ def test_unsupported_torch_options_are_clear_errors():
         interop.from_torch_lstm({k: v for k, v in good.items() if k != "bias_hh_l0"})
     with pytest.raises(ValueError, match=r"weight_ih_l0'\]: expected shape \[4 \* units"):
         interop.from_torch_lstm({**good, "weight_ih_l0": good["weight_ih_l0"][:8]})
+    both = torch.nn.LSTM(3, 4, 2, bidirectional=True).state_dict()
+    with pytest.raises(ValueError, match=r"each with _reverse.*'l1_reverse'\]"):
+        interop.from_torch_lstm({k: v for k, v in both.items() if not k.endswith("l0_reverse")})
+    with pytest.raises(ValueError, match=r"state_dict\['weight_ih_l1'\]: layer 1 reads.*8"):
+        interop.from_torch_lstm({**both, "weight_ih_l1": both["weight_ih_l1"][:, :5]})
+    summed = init_model(
+        BandedLSTM(4, num_layers=2, bidirectional=True, merge_mode="sum"),
+        random_inputs(0, (1, 1, 2, 3)),
+    )
+    with pytest.raises(ValueError, match=r"torch.nn.LSTM concatenates.*merge_mode='concat'"):
+        interop.to_torch_lstm(summed, tensors=False)
 
 
 def test_unsupported_keras_layers_are_clear_errors():
     with pytest.raises(TypeError, match=r"expected a keras.layers.LSTM.*GRU"):
         interop.from_keras_lstm(keras.layers.GRU(3))
+    with pytest.raises(TypeError, match=r"received Bidirectional\(GRU\)"):
+        interop.from_keras_lstm(keras.layers.Bidirectional(keras.layers.GRU(3)))
     with pytest.raises(ValueError, match=r"not built"):
         interop.from_keras_lstm(keras.layers.LSTM(3))
-    relu = keras.layers.LSTM(3, activation="relu")
-    relu.build((None, None, 2))
-    with pytest.raises(ValueError, match=r"activation='tanh'.*'relu'"):
-        interop.from_keras_lstm(relu)
-    no_bias = keras.layers.LSTM(3, use_bias=False)
-    no_bias.build((None, None, 2))
-    with pytest.raises(ValueError, match=r"use_bias=True"):
-        interop.from_keras_lstm(no_bias)
     first, second = keras.layers.LSTM(3), keras.layers.LSTM(4)
     first.build((None, None, 2))
     second.build((None, None, 3))
-    with pytest.raises(ValueError, match=r"same units.*layer 0 has 3, layer 1 has 4"):
+    with pytest.raises(ValueError, match=r"same units.*\(3, 12\).*\(4, 16\)"):
         interop.from_keras_lstm([first, second])
+    relu = keras.layers.LSTM(3, activation="relu")
+    relu.build((None, None, 3))
+    with pytest.raises(ValueError, match=r"\[1\]: every layer.*same activation.*'tanh'.*'relu'"):
+        interop.keras_lstm_options([first, relu])
+    both = keras.layers.Bidirectional(keras.layers.LSTM(3), merge_mode=None)
+    both.build((None, None, 3))
+    with pytest.raises(ValueError, match=r"LSTM layers or one of Bidirectional.*both"):
+        interop.from_keras_lstm([first, both])
+    with pytest.raises(ValueError, match=r"merge_mode=None.*'concat' and split"):
+        interop.keras_lstm_options(both)
+    assert sorted(interop.from_keras_lstm(both)["params"]) == ["layer_0", "layer_0_reverse"]
 
 
 def test_malformed_variables_are_clear_errors():

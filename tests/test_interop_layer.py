@@ -234,7 +234,11 @@ def test_masking_layer_freezes_state_like_the_reference_and_keras_lstm():
     y, hidden, cell = model.predict(x, verbose=0)
 
     reference_state, expected = lstm_reference(params, x, seq_lengths=lengths)
-    np.testing.assert_allclose(y, expected, atol=ATOL)  # zeros past each length
+    valid = np.arange(time)[None, None, :] < lengths[..., None]
+    np.testing.assert_allclose(y[valid], expected[valid], atol=ATOL)
+    # Past each length, Keras's default (zero_output_for_mask=False) repeats
+    # the last valid output: the final hidden state.
+    np.testing.assert_allclose(y, np.where(valid[..., None], y, hidden[:, :, None, :]), atol=ATOL)
     _assert_state_close((LSTMState(hidden, cell),), reference_state)
 
     lstm = keras.layers.LSTM(units, return_sequences=True, return_state=True)
@@ -243,7 +247,7 @@ def test_masking_layer_freezes_state_like_the_reference_and_keras_lstm():
     for band in range(bands):
         mask = np.arange(time)[None] < lengths[:, band, None]
         keras_y, keras_h, keras_c = (np.asarray(a) for a in lstm(x[:, band], mask=mask))
-        np.testing.assert_allclose(np.where(mask[..., None], keras_y, 0.0), y[:, band], atol=ATOL)
+        np.testing.assert_allclose(keras_y, y[:, band], atol=ATOL)
         np.testing.assert_allclose(keras_h, hidden[:, band], atol=ATOL)
         np.testing.assert_allclose(keras_c, cell[:, band], atol=ATOL)
 
@@ -395,7 +399,13 @@ def test_shared_config_lives_in_the_module_only():
         6, num_layers=2, dropout=0.1, recurrent_dropout=0.2, unit_forget_bias=False, unroll=3
     )
     assert layer.module == BandedLSTM(
-        6, num_layers=2, dropout=0.1, recurrent_dropout=0.2, unit_forget_bias=False, unroll=3
+        6,
+        num_layers=2,
+        dropout=0.1,
+        recurrent_dropout=0.2,
+        unit_forget_bias=False,
+        unroll=3,
+        zero_output_for_mask=False,  # Keras's default, the module's is True
     )
     config = layer.get_config()
     for field in ("units", "num_layers", "dropout", "recurrent_dropout", "unit_forget_bias"):
@@ -461,7 +471,9 @@ def test_layer_is_clean_under_strict_rank_promotion():
     x = random_inputs(16, (2, 3, 5, 4))
     mask = np.random.default_rng(16).random((2, 5)) < 0.7
     with jax.numpy_rank_promotion("raise"):
-        layer, params = _built_layer(x, 4, 2, stateful=True, return_state=True, dropout=0.2)
+        layer, params = _built_layer(
+            x, 4, 2, stateful=True, return_state=True, dropout=0.2, zero_output_for_mask=True
+        )
         _, start = layer(x, mask=np.ones((2, 3, 5), bool), training=True)
         y, state = layer(x, initial_state=start, mask=mask)
         stored = _state_arrays(layer.get_state())
