@@ -36,12 +36,10 @@ from ._convert import to_keras_lstm as to_keras_lstm
 from ._convert import to_torch_lstm as to_torch_lstm
 from ._convert import torch_lstm_options as torch_lstm_options
 from ._layer import BandedLSTMLayer as BandedLSTMLayer
-from ._layer import Bidirectional as Bidirectional
 from ._layer import reset_states as reset_states
 
 __all__ = [
     "BandedLSTMLayer",
-    "Bidirectional",
     "from_keras_lstm",
     "from_torch_lstm",
     "keras_lstm_options",

@@ -122,9 +122,9 @@ class BandedLSTMLayer(keras.layers.Layer):
     dropout, ``go_backwards``, ``stateful``, ``unroll``, ``use_cudnn``,
     ``zero_output_for_mask``), and Keras's defaults except
     ``return_sequences=True``: a banded layer usually feeds per-step heads.
-    ``interop.Bidirectional(BandedLSTMLayer(...))`` runs it both ways (Keras's
-    own ``Bidirectional`` reverses axis 1, the bands here, and is refused for
-    sequences).
+    ``keras.layers.Bidirectional(BandedLSTMLayer(...))`` runs it both ways,
+    with every merge mode, ``return_state``, ``initial_state`` and
+    ``stateful`` (see ``call`` for how its time axis is kept).
 
     State: with ``stateful=True`` the state of every sequence and band is kept
     in non-trainable variables ``layer_{i}/hidden`` and ``layer_{i}/cell``,
@@ -410,8 +410,8 @@ class BandedLSTMLayer(keras.layers.Layer):
         if len(stack[0]) == 2:
             raise ValueError(
                 "variables: expected one direction per layer; received a bidirectional stack "
-                "(layer_{i}_reverse): give its layer_{i} to interop.Bidirectional's forward "
-                "layer and its layer_{i}_reverse to the backward layer"
+                "(layer_{i}_reverse): give its layer_{i} to the forward layer of a "
+                "keras.layers.Bidirectional and its layer_{i}_reverse to the backward layer"
             )
         stack = [layer for (layer,) in stack]
         if len(stack) != self.num_layers or units != self.units:
@@ -527,8 +527,6 @@ class BandedLSTMLayer(keras.layers.Layer):
           units]`` with ``return_sequences=False``), and with
           ``return_state=True`` also the final state: ``(outputs, final_state)``.
         """
-        if self.go_backwards and self.return_sequences:
-            _refuse_keras_bidirectional()
         state = self._check_call(inputs, initial_state, mask)
         if state is None and self.stateful:
             state = self._stored_state()
@@ -543,6 +541,12 @@ class BandedLSTMLayer(keras.layers.Layer):
             self._store_state(final_state)
         if self.return_sequences:
             output = outputs
+            if self.go_backwards and _called_by_keras_bidirectional():
+                # keras.layers.Bidirectional reverses the backward layer's outputs
+                # along axis 1, time for [batch, time, units]: here the bands. So
+                # the backward layer hands it the outputs in input order with the
+                # bands reversed, and its reversal gives both back in order.
+                output = jnp.flip(outputs, axis=(1, 2))
         elif outputs.shape[2]:
             # The last step's output, in the order the steps ran, as Keras returns.
             output = outputs[:, :, -1]
@@ -625,100 +629,19 @@ class BandedLSTMLayer(keras.layers.Layer):
         return config
 
 
-def _refuse_keras_bidirectional() -> None:
-    """Raises if the calling code is ``keras.layers.Bidirectional.call``, which
-    would reverse the backward outputs along axis 1: the bands of a banded
-    layer, not its time axis. ``interop.Bidirectional`` reverses axis 2."""
+def _called_by_keras_bidirectional() -> bool:
+    """Whether the layer's ``call`` runs inside ``keras.layers.Bidirectional.call``
+    (a subclass that keeps that method included): the Keras code that reverses
+    the backward layer's outputs along axis 1."""
     keras_call = keras.layers.Bidirectional.call.__code__
     frame = sys._getframe(1)
-    for _ in range(40):
+    for _ in range(40):  # Keras's call wrappers sit between the two calls
         if frame is None:
-            return
+            return False
         if frame.f_code is keras_call:
-            raise ValueError(
-                "keras.layers.Bidirectional reverses the backward layer's outputs along "
-                "axis 1, which for a BandedLSTMLayer ([batch, bands, time, units]) is the "
-                "bands, not time; wrap it in interop.Bidirectional instead (the same "
-                "arguments and merge modes, reversing time)"
-            )
+            return True
         frame = frame.f_back
-
-
-@keras.saving.register_keras_serializable(package="interop")
-class Bidirectional(keras.layers.Bidirectional):
-    """``keras.layers.Bidirectional`` for banded layers: the same arguments,
-    merge modes (``"concat"``, ``"sum"``, ``"mul"``, ``"ave"``, ``None``),
-    ``return_state``, ``stateful`` and serialization, with the backward layer's
-    outputs reversed along the time axis of ``[batch, bands, time, units]``
-    (Keras's reverses axis 1, the bands). Any other Keras RNN it wraps runs
-    exactly as in ``keras.layers.Bidirectional``.
-
-    With ``return_state=True`` the call returns ``(outputs, forward_state,
-    backward_state)``, each state a tuple of ``num_layers`` ``LSTMState``;
-    ``initial_state=[forward_state, backward_state]`` starts from them. The
-    backward layer's state threads from the end of each call's inputs.
-
-    >>> import numpy as np
-    >>> layer = Bidirectional(BandedLSTMLayer(8), merge_mode="sum")
-    >>> layer(np.zeros((2, 3, 10, 4), "float32")).shape  # [batch, bands, time, units]
-    (2, 3, 10, 8)
-    """
-
-    def call(
-        self,
-        sequences: Any,
-        initial_state: Any = None,
-        mask: Any = None,
-        training: bool | None = None,
-    ) -> Any:
-        if not isinstance(self.forward_layer, BandedLSTMLayer):
-            return super().call(sequences, initial_state, mask=mask, training=training)
-        forward_state = backward_state = None
-        if initial_state is not None:
-            if not isinstance(initial_state, list | tuple) or len(initial_state) != 2:
-                received = type(initial_state).__name__
-                if isinstance(initial_state, list | tuple):
-                    received += f" of length {len(initial_state)}"
-                raise ValueError(
-                    "initial_state: expected [forward_state, backward_state], each a tuple "
-                    f"of {self.forward_layer.num_layers} LSTMState; received {received}"
-                )
-            forward_state, backward_state = initial_state
-        kwargs = {"mask": mask, "training": training}
-        y = self.forward_layer(sequences, initial_state=forward_state, **kwargs)
-        y_rev = self.backward_layer(sequences, initial_state=backward_state, **kwargs)
-        states = ()
-        if self.return_state:
-            (y, forward_final), (y_rev, backward_final) = y, y_rev
-            states = (forward_final, backward_final)
-        y = keras.ops.cast(y, self.compute_dtype)
-        y_rev = keras.ops.cast(y_rev, self.compute_dtype)
-        if self.return_sequences:
-            y_rev = keras.ops.flip(y_rev, axis=2)  # [batch, bands, time, units]
-        if self.merge_mode == "concat":
-            output = keras.ops.concatenate([y, y_rev], axis=-1)
-        elif self.merge_mode == "sum":
-            output = y + y_rev
-        elif self.merge_mode == "ave":
-            output = (y + y_rev) / 2
-        elif self.merge_mode == "mul":
-            output = y * y_rev
-        else:
-            output = (y, y_rev)
-        if not self.return_state:
-            return output
-        return (*output, *states) if self.merge_mode is None else (output, *states)
-
-    def compute_mask(self, inputs: Any, mask: Any = None) -> Any:
-        if not isinstance(self.forward_layer, BandedLSTMLayer):
-            return super().compute_mask(inputs, mask)
-        if isinstance(mask, list):
-            mask = mask[0]
-        output_mask = mask if self.return_sequences else None
-        outputs = [output_mask] * (2 if self.merge_mode is None else 1)
-        if self.return_state:
-            outputs += [None] * (4 * self.forward_layer.num_layers)
-        return outputs[0] if len(outputs) == 1 else outputs
+    return False
 
 
 def reset_states(model: keras.layers.Layer) -> list[BandedLSTMLayer]:
