@@ -302,7 +302,12 @@ class BandedLSTM(nn.Module):
         ``recurrent_activation``, flax's ``gate_fn``), named or a function.
         The fused paths (the kernel, cuDNN) run tanh and sigmoid only; other
         activations run on the scan, which ``"auto"`` chooses.
-      reverse: run the sequence from its last step to its first. With
+      reverse: run every layer from the sequence's last step to its first:
+        the stack run on the reversed sequence, as one
+        ``keras.layers.RNN(StackedRNNCells(...), go_backwards=True)``
+        (separately stacked reversed layers, as two Keras ``LSTM(go_backwards=
+        True)`` or flax ``nn.RNN(reverse=True)`` without ``keep_order``,
+        alternate directions instead, each reversing the last one's outputs). With
         ``seq_lengths``, each sequence's valid steps are reversed in place and
         its padding stays at the end (flax's ``flip_sequences``); otherwise,
         and with a ``mask``, the whole time axis is (Keras's ``go_backwards``).
@@ -526,9 +531,13 @@ class BandedLSTM(nn.Module):
                     x = x * input_mask.astype(dtype)[None]
                 # A backward direction runs forwards over the reversed steps.
                 # Reversed in place within seq_lengths, the valid steps stay first.
+                # A reversed stack reverses its inputs once and chains its layers
+                # in that order, so every layer runs backwards; a bidirectional
+                # layer reverses and restores its own.
                 steps = valid
                 if backward:
-                    x = _flip_time(x, lengths)
+                    if self.bidirectional or layer == 0:
+                        x = _flip_time(x, lengths)
                     if lengths is None and valid is not None:
                         steps = valid[::-1]
                 carry = tuple(_shard_like(c.astype(dtype), x) for c in state[index])
@@ -553,7 +562,8 @@ class BandedLSTM(nn.Module):
                 final_state.append(LSTMState(hidden, cell))
                 if steps is not None and self.zero_output_for_mask:
                     y = jnp.where(steps[..., None], y, jnp.zeros((), dtype))
-                if backward and (self.bidirectional or self.keep_order):
+                last = layer == self.num_layers - 1
+                if backward and (self.bidirectional or (self.keep_order and last)):
                     y = _flip_time(y, lengths)
                 outputs.append(y)
             layer_inputs = outputs[0] if len(outputs) == 1 else _merge(self.merge_mode, *outputs)

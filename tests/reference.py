@@ -132,7 +132,9 @@ def directional_reference(
     cell)`` per layer and direction (layer 0 forward, layer 0 backward, ...).
     A backward direction visits, with ``seq_lengths``, the steps ``len - 1 ...
     0`` then the padding ``time - 1 ... len`` (flax's ``flip_sequences``);
-    otherwise ``time - 1 ... 0``, skipping masked steps. A skipped step outputs
+    otherwise ``time - 1 ... 0``, skipping masked steps; with ``reverse`` every
+    layer does, each reading its predecessor's outputs in input order, and the
+    last layer's come out in visiting order unless ``keep_order``. A skipped step outputs
     zeros, or with ``zero_output=False`` the last output before it in visiting
     order (the initial hidden state before any). Returns ``(final_state,
     outputs)`` as lists per layer and direction, and ``[batch, bands, time, width]``.
@@ -198,12 +200,10 @@ def directional_reference(
                             visited[p] = h
                     finals.setdefault(index, [np.zeros((batch, bands, units)) for _ in range(2)])
                     finals[index][0][b, n], finals[index][1][b, n] = h, c
-                    in_input_order = not backward or bidirectional or keep_order
+                    # In input order, for the next layer: every layer of a
+                    # reversed stack runs backwards in time.
                     out = np.zeros((time, units))
-                    if in_input_order:
-                        out[order] = visited
-                    else:
-                        out = visited
+                    out[order] = visited
                     results.append(out)
                 if len(results) == 1:
                     sequence = results[0]
@@ -215,6 +215,8 @@ def directional_reference(
                     sequence = results[0] * results[1]
                 else:
                     sequence = (results[0] + results[1]) / 2
+            if reverse and not bidirectional and not keep_order:
+                sequence = sequence[order]  # the last layer's outputs in visiting order
             if outputs is None:
                 outputs = np.zeros((batch, bands, time, sequence.shape[-1]))
             outputs[b, n] = sequence

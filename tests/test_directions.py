@@ -102,6 +102,28 @@ def test_reverse_and_keep_order_match_flax_rnn(lstm, reverse, keep_order, with_l
     np.testing.assert_allclose(_flat(final[0].cell), c, **TOL)
 
 
+@pytest.mark.parametrize("keep_order", [False, True])
+def test_every_layer_of_a_reversed_stack_runs_backwards_as_flax_layers_keeping_order(
+    lstm, keep_order
+):
+    """``reverse=True`` with two layers equals two flax ``nn.RNN(reverse=True,
+    keep_order=True)`` layers (each runs backwards and hands the next its
+    outputs in input order), the result reversed unless ``keep_order``."""
+    batch, bands, time, features, units = 2, 2, 6, 3, 4
+    x = random_inputs(30, (batch, bands, time, features))
+    model = lstm(units, num_layers=2, reverse=True, keep_order=keep_order)
+    variables = init_model(model, x)
+    _, y = model.apply(variables, None, x)
+
+    sequence = _flat(x)
+    for layer in range(2):
+        flax_rnn = nn.RNN(nn.LSTMCell(units), reverse=True, keep_order=True)
+        params = {"params": _flax_cell_params(variables["params"][f"layer_{layer}"], units)}
+        sequence = flax_rnn.apply(params, sequence)
+    expected = np.asarray(sequence) if keep_order else np.asarray(sequence)[:, ::-1]
+    np.testing.assert_allclose(_flat(np.asarray(y)), expected, **TOL)
+
+
 def test_bidirectional_matches_flax_bidirectional(lstm):
     batch, bands, time, features, units = 2, 2, 5, 3, 4
     x = random_inputs(2, (batch, bands, time, features))
@@ -294,19 +316,24 @@ def test_time_major_inputs_and_outputs(lstm):
 # -- state and chunks -----------------------------------------------------------------------
 
 
-def test_a_reversed_stack_fed_from_the_last_chunk_equals_the_whole(lstm):
+@pytest.mark.parametrize("keep_order", [True, False])
+def test_a_reversed_stack_fed_from_the_last_chunk_equals_the_whole(lstm, keep_order):
     """A backward direction's state threads from the end: chunks fed last to
-    first, each continuing the state of the one after it, equal the whole call."""
+    first, each continuing the state of the one after it, equal the whole call
+    (every layer runs backwards, so this holds for each layer's state)."""
     x = random_inputs(15, (2, 3, 9, 4))
-    model = lstm(5, num_layers=2, reverse=True, keep_order=True)
+    model = lstm(5, num_layers=2, reverse=True, keep_order=keep_order)
     variables = init_model(model, x)
     whole_final, whole = model.apply(variables, None, x)
     state, pieces = None, []
     for start, stop in [(6, 9), (2, 6), (0, 2)]:
         state, y = model.apply(variables, state, x[:, :, start:stop])
-        pieces.insert(0, y)
+        if keep_order:
+            pieces.insert(0, y)  # each chunk's outputs in input order
+        else:
+            pieces.append(y)  # in the order computed: the last chunk's first
     np.testing.assert_allclose(np.concatenate(pieces, axis=2), whole, **TOL)
-    _, want = directional_reference(variables, x, reverse=True, keep_order=True)
+    _, want = directional_reference(variables, x, reverse=True, keep_order=keep_order)
     np.testing.assert_allclose(whole, want, **TOL)
     for got, expected in zip(jax.tree.leaves(state), jax.tree.leaves(whole_final), strict=True):
         np.testing.assert_allclose(got, expected, **TOL)
