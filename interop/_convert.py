@@ -283,6 +283,9 @@ def keras_lstm_options(layer_or_layers: Any) -> dict[str, Any]:
     ``layer_or_layers`` is what ``from_keras_lstm`` takes; every layer of a
     stack must share those settings. ``merge_mode=None`` (a pair of outputs)
     is a ``ValueError``: take ``"concat"`` and split the last axis in halves.
+    So is a stack of several ``go_backwards=True`` layers: each reverses the
+    last one's reversed outputs, so their directions alternate, while every
+    layer of ``BandedLSTM(reverse=True)`` runs backwards.
 
     >>> import keras
     >>> lstm = keras.layers.Bidirectional(keras.layers.LSTM(8, activation="relu"), merge_mode="sum")
@@ -317,6 +320,14 @@ def keras_lstm_options(layer_or_layers: Any) -> dict[str, Any]:
                 )
     options = dict(settings[0], num_layers=len(layers))
     go_backwards = options.pop("go_backwards")
+    if go_backwards and len(layers) > 1:
+        raise ValueError(
+            "layer_or_layers: a stack of separate go_backwards=True layers alternates "
+            "directions (each reverses its input, the last one's reversed outputs), while "
+            "BandedLSTM(reverse=True) runs every layer backwards, as one "
+            "keras.layers.RNN(StackedRNNCells(...), go_backwards=True); the weights "
+            "convert, but no BandedLSTM computes as this stack"
+        )
     if bidirectional:
         options["bidirectional"] = True
     else:

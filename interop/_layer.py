@@ -541,11 +541,12 @@ class BandedLSTMLayer(keras.layers.Layer):
             self._store_state(final_state)
         if self.return_sequences:
             output = outputs
-            if self.go_backwards and _called_by_keras_bidirectional():
-                # keras.layers.Bidirectional reverses the backward layer's outputs
-                # along axis 1, time for [batch, time, units]: here the bands. So
-                # the backward layer hands it the outputs in input order with the
-                # bands reversed, and its reversal gives both back in order.
+            if _in_keras_backward_slot(self):
+                # keras.layers.Bidirectional reverses its backward layer's outputs
+                # along axis 1, meaning time, which here is the bands. So that
+                # layer hands it its outputs reversed in time and in bands: Keras's
+                # reversal restores the bands, and time ends up reversed, as Keras
+                # meant (whichever way the layer runs).
                 output = jnp.flip(outputs, axis=(1, 2))
         elif outputs.shape[2]:
             # The last step's output, in the order the steps ran, as Keras returns.
@@ -629,17 +630,17 @@ class BandedLSTMLayer(keras.layers.Layer):
         return config
 
 
-def _called_by_keras_bidirectional() -> bool:
-    """Whether the layer's ``call`` runs inside ``keras.layers.Bidirectional.call``
-    (a subclass that keeps that method included): the Keras code that reverses
-    the backward layer's outputs along axis 1."""
+def _in_keras_backward_slot(layer: BandedLSTMLayer) -> bool:
+    """Whether ``layer`` is being called by ``keras.layers.Bidirectional.call``
+    (or a subclass's that keeps it) as that wrapper's ``backward_layer``: the
+    outputs Keras then reverses along axis 1."""
     keras_call = keras.layers.Bidirectional.call.__code__
     frame = sys._getframe(1)
     for _ in range(40):  # Keras's call wrappers sit between the two calls
         if frame is None:
             return False
         if frame.f_code is keras_call:
-            return True
+            return getattr(frame.f_locals.get("self"), "backward_layer", None) is layer
         frame = frame.f_back
     return False
 

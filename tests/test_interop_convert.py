@@ -103,11 +103,12 @@ def _randomise(layer, seed):
     ids=["relu-no-bias", "backwards-softsign", "backwards-zero-output"],
 )
 def test_keras_lstm_options_run_as_the_keras_stack(options):
-    """Any activations, use_bias and go_backwards: two stacked Keras LSTMs on
-    each band, with a mask with a hole, equal BandedLSTM(**keras_lstm_options)."""
+    """Any activations, use_bias and go_backwards: the Keras LSTMs (two stacked,
+    one going backwards) on each band, with a mask with a hole, equal
+    BandedLSTM(**keras_lstm_options)."""
     batch, bands, time, features, units = 2, 3, 6, 3, 4
     lstms = []
-    for i in range(2):
+    for i in range(1 if options.get("go_backwards") else 2):
         lstm = keras.layers.LSTM(units, return_sequences=True, return_state=True, **options)
         lstm.build((None, None, features if i == 0 else units))
         _randomise(lstm, seed=30 + i)
@@ -344,6 +345,11 @@ def test_unsupported_keras_layers_are_clear_errors():
         interop.from_keras_lstm([first, both])
     with pytest.raises(ValueError, match=r"merge_mode=None.*'concat' and split"):
         interop.keras_lstm_options(both)
+    backwards = [keras.layers.LSTM(3, go_backwards=True) for _ in range(2)]
+    backwards[0].build((None, None, 2))
+    backwards[1].build((None, None, 3))
+    with pytest.raises(ValueError, match=r"alternates directions.*StackedRNNCells"):
+        interop.keras_lstm_options(backwards)
     assert sorted(interop.from_keras_lstm(both)["params"]) == ["layer_0", "layer_0_reverse"]
 
 
