@@ -201,6 +201,13 @@ def forward_chunks(what: str) -> Iterator[None]:
         _streaming.reset(token)
 
 
+def chunks_in_time_order() -> str | None:
+    """What ``forward_chunks`` marked the current code with (its caller's
+    name), or None: for a jitted function that traces the model later, and so
+    must make it part of its cache key (a static argument)."""
+    return _streaming.get()
+
+
 def _flip_time(x: jax.Array, lengths: jax.Array | None) -> jax.Array:
     """``x [time, batch, bands, ...]`` reversed in time: each (sequence, band)'s
     first ``lengths [batch, bands]`` steps reversed in place and the rest after
@@ -254,8 +261,10 @@ class BandedLSTM(nn.Module):
     inputs, and its final state is the one after the call's first step. So a
     reversed stack fed a sequence in chunks from the last chunk to the first
     equals the whole call; a bidirectional one needs the whole sequence in
-    one call, and ``Stream`` and the training step's ``chunk_length``, which
-    feed chunks in time order, refuse both.
+    one call. What feeds chunks in time order, carrying the state forwards,
+    refuses both: ``Stream``, the training step's ``chunk_length``,
+    ``fit(carry_state=True)`` over chunks, ``evaluate`` and ``predict`` with
+    ``chunk_length``.
 
     The state goes in first and comes out first, like ``jax.lax.scan``:
     feeding a sequence whole, or in consecutive chunks while passing each
@@ -391,6 +400,11 @@ class BandedLSTM(nn.Module):
             _validate.rate(getattr(self, name), name)
         activation_fn(self.activation, "activation")
         activation_fn(self.recurrent_activation, "recurrent_activation")
+        if self.merge_mode != "concat" and not self.bidirectional:
+            raise ValueError(
+                f"merge_mode: merges the two directions of a bidirectional stack; received "
+                f"merge_mode={self.merge_mode!r} with bidirectional=False"
+            )
         if self.bidirectional and self.reverse:
             raise ValueError(
                 "reverse: a bidirectional stack runs both directions already; "
@@ -474,6 +488,11 @@ class BandedLSTM(nn.Module):
                     "inputs: with time_major=True, expected rank 4, [time, batch, bands, "
                     f"features]; received shape {tuple(inputs.shape)}"
                 )
+            if features is not None and inputs.shape[-1] != features:
+                raise ValueError(
+                    f"inputs: with time_major=True, expected [time, batch, bands, {features}] "
+                    f"(the kernel's features); received shape {tuple(inputs.shape)}"
+                )
             inputs = jnp.moveaxis(inputs, 0, 2)
         inputs = _validate.check_inputs(inputs, features=features)
         _validate.check_devices(variables=self.variables, state=state, inputs=inputs)
@@ -483,7 +502,7 @@ class BandedLSTM(nn.Module):
             state = self.initial_state(batch, bands)
         else:
             state = _validate.check_state(
-                state, self.num_layers * len(directions), (batch, bands, self.units)
+                state, self.num_layers, (batch, bands, self.units), directions=len(directions)
             )
         if seq_lengths is not None and mask is not None:
             raise ValueError("seq_lengths, mask: give one or the other, not both")

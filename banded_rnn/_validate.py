@@ -209,22 +209,32 @@ def check_devices(**arrays: Any) -> None:
 # -- state ----------------------------------------------------------------------------
 
 
-def check_state(state: Any, num_layers: int, shape: Shape, name: str = "state") -> State:
-    """``state`` as a tuple of ``num_layers`` ``LSTMState``, each field of ``shape
-    [batch, bands, units]`` and a floating dtype, or raises."""
+def check_state(
+    state: Any, num_layers: int, shape: Shape, name: str = "state", directions: int = 1
+) -> State:
+    """``state`` as a tuple of ``num_layers * directions`` ``LSTMState``, each
+    field of ``shape [batch, bands, units]`` and a floating dtype, or raises."""
+    count = num_layers * directions
+    per = "one per layer" if directions == 1 else "one per layer and direction"
     if isinstance(state, LSTMState) or not isinstance(state, Sequence):
         raise TypeError(
-            f"{name}: expected a tuple of {num_layers} LSTMState (one per layer, as "
+            f"{name}: expected a tuple of {count} LSTMState ({per}, as "
             f"model.initial_state returns); received {type(state).__name__}"
         )
-    if len(state) != num_layers:
+    if len(state) != count:
         hint = ""
         if not any(isinstance(s, LSTMState) for s in state) and all(
             hasattr(s, "shape") for s in state
         ):
             hint = f"; it holds {len(state)} arrays, not layer states. {_STATE_ORDER_HINT}"
+        layout = f"num_layers={num_layers}"
+        if directions == 2:
+            layout = (
+                f"2 * num_layers, num_layers={num_layers}, in torch's h_n order: layer 0 "
+                "forward, layer 0 backward, layer 1 forward, ..."
+            )
         raise ValueError(
-            f"{name}: expected a tuple of {num_layers} LSTMState (num_layers={num_layers}); "
+            f"{name}: expected a tuple of {count} LSTMState ({layout}); "
             f"received {len(state)} items{hint}"
         )
     for layer, layer_state in enumerate(state):

@@ -373,8 +373,17 @@ def test_state_of_the_wrong_length_names_the_directions():
     model = banded_rnn.BandedLSTM(3, num_layers=2, bidirectional=True)
     x = random_inputs(18, (1, 2, 3, 2))
     variables = init_model(model, x)
-    with pytest.raises(ValueError, match="4"):
+    with pytest.raises(
+        ValueError, match=r"tuple of 4 LSTMState \(2 \* num_layers, num_layers=2, in"
+    ):
         model.apply(variables, model.initial_state(1, 2)[:2], x)
+    with pytest.raises(ValueError, match=r"merge_mode: .*'sum' with bidirectional=False"):
+        banded_rnn.BandedLSTM(3, merge_mode="sum")
+    time_major = banded_rnn.BandedLSTM(3, num_layers=2, bidirectional=True, time_major=True)
+    with pytest.raises(
+        ValueError, match=r"\[time, batch, bands, 2\].*received shape \(3, 1, 2, 5\)"
+    ):
+        time_major.apply(variables, None, np.zeros((3, 1, 2, 5), np.float32))
 
 
 # -- refusals -------------------------------------------------------------------------------
@@ -407,6 +416,43 @@ def test_the_training_steps_chunk_length_refuses_backward_directions():
     # The whole window in one call is fine.
     whole = make_train_step(loss)
     whole(train_state, None, x, targets)
+
+
+def test_fit_evaluate_and_predict_refuse_carrying_a_backward_state_forwards():
+    """Windows of a sequence with the state carried from one to the next, in
+    time order, would hand a backward direction the wrong state: refused, also
+    when the step was compiled before for whole windows (the mark is part of
+    the cache key). carry_state=False and whole sequences run."""
+    from banded_rnn.training import ChunkStream, evaluate, fit, make_eval_step, predict
+
+    sequences = [random_inputs(22 + i, (2, 6, 3)) for i in range(2)]  # [bands, time, features]
+    targets = [np.zeros((2, 6, 4), np.float32) for _ in sequences]
+    model = banded_rnn.BandedLSTM(2, bidirectional=True)
+    variables = init_model(model, sequences[0][None])
+    train_state = TrainState.create(
+        apply_fn=model.apply, params=variables["params"], tx=optax.sgd(0.1)
+    )
+
+    def loss(outputs, targets):
+        return jnp.mean((outputs - targets) ** 2)
+
+    step, eval_step = make_train_step(loss), make_eval_step(loss)
+    train_state, _, _ = step(  # compiled for whole windows, outside any loop
+        train_state, None, np.stack(sequences)[:, :, :3], np.stack(targets)[:, :, :3]
+    )
+    stream = ChunkStream(sequences, targets, batch_size=2, chunk_length=3)
+    with pytest.raises(ValueError, match=r"fit\(carry_state=True\) over chunks of 3 steps"):
+        fit(step, train_state, stream, num_steps=2, rng=jax.random.key(0), progress=False)
+    with pytest.raises(ValueError, match=r"evaluate\(chunk_length=3\) feeds a sequence"):
+        evaluate(eval_step, train_state, sequences, targets, batch_size=2, chunk_length=3)
+    with pytest.raises(ValueError, match=r"predict\(chunk_length=3\) feeds a sequence"):
+        predict(eval_step, train_state, sequences, batch_size=2, chunk_length=3)
+
+    stream = ChunkStream(sequences, targets, batch_size=2, chunk_length=3)
+    train_state = fit(step, train_state, stream, num_steps=2, rng=jax.random.key(0),
+                      carry_state=False, progress=False).train_state  # fmt: skip
+    evaluate(eval_step, train_state, sequences, targets, batch_size=2)
+    predict(eval_step, train_state, sequences, batch_size=2, chunk_length=6)
 
 
 @pytest.mark.parametrize(
