@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -10,6 +11,7 @@ import numpy as np
 from flax.training.train_state import TrainState
 
 from .. import _validate
+from .._banded import forward_chunks
 from . import _mesh
 from ._data import bucket_of, check_buckets, check_pairs, pad_time
 from ._step import EvalStep
@@ -80,6 +82,15 @@ def _windows(group: _Group, chunk_length: int | None, targets_per: str):
         yield window, group.inputs[:, :, window], y, keywords
 
 
+def _carried(windows: int, chunk_length: int | None, caller: str) -> Any:
+    """Marks the windows of a batch as chunks fed in time order, the state
+    carried from one to the next, when there are several: a model that runs
+    backwards then refuses them."""
+    if windows < 2:
+        return contextlib.nullcontext()
+    return forward_chunks(f"{caller}(chunk_length={chunk_length})")
+
+
 def _placement(eval_step: EvalStep, train_state: TrainState, batch: int):
     """The step and weights for a batch of ``batch`` entries: without the
     mesh, from host copies, when the mesh cannot split it."""
@@ -137,9 +148,11 @@ def evaluate(
     for group in _groups(inputs, targets, batch_size, buckets, eval_step.targets_per):
         step, weights = _placement(eval_step, train_state, len(group.indices))
         state = None
-        for _, x, y, keywords in _windows(group, chunk_length, eval_step.targets_per):
-            state, metrics = step(weights, state, x, y, **keywords)
-            pending.append(metrics)
+        windows = list(_windows(group, chunk_length, eval_step.targets_per))
+        with _carried(len(windows), chunk_length, "evaluate"):
+            for _, x, y, keywords in windows:
+                state, metrics = step(weights, state, x, y, **keywords)
+                pending.append(metrics)
     totals: dict[str, float] = {}
     count = 0.0
     for metrics in jax.device_get(pending):  # one transfer, after everything is dispatched
@@ -191,10 +204,12 @@ def predict(
     for group in _groups(inputs, None, batch_size, buckets, eval_step.targets_per):
         step, weights = _placement(eval_step, train_state, len(group.indices))
         state, pieces = None, []
-        for window, x, _, keywords in _windows(group, chunk_length, eval_step.targets_per):
-            ends = keywords.pop("ends", None)
-            state, outputs = step.predict(weights, state, x, **keywords)
-            pieces.append((window, ends, outputs))
+        windows = list(_windows(group, chunk_length, eval_step.targets_per))
+        with _carried(len(windows), chunk_length, "predict"):
+            for window, x, _, keywords in windows:
+                ends = keywords.pop("ends", None)
+                state, outputs = step.predict(weights, state, x, **keywords)
+                pieces.append((window, ends, outputs))
         pieces = jax.device_get(_mesh.gather_to_host(pieces))
         if per_step:
             joined = np.concatenate([outputs for _, _, outputs in pieces], axis=2)

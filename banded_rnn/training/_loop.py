@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .. import _validate
+from .._banded import forward_chunks
 from .._state import reset_state
 from . import _mesh
 from ._checkpoint import Checkpointer
@@ -199,6 +200,15 @@ def _train_one(train_step, train_state, state, stream, rng, carry_state, keys_pe
     batch here."""
     chunk = next(stream)
     reset = chunk.reset if carry_state else np.ones_like(chunk.reset)
+    if carry_state and stream.chunk_length is not None:
+        # The state goes on from chunk to chunk of a sequence, in time order.
+        with forward_chunks(f"fit(carry_state=True) over chunks of {stream.chunk_length} steps"):
+            return _train_step(train_step, train_state, state, chunk, reset, rng, keys_per_entry)
+    return _train_step(train_step, train_state, state, chunk, reset, rng, keys_per_entry)
+
+
+def _train_step(train_step, train_state, state, chunk, reset, rng, keys_per_entry):
+    """One step on ``chunk``, the entries in ``reset`` restarted."""
     keys = _entry_keys(rng, chunk.sequence) if keys_per_entry else None
     extras = {"seq_lengths": chunk.seq_lengths, "ends": chunk.ends}
     extras = {name: value for name, value in extras.items() if value is not None}

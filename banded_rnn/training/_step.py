@@ -17,7 +17,7 @@ from flax.training.train_state import TrainState
 from jax.sharding import Mesh
 
 from .. import _validate
-from .._banded import forward_chunks
+from .._banded import chunks_in_time_order, forward_chunks
 from .._chunked import scan_chunks
 from . import _mesh
 
@@ -462,7 +462,7 @@ class TrainStep(_Step):
         if self.mesh is not None:
             replicated = _mesh.replicated(self.mesh)
             kwargs["out_shardings"] = (replicated, _mesh.data_sharding(self.mesh), replicated)
-        self._jitted = jax.jit(self._update, **kwargs)
+        self._jitted = _jit_keeping_chunk_order(self._update, **kwargs)
 
     def _update(
         self, train_state, state, inputs, targets, rng, seq_lengths=None, mask=None, ends=None
@@ -505,7 +505,7 @@ class TrainStep(_Step):
         extras = (seq_lengths, mask, ends)
         placed, keywords = self._prepare(train_state, state, inputs, targets, rng, extras)
         with self._under_mesh():
-            return self._jitted(*placed, **keywords)
+            return self._jitted(*placed, **keywords, streaming=chunks_in_time_order())
 
     def lower(
         self,
@@ -524,7 +524,7 @@ class TrainStep(_Step):
             train_state, state, inputs, targets, rng, extras, abstract=True
         )
         with self._under_mesh():
-            return self._jitted.lower(*placed, **keywords)
+            return self._jitted.lower(*placed, **keywords, streaming=chunks_in_time_order())
 
 
 def _lengths(seq_lengths: Any, mask: Any) -> dict[str, Any]:
@@ -561,6 +561,20 @@ def _broadcast_mask(mask: jax.Array, values: jax.Array) -> jax.Array:
     return jnp.broadcast_to(mask, values.shape)
 
 
+def _jit_keeping_chunk_order(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """``jax.jit(fn)`` taking a static ``streaming``: the caller's
+    ``forward_chunks`` mark, restored while ``fn`` is traced. A loop that
+    carries the state from window to window marks its calls, and the mark must
+    reach the model's trace, and the cache key, as a model that runs
+    backwards refuses it; a trace cached without the mark would not."""
+
+    def run(*args: Any, streaming: str | None = None, **keywords: Any) -> Any:
+        with forward_chunks(streaming) if streaming else contextlib.nullcontext():
+            return fn(*args, **keywords)
+
+    return jax.jit(run, static_argnames="streaming", **kwargs)
+
+
 class EvalStep(_Step):
     """``(train_state, state, inputs, targets, *, seq_lengths, mask, ends) ->
     (state, metrics)``, dropout off; ``predict(train_state, state, inputs, *,
@@ -584,8 +598,8 @@ class EvalStep(_Step):
         if self.mesh is not None:
             replicated = _mesh.replicated(self.mesh)
             kwargs["out_shardings"] = (_mesh.data_sharding(self.mesh), replicated)
-        self._jitted = jax.jit(self._evaluate, **kwargs)
-        self._predict = jax.jit(self._outputs)
+        self._jitted = _jit_keeping_chunk_order(self._evaluate, **kwargs)
+        self._predict = _jit_keeping_chunk_order(self._outputs)
 
     def without_mesh(self) -> EvalStep:
         """This step without its mesh (made once): for a batch the mesh cannot
@@ -631,7 +645,7 @@ class EvalStep(_Step):
         extras = (seq_lengths, mask, ends)
         placed, keywords = self._prepare(train_state, state, inputs, targets, None, extras)
         with self._under_mesh():
-            return self._jitted(*placed[:4], **keywords)
+            return self._jitted(*placed[:4], **keywords, streaming=chunks_in_time_order())
 
     def predict(
         self,
@@ -646,7 +660,7 @@ class EvalStep(_Step):
         extras = (seq_lengths, mask, None)
         placed, keywords = self._prepare(train_state, state, inputs, None, None, extras)
         with self._under_mesh():
-            return self._predict(*placed[:3], **keywords)
+            return self._predict(*placed[:3], **keywords, streaming=chunks_in_time_order())
 
 
 def make_train_step(
