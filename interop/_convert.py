@@ -137,7 +137,9 @@ def check_stack(stack: Stack, name: str, where: Callable[[int, int, str], str]) 
             if kernel != (inputs, 4 * units):
                 raise ValueError(
                     f"{where(i, d, 'kernel')}: expected shape {(inputs, 4 * units)} (kernel "
-                    f"[features, 4 * units], as layer {i}'s other weights); received {kernel}"
+                    f"[features, 4 * units], the features of "
+                    f"{'layer 0' if i == 0 else 'every layer after the first'}); "
+                    f"received {kernel}"
                 )
             if has_bias and np.shape(weights[2]) != (4 * units,):
                 raise ValueError(
@@ -169,6 +171,13 @@ def make_variables(stack: Stack) -> dict[str, Any]:
 # -- Keras ----------------------------------------------------------------------------------
 
 
+def _keras_directions(layer: Any) -> tuple[Any, ...]:
+    """The ``keras.layers.LSTM`` of each direction of a checked layer."""
+    if isinstance(layer, keras.layers.Bidirectional):
+        return layer.forward_layer, layer.backward_layer
+    return (layer,)
+
+
 def _keras_entries(layer_or_layers: Any) -> tuple[list[Any], list[str], bool]:
     """The Keras layers of a stack, their names for errors, and whether they are
     ``Bidirectional``; every one built, all ``LSTM`` or all ``Bidirectional(LSTM)``."""
@@ -183,7 +192,7 @@ def _keras_entries(layer_or_layers: Any) -> tuple[list[Any], list[str], bool]:
     kinds = []
     for layer, where in zip(layers, names, strict=True):
         bidirectional = isinstance(layer, keras.layers.Bidirectional)
-        lstms = (layer.forward_layer, layer.backward_layer) if bidirectional else (layer,)
+        lstms = _keras_directions(layer)
         if not all(isinstance(lstm, keras.layers.LSTM) for lstm in lstms):
             received = type(layer).__name__
             if bidirectional:
@@ -207,13 +216,6 @@ def _keras_entries(layer_or_layers: Any) -> tuple[list[Any], list[str], bool]:
             "layers, as BandedLSTM has one `bidirectional`; received both"
         )
     return layers, names, kinds[0]
-
-
-def _keras_directions(layer: Any) -> tuple[Any, ...]:
-    """The ``keras.layers.LSTM`` of each direction of a checked layer."""
-    if isinstance(layer, keras.layers.Bidirectional):
-        return layer.forward_layer, layer.backward_layer
-    return (layer,)
 
 
 def from_keras_lstm(layer_or_layers: Any) -> dict[str, Any]:
@@ -297,10 +299,15 @@ def keras_lstm_options(layer_or_layers: Any) -> dict[str, Any]:
     layers, names, bidirectional = _keras_entries(layer_or_layers)
     settings = []
     for layer, where in zip(layers, names, strict=True):
-        lstm = _keras_directions(layer)[0]
-        config = {option: getattr(lstm, option) for option in _KERAS_SAME}
-        for option in ("activation", "recurrent_activation"):
-            config[option] = activation_name(config[option])
+        forward, *backward = (_keras_settings(lstm) for lstm in _keras_directions(layer))
+        for option, value in backward[0].items() if backward else ():
+            if option != "go_backwards" and not _same(value, forward[option]):
+                raise ValueError(
+                    f"{where}.backward_layer: expected the forward layer's {option}, as "
+                    f"BandedLSTM has one for both directions; the forward layer has "
+                    f"{forward[option]!r}, the backward layer {value!r}"
+                )
+        config = forward
         if bidirectional:
             if layer.merge_mode is None:
                 raise ValueError(
@@ -312,7 +319,7 @@ def keras_lstm_options(layer_or_layers: Any) -> dict[str, Any]:
         settings.append(config)
     for i, config in enumerate(settings[1:], 1):
         for option, value in config.items():
-            if value is not settings[0][option] and value != settings[0][option]:
+            if not _same(value, settings[0][option]):
                 raise ValueError(
                     f"{names[i]}: every layer of a stack must have the same {option}, as "
                     f"BandedLSTM has one; layer 0 has {settings[0][option]!r}, layer {i} has "
@@ -335,13 +342,26 @@ def keras_lstm_options(layer_or_layers: Any) -> dict[str, Any]:
     return options
 
 
+def _keras_settings(lstm: Any) -> dict[str, Any]:
+    """The settings of one ``keras.layers.LSTM`` that ``BandedLSTM`` has as arguments."""
+    config = {option: getattr(lstm, option) for option in _KERAS_SAME}
+    for option in ("activation", "recurrent_activation"):
+        config[option] = activation_name(config[option])
+    return config
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal settings: the same object (functions) or equal values."""
+    return a is b or a == b
+
+
 def activation_name(activation: Callable[..., Any]) -> Any:
-    """A Keras activation as ``BandedLSTM`` takes it: its name where the name is
-    one of ``banded_rnn``'s (the same function in JAX, and the native kernel
-    for tanh and sigmoid), else the Keras function itself."""
-    name = keras.activations.serialize(activation)
-    if isinstance(name, str) and name in ACTIVATIONS and keras.activations.get(name) is activation:
-        return name
+    """A Keras activation as ``BandedLSTM`` takes it: its name where it is the
+    Keras function of one of ``banded_rnn``'s names (the same function in JAX,
+    and the native kernel for tanh and sigmoid), else the function itself."""
+    for name in ACTIVATIONS:
+        if keras.activations.get(name) is activation:
+            return name
     return activation
 
 
@@ -430,13 +450,13 @@ def from_torch_lstm(state_dict: Any) -> dict[str, Any]:
     True
     """
     state_dict = _torch_state_dict(state_dict, "state_dict")
-    stack = _torch_stack(state_dict)
+    return make_variables(check_stack(_torch_stack(state_dict), "state_dict", _torch_where))
 
-    def where(i: int, direction: int, weight: str) -> str:
-        key = {"kernel": "weight_ih", "recurrent_kernel": "weight_hh", "bias": "bias_ih"}[weight]
-        return f"state_dict['{key}_l{i}{_SUFFIXES[direction]}']"
 
-    return make_variables(check_stack(stack, "state_dict", where))
+def _torch_where(i: int, direction: int, weight: str) -> str:
+    """The torch key of layer ``i``'s weight in ``direction``, for errors."""
+    key = {"kernel": "weight_ih", "recurrent_kernel": "weight_hh", "bias": "bias_ih"}[weight]
+    return f"state_dict['{key}_l{i}{_SUFFIXES[direction]}']"
 
 
 def _torch_stack(state_dict: Mapping[str, Any]) -> Stack:
@@ -520,7 +540,8 @@ def torch_lstm_options(lstm_or_state_dict: Any) -> dict[str, Any]:
     >>> torch_lstm_options(torch.nn.LSTM(4, 8, num_layers=2, bias=False, bidirectional=True))
     {'units': 8, 'num_layers': 2, 'use_bias': False, 'bidirectional': True, 'merge_mode': 'concat'}
     """
-    stack = stack_weights(from_torch_lstm(lstm_or_state_dict))
+    state_dict = _torch_state_dict(lstm_or_state_dict, "lstm_or_state_dict")
+    stack = check_stack(_torch_stack(state_dict), "lstm_or_state_dict", _torch_where)
     options = {
         "units": int(np.shape(stack[0][0][1])[0]),
         "num_layers": len(stack),

@@ -102,6 +102,21 @@ class _ModuleField:
         )
 
 
+class _KerasField(_ModuleField):
+    """A ``_ModuleField`` read back in Keras's terms, through ``to_keras``."""
+
+    def __init__(self, to_keras: Any) -> None:
+        self.to_keras = to_keras
+
+    def __get__(self, layer: Any, owner: type | None = None) -> Any:
+        return self if layer is None else self.to_keras(getattr(layer.module, self.name))
+
+
+def _keras_unroll(unroll: int | bool) -> int | bool:
+    """``BandedLSTM.unroll`` as Keras says it: ``False`` for one step per iteration."""
+    return unroll if unroll is True or unroll != 1 else False
+
+
 # Saved files name the layer "interop>BandedLSTMLayer", the package to import before
 # loading; files saved by earlier versions name it "banded_rnn>BandedLSTMLayer" and load too.
 @keras.saving.register_keras_serializable(package="interop")
@@ -124,7 +139,7 @@ class BandedLSTMLayer(keras.layers.Layer):
     ``return_sequences=True``: a banded layer usually feeds per-step heads.
     ``keras.layers.Bidirectional(BandedLSTMLayer(...))`` runs it both ways,
     with every merge mode, ``return_state``, ``initial_state`` and
-    ``stateful`` (see ``call`` for how its time axis is kept).
+    ``stateful`` (see ``call`` for how the bands stay in order).
 
     State: with ``stateful=True`` the state of every sequence and band is kept
     in non-trainable variables ``layer_{i}/hidden`` and ``layer_{i}/cell``,
@@ -140,7 +155,10 @@ class BandedLSTMLayer(keras.layers.Layer):
 
     ``initial_state``: a tuple of ``num_layers`` ``LSTMState(hidden, cell)``,
     each field ``[batch, bands, units]`` (even for one layer), exactly what
-    ``return_state=True`` returns as its second output. Given to a stateful
+    ``return_state=True`` returns as its second output; or Keras's flat list,
+    ``[h, c]`` per layer (``[h_0, c_0, h_1, c_1, ...]``: a list, as Keras
+    writes it; a tuple of arrays is refused, as Flax's carry is ``(c, h)``).
+    Given to a stateful
     layer, it replaces the stored state for that call.
 
     Masks: a Keras mask (from ``keras.layers.Masking``, which gives ``[batch,
@@ -159,8 +177,9 @@ class BandedLSTMLayer(keras.layers.Layer):
 
     The configuration ``BandedLSTM`` holds (``units``, ``num_layers``,
     ``dropout``, ``recurrent_dropout``, ``unit_forget_bias``, ``unroll``,
-    ``remat_chunk``, ``use_bias``) lives in ``layer.module`` only; the layer's
-    attributes of those names read it and cannot be assigned.
+    ``remat_chunk``, ``use_bias``, ``activation``, ``recurrent_activation``)
+    lives in ``layer.module`` only; the layer's attributes of those names read
+    it and cannot be assigned.
 
     >>> import numpy as np
     >>> layer = BandedLSTMLayer(8, num_layers=2)
@@ -178,7 +197,8 @@ class BandedLSTMLayer(keras.layers.Layer):
       use_bias: whether each layer has a bias.
       kernel_initializer, recurrent_initializer, bias_initializer: Keras
         initialisers, with Keras's defaults.
-      unit_forget_bias: add one to the forget gate's initial bias, as Keras does.
+      unit_forget_bias: start the forget gate's bias at ones, as Keras does
+        (that slice of the initial bias is ones, the rest ``bias_initializer``'s).
       kernel_regularizer, recurrent_regularizer, bias_regularizer: Keras
         regularizers of every layer's weights (their losses are in
         ``layer.losses``).
@@ -215,9 +235,11 @@ class BandedLSTMLayer(keras.layers.Layer):
     dropout = _ModuleField()
     recurrent_dropout = _ModuleField()
     unit_forget_bias = _ModuleField()
-    unroll = _ModuleField()
+    unroll = _KerasField(_keras_unroll)
     remat_chunk = _ModuleField()
     use_bias = _ModuleField()
+    activation = _KerasField(keras.activations.get)
+    recurrent_activation = _KerasField(keras.activations.get)
 
     def __init__(
         self,
@@ -254,8 +276,6 @@ class BandedLSTMLayer(keras.layers.Layer):
         _check_backend()
         if use_cudnn not in ("auto", True, False):
             raise ValueError(f"use_cudnn: expected 'auto', True or False; received {use_cudnn!r}")
-        self.activation = keras.activations.get(activation)
-        self.recurrent_activation = keras.activations.get(recurrent_activation)
         # Validates units, num_layers, the rates, unroll and remat_chunk.
         module = BandedLSTM(
             units,
@@ -266,8 +286,8 @@ class BandedLSTMLayer(keras.layers.Layer):
             unroll=1 if unroll is False else unroll,
             remat_chunk=remat_chunk,
             use_bias=bool(use_bias),
-            activation=activation_name(self.activation),
-            recurrent_activation=activation_name(self.recurrent_activation),
+            activation=activation_name(keras.activations.get(activation)),
+            recurrent_activation=activation_name(keras.activations.get(recurrent_activation)),
             reverse=bool(go_backwards),
             zero_output_for_mask=bool(zero_output_for_mask),
             implementation="cudnn" if use_cudnn is True else "auto",
@@ -495,6 +515,15 @@ class BandedLSTMLayer(keras.layers.Layer):
         ):
             # One direction's half of a Bidirectional's initial_state: [state].
             initial_state = initial_state[0]
+        if (
+            isinstance(initial_state, list)
+            and len(initial_state) == 2 * self.num_layers
+            and not any(isinstance(s, list | tuple) for s in initial_state)
+        ):
+            # Keras's flat list, [h, c] per layer, as keras.layers.LSTM takes it. A
+            # tuple stays refused: (c, h) is Flax's carry, and h and c would swap.
+            pairs = zip(initial_state[::2], initial_state[1::2], strict=True)
+            initial_state = tuple(LSTMState(h, c) for h, c in pairs)
         state_shape = (batch, bands, self.units)
         return _validate.check_state(initial_state, self.num_layers, state_shape, "initial_state")
 
@@ -526,6 +555,14 @@ class BandedLSTMLayer(keras.layers.Layer):
           ``outputs`` (``[batch, bands, time, units]``, or ``[batch, bands,
           units]`` with ``return_sequences=False``), and with
           ``return_state=True`` also the final state: ``(outputs, final_state)``.
+
+        In the ``backward_layer`` slot of a ``keras.layers.Bidirectional``
+        (recognised by that wrapper's ``call`` being the caller), the outputs
+        of a layer that returns sequences come reversed along both the time and
+        the bands axes: the wrapper then reverses axis 1, which it takes for
+        time and which here is the bands, so its result has the bands in order
+        and time reversed, as it intends. A wrapper that reimplements ``call``
+        without ``keras.layers.Bidirectional.call`` gets the plain outputs.
         """
         state = self._check_call(inputs, initial_state, mask)
         if state is None and self.stateful:

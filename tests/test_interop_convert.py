@@ -345,6 +345,12 @@ def test_unsupported_keras_layers_are_clear_errors():
         interop.from_keras_lstm([first, both])
     with pytest.raises(ValueError, match=r"merge_mode=None.*'concat' and split"):
         interop.keras_lstm_options(both)
+    mixed = keras.layers.Bidirectional(
+        keras.layers.LSTM(3), backward_layer=keras.layers.LSTM(3, "relu", go_backwards=True)
+    )
+    mixed.build((None, None, 3))
+    with pytest.raises(ValueError, match=r"backward_layer: expected the forward.*'tanh'.*'relu'"):
+        interop.keras_lstm_options(mixed)
     backwards = [keras.layers.LSTM(3, go_backwards=True) for _ in range(2)]
     backwards[0].build((None, None, 2))
     backwards[1].build((None, None, 3))

@@ -543,7 +543,7 @@ def test_initial_state_of_the_wrong_structure_is_a_clear_error():
     ):
         layer(x, initial_state=(LSTMState(zeros, zeros),))
     with pytest.raises(TypeError, match=r"initial_state\[0\]: expected an LSTMState"):
-        layer(x, initial_state=[zeros, zeros])
+        layer(x, initial_state=(zeros, zeros))
     wrong = np.zeros((2, 3, 5), "float32")
     with pytest.raises(ValueError, match=r"initial_state\[1\].cell: .*\(2, 3, 4\).*\(2, 3, 5\)"):
         layer(x, initial_state=(LSTMState(zeros, zeros), LSTMState(zeros, wrong)))

@@ -506,6 +506,9 @@ def test_config_keeps_every_argument():
     for name in ("activation", "recurrent_activation"):
         assert getattr(clone, name) is getattr(keras.activations, options[name])
     assert clone.unroll is True and clone.use_cudnn is False
+    assert BandedLSTMLayer(UNITS).get_config()["unroll"] is False  # Keras's default, as given
+    with pytest.raises(AttributeError, match=r"activation: read-only, it is layer.module"):
+        clone.activation = keras.activations.relu
     assert clone.activity_regularizer.get_config() == options["activity_regularizer"].get_config()
 
 
@@ -571,7 +574,7 @@ class BiCase:
     mask: str = "none"
     return_sequences: bool = True
     return_state: bool = False
-    initial_state: bool = False
+    initial_state: bool | str = False  # "flat": Keras's [h_f, c_f, h_b, c_b]
     swapped: bool = False  # a forward layer that goes backwards, a backward one forwards
 
     def __str__(self):
@@ -585,13 +588,13 @@ BIDIRECTIONAL_CASES = [
     BiCase("sum", "none", False, False, False),
     BiCase("mul", "bands", False, False, False),
     BiCase("mul", "trailing", True, True, False),
-    BiCase("ave", "none", False, True, True),
+    BiCase("ave", "none", False, True, "flat"),
     BiCase("ave", "masking", True, False, False),
     BiCase(None, "bands", True, True, False),
     BiCase(None, "holes", False, False, True),
     # Keras lets the forward layer go backwards when the backward layer is given.
     BiCase("concat", "none", True, False, False, swapped=True),
-    BiCase(None, "holes", True, True, True, swapped=True),
+    BiCase(None, "holes", True, True, "flat", swapped=True),
     BiCase("sum", "bands", False, True, False, swapped=True),
 ]
 
@@ -609,7 +612,11 @@ def test_bidirectional_matches_keras_bidirectional_lstm(case):
     )
     layer = _banded_bidirectional(forward, backward, **options)
     states = (_random_state(53, 1), _random_state(54, 1)) if case.initial_state else None
-    kwargs = {"initial_state": list(states)} if case.initial_state else {}
+    kwargs = {}
+    if case.initial_state == "flat":
+        kwargs["initial_state"] = [a for direction in states for a in direction[0]]
+    elif case.initial_state:
+        kwargs["initial_state"] = list(states)
     result = _run_banded(layer, x, case.mask, mask, **kwargs)
     result = _flat_bidirectional(result, case.merge_mode, case.return_state)
 
