@@ -491,7 +491,8 @@ class BandedLSTM(nn.Module):
             if features is not None and inputs.shape[-1] != features:
                 raise ValueError(
                     f"inputs: with time_major=True, expected [time, batch, bands, {features}] "
-                    f"(the kernel's features); received shape {tuple(inputs.shape)}"
+                    "(the features the parameters were built for); "
+                    f"received shape {tuple(inputs.shape)}"
                 )
             inputs = jnp.moveaxis(inputs, 0, 2)
         inputs = _validate.check_inputs(inputs, features=features)
