@@ -4,8 +4,10 @@ One call of :func:`recurrence` runs one layer over a whole chunk: per step and
 row (sequence, band), ``bias + x_t @ kernel + h @ recurrent_kernel``, the gate
 maths and the state update, rows split over threads with no per-step
 synchronisation. Its gradient is a second kernel that walks time backwards
-(``jax.custom_vjp``); the kernel's and the recurrent kernel's gradients are
-then one XLA GEMM over every step and row.
+(``jax.custom_vjp``), block of steps by block, and sums each block's weight
+gradients ``[x, h]^T @ dgates`` with its own GEMM: the gate gradients never
+leave a buffer it reuses. It computes the input's and the weights' gradients
+only when they are differentiated.
 
 The extension module ``banded_rnn._lstm_cpu`` is compiled at install time
 (CMake, through scikit-build-core); if it is missing, :func:`available` is
@@ -271,23 +273,50 @@ def recurrence(x, kernel, recurrent, bias, h0, c0, valid, dropmask, packed):
 
 
 def _recurrence_fwd(x, kernel, recurrent, bias, h0, c0, valid, dropmask, packed):
-    del packed
+    # symbolic_zeros: each argument comes with whether it is differentiated,
+    # so the backward kernel computes dx and the weight gradients only when
+    # they are wanted (the data a first layer reads has no gradient).
+    wanted = (x.perturbed, kernel.perturbed or recurrent.perturbed or bias.perturbed)
+    primals = (x, kernel, recurrent, bias, h0, c0, valid, dropmask)
+    x, kernel, recurrent, bias, h0, c0, valid, dropmask = (
+        None if a is None else a.value for a in primals
+    )
     hs, cs, acts = _forward(x, kernel, recurrent, bias, h0, c0, valid, dropmask, train=True)
     residuals = (x, kernel, recurrent, h0, c0, valid, dropmask, hs, cs, acts)
-    return (hs, cs[-1]), residuals
+    return (hs, cs[-1]), (wanted, residuals)
 
 
-def _recurrence_bwd(residuals, cotangents):
+def _dense(cotangent, like: jax.Array) -> jax.Array:
+    """A cotangent as an array: zeros for a symbolic zero."""
+    if isinstance(cotangent, jax.custom_derivatives.SymbolicZero):
+        return jnp.zeros(like.shape, like.dtype)
+    return cotangent
+
+
+def _recurrence_bwd(wanted_residuals, cotangents):
+    (want_x, want_weights), residuals = wanted_residuals
     x, kernel, recurrent, h0, c0, valid, dropmask, hs, cs, acts = residuals
-    d_hs, d_c_final = cotangents
-    dgates, dh0, dc0 = _ffi(
+    d_hs, d_c_final = _dense(cotangents[0], hs), _dense(cotangents[1], c0)
+    # The gate gradients stay inside the kernel: it returns dx and the weight
+    # gradients, [x, h_in]^T @ dgates summed over steps and rows by its own
+    # GEMM (benchmarks/NOTES.md entry 16). An empty result is not computed.
+    f32 = jnp.float32
+    none = jax.ShapeDtypeStruct((0,), f32)
+    d_x, d_kernel, d_recurrent, d_bias, dh0, dc0 = _ffi(
         BACKWARD,
         (
-            jax.ShapeDtypeStruct(acts.shape, jnp.float32),
-            jax.ShapeDtypeStruct(h0.shape, jnp.float32),
-            jax.ShapeDtypeStruct(c0.shape, jnp.float32),
+            jax.ShapeDtypeStruct(x.shape, f32) if want_x else none,
+            jax.ShapeDtypeStruct(kernel.shape, f32) if want_weights else none,
+            jax.ShapeDtypeStruct(recurrent.shape, f32) if want_weights else none,
+            jax.ShapeDtypeStruct(recurrent.shape[-1:], f32) if want_weights else none,
+            jax.ShapeDtypeStruct(h0.shape, f32),
+            jax.ShapeDtypeStruct(c0.shape, f32),
         ),
         recurrent,
+        kernel,
+        x,
+        h0,
+        hs,
         c0,
         _empty(valid, jnp.bool_),
         _empty(dropmask),
@@ -296,25 +325,14 @@ def _recurrence_bwd(residuals, cotangents):
         d_hs,
         d_c_final,
     )
-    # The h each step multiplied by the recurrent kernel: the carried h before
-    # it, dropped as in the forward pass.
-    h_in = jnp.concatenate([h0[None], hs[:-1]], axis=0)
-    if dropmask is not None:
-        h_in = h_in * dropmask[None]
-    # dW and dU as one GEMM over every step and row, [x, h_in]^T @ dgates: 25 %
-    # less time than two contractions on a 2-core Xeon (68 -> 51 ms for the
-    # XLA part of the train benchmark's backward, benchmarks/NOTES.md entry 15).
-    features = x.shape[-1]
-    joined = jnp.concatenate([x, h_in], axis=-1).reshape(-1, features + h_in.shape[-1])
-    flat = dgates.reshape(-1, dgates.shape[-1])
-    d_weights = joined.T @ flat
-    d_kernel, d_recurrent = d_weights[:features], d_weights[features:]
-    d_bias = flat.sum(axis=0)
-    d_x = dgates @ kernel.T
+    if not want_x:
+        d_x = None
+    if not want_weights:
+        d_kernel = d_recurrent = d_bias = None
     return d_x, d_kernel, d_recurrent, d_bias, dh0, dc0, None, None, None
 
 
-recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+recurrence.defvjp(_recurrence_fwd, _recurrence_bwd, symbolic_zeros=True)
 
 
 ROW_AXES = ("batch", "bands")

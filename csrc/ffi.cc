@@ -5,13 +5,15 @@
 //   banded_rnn_lstm_forward        (x, kernel, recurrent, bias, h0, c0, valid, dropmask)
 //                                   -> (hs, c_final)
 //   banded_rnn_lstm_forward_train  same arguments -> (hs, cs, acts)
-//   banded_rnn_lstm_backward       (recurrent, c0, valid, dropmask, cs, acts, dhs, dc_last)
-//                                   -> (dgates, dh0, dc0)
+//   banded_rnn_lstm_backward       (recurrent, kernel, x, h0, hs, c0, valid, dropmask, cs,
+//                                   acts, dhs, dc_last)
+//                                   -> (dx, dkernel, drecurrent, dbias, dh0, dc0)
 // with the layouts of recurrence.h. Every array may carry the same leading
 // "group" axes as `recurrent` (what vmap adds with vmap_method="broadcast_all"):
 // each group runs with its own weights. The row axes between time and the
 // last axis are flattened. `valid` and `dropmask` may be empty, meaning every
-// step is valid and no dropout.
+// step is valid and no dropout; an empty `dx`, or empty weight gradients
+// (all three), are not computed.
 //
 // Rows are independent, so each call splits them into contiguous ranges, one
 // per thread, and every thread runs every time step of its rows with no
@@ -86,13 +88,14 @@ const Kernel* Current() {
 
 // ---------------------------------------------------------------- threads
 
-// Runs work(i) for i in [0, count): the calling thread and up to count - 1
+// Runs work(i) for i in [0, count): the calling thread and up to workers - 1
 // pool threads claim indices until none is left. The caller then waits only
 // for indices already claimed, which are running, so a pool thread that
 // starts late (or never, on a busy pool) cannot hold it up.
-void RunParallel(ffi::ThreadPool& pool, int count, const std::function<void(int)>& work) {
-  if (count <= 1) {
-    work(0);
+void RunParallel(ffi::ThreadPool& pool, int workers, int64_t count,
+                 const std::function<void(int)>& work) {
+  if (workers <= 1 || count <= 1) {
+    for (int i = 0; i < count; ++i) work(i);
     return;
   }
   struct Shared {
@@ -104,7 +107,7 @@ void RunParallel(ffi::ThreadPool& pool, int count, const std::function<void(int)
     const std::function<void(int)>* work = nullptr;  // used only while indices remain
   };
   auto shared = std::make_shared<Shared>();
-  shared->count = count;
+  shared->count = static_cast<int>(count);
   shared->work = &work;
   auto drain = [](Shared& s) {
     for (int i; (i = s.next.fetch_add(1)) < s.count;) {
@@ -113,7 +116,7 @@ void RunParallel(ffi::ThreadPool& pool, int count, const std::function<void(int)
       if (++s.done == s.count) s.finished.notify_all();
     }
   };
-  for (int i = 1; i < count; ++i) {
+  for (int i = 1; i < std::min<int64_t>(workers, count); ++i) {
     pool.Schedule([shared, drain] { drain(*shared); });
   }
   drain(*shared);
@@ -173,8 +176,12 @@ class Buffer {
 
 struct ScratchTag {};
 struct PackedTag {};
+struct PackedInputTag {};
+struct GatesTag {};
+struct HiddenTag {};
 
 // Room for `size` floats of packed weights in `blocks` blocks, none packed yet.
+template <class Tag = PackedTag>
 class PackedWeights {
  public:
   PackedWeights(std::size_t size, int64_t blocks)
@@ -189,7 +196,7 @@ class PackedWeights {
   }
 
  private:
-  Buffer<PackedTag> packed_;
+  Buffer<Tag> packed_;
   std::unique_ptr<std::atomic<std::uint8_t>[]> state_;
   int64_t blocks_;
 };
@@ -215,7 +222,7 @@ void OverRows(ffi::ThreadPool& pool, int64_t rows, int64_t work, std::size_t scr
               const std::function<void(int64_t, int64_t, float*)>& kernel_fn) {
   const int threads = ThreadsFor(pool, rows, work, kernel.row_tile);
   g_last_threads.store(threads, std::memory_order_relaxed);
-  RunParallel(pool, threads, [&](int index) {
+  RunParallel(pool, threads, threads, [&](int index) {
     const auto [begin, end] = RowRange(index, threads, rows, kernel.row_tile);
     if (begin >= end) return;
     Buffer<ScratchTag> scratch(static_cast<std::size_t>(end - begin) * scratch_per_row);
@@ -396,52 +403,121 @@ ffi::Error ForwardTraining(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 // --------------------------------------------------------------- backward
 
+// Floats of gate gradients one block of steps keeps (4 MiB): as many steps as
+// fit, at least one. Phase one of a block is the recurrence over its steps,
+// phase two its share of the weight gradients; the threads part at the end
+// of each phase (two hand-overs per block, some microseconds each).
+constexpr std::size_t kBlockFloats = (std::size_t{4} << 20) / sizeof(float);
+
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> recurrent,
-                    ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> valid,
-                    ffi::Buffer<ffi::F32> dropmask, ffi::Buffer<ffi::F32> cs,
-                    ffi::Buffer<ffi::F32> acts, ffi::Buffer<ffi::F32> dhs,
-                    ffi::Buffer<ffi::F32> dc_last, ffi::Result<ffi::Buffer<ffi::F32>> dgates,
-                    ffi::Result<ffi::Buffer<ffi::F32>> dh0, ffi::Result<ffi::Buffer<ffi::F32>> dc0) {
+                    ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> x,
+                    ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> c0,
+                    ffi::Buffer<ffi::PRED> valid, ffi::Buffer<ffi::F32> dropmask,
+                    ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> acts,
+                    ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> dc_last,
+                    ffi::Result<ffi::Buffer<ffi::F32>> dx, ffi::Result<ffi::Buffer<ffi::F32>> dkernel,
+                    ffi::Result<ffi::Buffer<ffi::F32>> drecurrent,
+                    ffi::Result<ffi::Buffer<ffi::F32>> dbias, ffi::Result<ffi::Buffer<ffi::F32>> dh0,
+                    ffi::Result<ffi::Buffer<ffi::F32>> dc0) {
   Layout layout{};
   BRNN_RETURN_IF_ERROR(
-      LayoutOf(recurrent, cs, "cs: expected [..., time, rows..., units]", layout));
-  const int64_t G = layout.G, H = layout.H, T = layout.T, R = layout.R;
-  BRNN_RETURN_IF_ERROR(Expect("cs", cs, G * T * R * H, false));
+      LayoutOf(recurrent, x, "x: expected [..., time, rows..., features]", layout));
+  const int64_t G = layout.G, H = layout.H, T = layout.T, R = layout.R, F = layout.last;
+  BRNN_RETURN_IF_ERROR(Expect("kernel", kernel, G * F * 4 * H, false));
+  BRNN_RETURN_IF_ERROR(Expect("h0", h0, G * R * H, false));
+  BRNN_RETURN_IF_ERROR(Expect("hs", hs, G * T * R * H, false));
   BRNN_RETURN_IF_ERROR(Expect("c0", c0, G * R * H, false));
   BRNN_RETURN_IF_ERROR(Expect("valid", valid, G * T * R, true));
   BRNN_RETURN_IF_ERROR(Expect("dropmask", dropmask, G * R * H, true));
+  BRNN_RETURN_IF_ERROR(Expect("cs", cs, G * T * R * H, false));
   BRNN_RETURN_IF_ERROR(Expect("acts", acts, G * T * R * 4 * H, false));
   BRNN_RETURN_IF_ERROR(Expect("dhs", dhs, G * T * R * H, false));
   BRNN_RETURN_IF_ERROR(Expect("dc_last", dc_last, G * R * H, false));
-  BRNN_RETURN_IF_ERROR(Expect("dgates", *dgates, G * T * R * 4 * H, false));
+  // An empty dx, or empty weight gradients, are not computed.
+  BRNN_RETURN_IF_ERROR(Expect("dx", *dx, G * T * R * F, true));
+  const bool weights = dkernel->element_count() != 0;
+  BRNN_RETURN_IF_ERROR(Expect("dkernel", *dkernel, G * F * 4 * H, true));
+  BRNN_RETURN_IF_ERROR(Expect("drecurrent", *drecurrent, weights ? G * H * 4 * H : 0, false));
+  BRNN_RETURN_IF_ERROR(Expect("dbias", *dbias, weights ? G * 4 * H : 0, false));
   BRNN_RETURN_IF_ERROR(Expect("dh0", *dh0, G * R * H, false));
   BRNN_RETURN_IF_ERROR(Expect("dc0", *dc0, G * R * H, false));
 
   const Kernel& k = *Current();
-  PackedWeights packed(k.backward_packed_size(H), k.backward_blocks(H));
   const bool has_valid = valid.element_count() != 0, has_dropmask = dropmask.element_count() != 0;
+  const bool inputs = dx->element_count() != 0;
+  // Steps per block: with the weight gradients, as many as kBlockFloats of gate
+  // gradients hold; without, the whole chunk in one block keeping one step.
+  const int64_t gates = 4 * H;
+  const int64_t steps =
+      weights ? std::clamp<int64_t>(static_cast<int64_t>(kBlockFloats) / (R * gates), 1, T) : T;
+  const int64_t kept_steps = weights ? steps : 1;
+  // `Buffer`s kept by this (the calling) thread; W floats of slack: the last
+  // vector of a row may read past its end (into lanes that are never stored).
+  Buffer<GatesTag> dgates_block(static_cast<std::size_t>(kept_steps * R * gates + k.width));
+  Buffer<HiddenTag> h_in_block(
+      weights && has_dropmask ? static_cast<std::size_t>(steps * R * H) : 0);
+  PackedWeights packed(k.transposed_packed_size(H, H), k.transposed_blocks(H));
+  PackedWeights<PackedInputTag> packed_inputs(inputs ? k.transposed_packed_size(F, H) : 0,
+                              k.transposed_blocks(F));
+  const int threads = ThreadsFor(pool, R, T * R * H * gates, k.row_tile);
+  g_last_threads.store(threads, std::memory_order_relaxed);
+  const int64_t column_blocks = (gates + k.column_block - 1) / k.column_block;
   for (int64_t g = 0; g < G; ++g) {
     BackwardArgs args{};
     args.time = T;
     args.rows = R;
+    args.features = F;
     args.units = H;
-    args.recurrent = recurrent.typed_data() + g * H * 4 * H;
+    args.recurrent = recurrent.typed_data() + g * H * gates;
     args.panels = packed.Reset();
+    args.kernel = kernel.typed_data() + g * F * gates;
+    args.input_panels = packed_inputs.Reset();
+    args.x = x.typed_data() + g * T * R * F;
+    args.h0 = h0.typed_data() + g * R * H;
+    args.hs = hs.typed_data() + g * T * R * H;
     args.c0 = c0.typed_data() + g * R * H;
     args.valid = has_valid ? reinterpret_cast<const std::uint8_t*>(valid.typed_data()) + g * T * R
                            : nullptr;
     args.dropmask = has_dropmask ? dropmask.typed_data() + g * R * H : nullptr;
     args.cs = cs.typed_data() + g * T * R * H;
-    args.acts = acts.typed_data() + g * T * R * 4 * H;
+    args.acts = acts.typed_data() + g * T * R * gates;
     args.dhs = dhs.typed_data() + g * T * R * H;
-    args.dc_last = dc_last.typed_data() + g * R * H;
-    args.dgates = dgates->typed_data() + g * T * R * 4 * H;
-    args.dh0 = dh0->typed_data() + g * R * H;
-    args.dc0 = dc0->typed_data() + g * R * H;
-    OverRows(pool, R, T * R * H * 4 * H, backward_scratch(H), k,
-             [&](int64_t begin, int64_t end, float* scratch) {
-               k.backward(args, begin, end, scratch);
-             });
+    args.dh = dh0->typed_data() + g * R * H;
+    args.dc = dc0->typed_data() + g * R * H;
+    std::fill(args.dh, args.dh + R * H, 0.0f);
+    std::copy(dc_last.typed_data() + g * R * H, dc_last.typed_data() + (g + 1) * R * H, args.dc);
+    args.step_stride = weights ? R * gates : 0;
+    args.dgates = dgates_block.data();
+    args.h_in = weights && has_dropmask ? h_in_block.data() : nullptr;
+    args.dx = inputs ? dx->typed_data() + g * T * R * F : nullptr;
+    if (weights) {
+      args.dkernel = dkernel->typed_data() + g * F * gates;
+      args.drecurrent = drecurrent->typed_data() + g * H * gates;
+      args.dbias = dbias->typed_data() + g * gates;
+      std::fill(args.dkernel, args.dkernel + F * gates, 0.0f);
+      std::fill(args.drecurrent, args.drecurrent + H * gates, 0.0f);
+      std::fill(args.dbias, args.dbias + gates, 0.0f);
+    }
+    for (int64_t t_end = T; t_end > 0;) {
+      const int64_t t_begin = std::max<int64_t>(0, t_end - steps);
+      args.block_begin = weights ? t_begin : 0;
+      RunParallel(pool, threads, threads, [&](int index) {
+        const auto [begin, end] = RowRange(index, threads, R, k.row_tile);
+        if (begin >= end) return;
+        Buffer<ScratchTag> scratch(static_cast<std::size_t>(end - begin) * backward_scratch(H));
+        k.backward(args, t_begin, t_end, begin, end, scratch.data());
+      });
+      if (weights) {
+        // Contiguous column ranges: each reads the block's x and h once.
+        const int parts = static_cast<int>(std::min<int64_t>(threads, column_blocks));
+        RunParallel(pool, parts, parts, [&](int index) {
+          const int64_t begin = column_blocks * index / parts * k.column_block;
+          const int64_t end = std::min(gates, column_blocks * (index + 1) / parts * k.column_block);
+          k.weight_gradients(args, t_begin, t_end, begin, end);
+        });
+      }
+      t_end = t_begin;
+    }
   }
   return ffi::Error::Success();
 }
@@ -478,6 +554,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BandedRnnLstmBackward, banded_rnn::Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()    // recurrent
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // kernel
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // h0
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // hs
                                   .Arg<ffi::Buffer<ffi::F32>>()    // c0
                                   .Arg<ffi::Buffer<ffi::PRED>>()   // valid
                                   .Arg<ffi::Buffer<ffi::F32>>()    // dropmask
@@ -485,7 +565,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BandedRnnLstmBackward, banded_rnn::Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()    // acts
                                   .Arg<ffi::Buffer<ffi::F32>>()    // dhs
                                   .Arg<ffi::Buffer<ffi::F32>>()    // dc_last
-                                  .Ret<ffi::Buffer<ffi::F32>>()    // dgates
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dx, or empty
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dkernel, or empty
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // drecurrent, or empty
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dbias, or empty
                                   .Ret<ffi::Buffer<ffi::F32>>()    // dh0
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dc0
 

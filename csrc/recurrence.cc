@@ -6,9 +6,13 @@
 // summed in registers, `bias + x_t @ kernel + h @ recurrent_kernel`, by a
 // microkernel over a tile of `kRowTile` rows whose weights are packed once
 // per call (block by block, on first use) so that each k reads four
-// consecutive vectors; the gate maths and
-// the state update follow in the same registers. Nothing is written per step
-// but the outputs.
+// consecutive vectors; the gate maths and the state update follow in the
+// same registers. Nothing is written per step but the outputs.
+//
+// The backward pass walks each block of steps in reverse with the same
+// microkernel (dh = dgates @ recurrent^T, and dx = dgates @ kernel^T), then
+// sums the block's weight gradients `[x, h]^T @ dgates` with it, the gate
+// gradients standing in as the packed operand.
 
 #include <algorithm>
 #include <atomic>
@@ -54,14 +58,15 @@ using std::int64_t;
 
 int64_t blocks(int64_t units, int64_t per_block) { return (units + per_block - 1) / per_block; }
 
-// Calls f(std::integral_constant<int, m>) for 1 <= m <= M.
-template <int M, class F>
-void with_rows(int m, F&& f) {
-  if constexpr (M >= 1) {
-    if (m == M) {
-      f(std::integral_constant<int, M>{});
+// Calls f(std::integral_constant<int, n>) for 1 <= n <= N: a tile's rows
+// or vectors as a compile-time count.
+template <int N, class F>
+void with_count(int n, F&& f) {
+  if constexpr (N >= 1) {
+    if (n == N) {
+      f(std::integral_constant<int, N>{});
     } else {
-      with_rows<M - 1>(m, f);
+      with_count<N - 1>(n, f);
     }
   }
 }
@@ -75,25 +80,43 @@ void over_tiles(int64_t begin, int64_t end, F&& tile) {
     tile(std::integral_constant<int, kRowTile>{}, row);
   }
   if (row < end) {
-    with_rows<kRowTile - 1>(static_cast<int>(end - row), [&](auto m) { tile(m, row); });
+    with_count<kRowTile - 1>(static_cast<int>(end - row), [&](auto m) { tile(m, row); });
   }
 }
 
-// acc[m][v] += sum_k rows[m][k] * panel[k][v]: the panel holds `depth`
-// k-rows of 4 consecutive vectors.
+// M rows of a left operand: element k of row m at rows[m][k * step], for k < depth.
 template <int M>
-inline void multiply_add(Vec (&acc)[M][kGates], const float* const (&rows)[M], int64_t depth,
-                         const float* panel) {
-  for (int64_t k = 0; k < depth; ++k, panel += kGates * W) {
-    const Vec b0 = load(panel), b1 = load(panel + W), b2 = load(panel + 2 * W),
-              b3 = load(panel + 3 * W);
-    for (int m = 0; m < M; ++m) {
-      const Vec a = splat(rows[m][k]);
-      acc[m][0] = fma(a, b0, acc[m][0]);
-      acc[m][1] = fma(a, b1, acc[m][1]);
-      acc[m][2] = fma(a, b2, acc[m][2]);
-      acc[m][3] = fma(a, b3, acc[m][3]);
+struct Rows {
+  const float* rows[M];
+  int64_t step;
+  int64_t depth;
+};
+
+// acc[m][v] += sum_k a[m][k] * b[k * b_step + v * W] for v < V, where a
+// concatenates the parts' rows (each part's depth in turn, and b runs on):
+// a tile of M rows by V vectors, each k broadcasting one float of each row.
+// The sums live in locals for the whole loop: through the reference GCC
+// cannot prove that the loads do not alias them, and would store all M * V
+// of them on every k (and between parts, spill them).
+template <int M, int V, int P>
+inline void multiply_add(Vec (&acc)[M][V], const Rows<M> (&parts)[P], const float* b,
+                         int64_t b_step) {
+  Vec sum[M][V];
+  for (int m = 0; m < M; ++m) {
+    for (int v = 0; v < V; ++v) sum[m][v] = acc[m][v];
+  }
+  for (const Rows<M>& part : parts) {
+    for (int64_t k = 0; k < part.depth; ++k, b += b_step) {
+      Vec bv[V];
+      for (int v = 0; v < V; ++v) bv[v] = load(b + v * W);
+      for (int m = 0; m < M; ++m) {
+        const Vec am = splat(part.rows[m][k * part.step]);
+        for (int v = 0; v < V; ++v) sum[m][v] = fma(am, bv[v], sum[m][v]);
+      }
     }
+  }
+  for (int m = 0; m < M; ++m) {
+    for (int v = 0; v < V; ++v) acc[m][v] = sum[m][v];
   }
 }
 
@@ -171,14 +194,12 @@ void forward_tile(const ForwardStep& s, const float* block, int64_t row, int64_t
   for (int m = 0; m < M; ++m) {
     for (int gate = 0; gate < kGates; ++gate) acc[m][gate] = load(block + gate * W);
   }
-  const float* x_rows[M];
-  const float* h_rows[M];
+  Rows<M> parts[2] = {{{}, 1, F}, {{}, 1, H}};  // x_t, then h: the packed k-rows' order
   for (int m = 0; m < M; ++m) {
-    x_rows[m] = a.x + (s.t * R + row + m) * F;
-    h_rows[m] = s.h_in + (row + m - s.h_in_origin) * H;
+    parts[0].rows[m] = a.x + (s.t * R + row + m) * F;
+    parts[1].rows[m] = s.h_in + (row + m - s.h_in_origin) * H;
   }
-  multiply_add<M>(acc, x_rows, F, block + kGates * W);
-  multiply_add<M>(acc, h_rows, H, block + (1 + F) * kGates * W);
+  multiply_add<M, kGates>(acc, parts, block + kGates * W, kGates * W);
 
   for (int m = 0; m < M; ++m) {
     const int64_t r = row + m;
@@ -243,124 +264,255 @@ void forward(const ForwardArgs& a, int64_t begin, int64_t end, float* scratch) {
 
 // ---------------------------------------------------------------- backward
 
-// packed[block][j][vector][lane] = recurrent[unit][j] with unit = block * 4W
-// + vector * W + lane (zero past `units`): the recurrent kernel transposed,
-// for dh = dgates @ recurrent^T.
-int64_t backward_blocks(int64_t units) { return blocks(units, kGates * W); }
+// packed[block][j][vector][lane] = matrix[i][j] with i = block * 4W + vector *
+// W + lane (zero past `count`): `matrix` [count, 4 * units] transposed, for
+// dh = dgates @ recurrent^T (count = units) and dx = dgates @ kernel^T
+// (count = features).
+int64_t transposed_blocks(int64_t count) { return blocks(count, kGates * W); }
 
-std::size_t backward_packed_size(int64_t units) {
-  return static_cast<std::size_t>(backward_blocks(units) * kGates * units * kGates * W);
+std::size_t transposed_packed_size(int64_t count, int64_t units) {
+  return static_cast<std::size_t>(transposed_blocks(count) * kGates * units * kGates * W);
 }
 
-void pack_backward_block(const BackwardArgs& a, int64_t block, float* packed) {
-  const int64_t H = a.units, gates = kGates * H;
+void pack_transposed_block(const float* matrix, int64_t count, int64_t units, int64_t block,
+                           float* packed) {
+  const int64_t gates = kGates * units;
   for (int64_t j = 0; j < gates; ++j) {
     for (int lane = 0; lane < kGates * W; ++lane) {
-      const int64_t unit = block * kGates * W + lane;
-      *packed++ = unit < H ? a.recurrent[unit * gates + j] : 0.0f;
+      const int64_t i = block * kGates * W + lane;
+      *packed++ = i < count ? matrix[i * gates + j] : 0.0f;
     }
   }
 }
 
-struct BackwardStep {
-  const BackwardArgs* args;
-  int64_t t;
-  int64_t begin;
-  float* dh_next;       // [rows in range, units]: the cotangent of h_{t-1}, being built
-  const float* dh_now;  // [rows in range, units]: the cotangent of h_t
-};
-
-// dh_next = (dgates_t @ recurrent^T) * dropmask for the valid rows; dh_now
-// passes through a step that left the state as it was.
+// acc = dgates rows [row, row + M) of step t @ the panel's transposed block:
+// 4W outputs per row.
 template <int M>
-void backward_tile(const BackwardStep& s, const float* block, int64_t row, int64_t unit0) {
-  const BackwardArgs& a = *s.args;
-  const int64_t R = a.rows, H = a.units;
-  Vec acc[M][kGates];
-  const float* rows[M];
+void transposed_product(const BackwardArgs& a, int64_t t, const float* panel, int64_t row,
+                        Vec (&acc)[M][kGates]) {
+  const int64_t G = kGates * a.units;
+  Rows<M> dgates[1] = {{{}, 1, G}};
   for (int m = 0; m < M; ++m) {
     for (int v = 0; v < kGates; ++v) acc[m][v] = splat(0.0f);
-    rows[m] = a.dgates + (s.t * R + row + m) * kGates * H;
+    dgates[0].rows[m] = a.dgates + (t - a.block_begin) * a.step_stride + (row + m) * G;
   }
-  multiply_add<M>(acc, rows, kGates * H, block);
+  multiply_add<M, kGates>(acc, dgates, panel, kGates * W);
+}
+
+// dh before step t: (dgates_t @ recurrent^T) * dropmask for a valid row; a
+// step that left the state as it was passes dh_now through.
+template <int M>
+void hidden_tile(const BackwardArgs& a, int64_t t, const float* dh_now, int64_t begin,
+                 const float* panel, int64_t row, int64_t unit0) {
+  const int64_t R = a.rows, H = a.units;
+  Vec acc[M][kGates];
+  transposed_product<M>(a, t, panel, row, acc);
   for (int m = 0; m < M; ++m) {
-    const int64_t r = row + m, local = (r - s.begin) * H;
-    const bool valid = a.valid == nullptr || a.valid[s.t * R + r];
+    const int64_t r = row + m;
+    const bool valid = a.valid == nullptr || a.valid[t * R + r];
     for (int v = 0; v < kGates; ++v) {
       const int64_t unit = unit0 + v * W;
       if (unit >= H) break;
       const int n = static_cast<int>(std::min<int64_t>(W, H - unit));
       Vec dh = acc[m][v];
       if (!valid) {
-        dh = load_units(s.dh_now + local + unit, n);
+        dh = load_units(dh_now + (r - begin) * H + unit, n);
       } else if (a.dropmask != nullptr) {
         dh = dh * load_units(a.dropmask + r * H + unit, n);
       }
-      store_units(s.dh_next + local + unit, dh, n);
+      store_units(a.dh + r * H + unit, dh, n);
     }
   }
 }
 
-void backward(const BackwardArgs& a, int64_t begin, int64_t end, float* scratch) {
-  const int64_t R = a.rows, H = a.units, count = end - begin;
-  float* dh_next = scratch;
-  float* dc_next = scratch + count * H;
-  float* dh_now = scratch + 2 * count * H;
-  std::fill(dh_next, dh_next + count * H, 0.0f);
-  std::copy(a.dc_last + begin * H, a.dc_last + end * H, dc_next);
-  const int64_t block_size = kGates * H * kGates * W, count_blocks = backward_blocks(H);
-  const int64_t first = first_block(begin, R, count_blocks);
-  for (int64_t t = a.time - 1; t >= 0; --t) {
-    const float* c_prev_base = t == 0 ? a.c0 : a.cs + (t - 1) * R * H;
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t local = (r - begin) * H, step = t * R + r;
-      const bool valid = a.valid == nullptr || a.valid[step];
-      const float* acts = a.acts + step * kGates * H;
-      float* dgates = a.dgates + step * kGates * H;
-      for (int64_t unit = 0; unit < H; unit += W) {
-        const int n = static_cast<int>(std::min<int64_t>(W, H - unit));
-        const Vec dh = load_units(a.dhs + step * H + unit, n) +
-                       load_units(dh_next + local + unit, n);
-        store_units(dh_now + local + unit, dh, n);
-        if (!valid) {
-          for (int gate = 0; gate < kGates; ++gate) {
-            store_units(dgates + gate * H + unit, splat(0.0f), n);
-          }
-          continue;
-        }
-        const Vec i = load_units(acts + unit, n), f = load_units(acts + H + unit, n),
-                  g = load_units(acts + 2 * H + unit, n), o = load_units(acts + 3 * H + unit, n);
-        const Vec c = load_units(a.cs + step * H + unit, n);
-        const Vec c_prev = load_units(c_prev_base + r * H + unit, n);
-        const Vec tanh_c = tanh(c);
-        const Vec dc = fma(dh * o, 1.0f - tanh_c * tanh_c, load_units(dc_next + local + unit, n));
-        store_units(dgates + unit, dc * g * i * (1.0f - i), n);
-        store_units(dgates + H + unit, dc * c_prev * f * (1.0f - f), n);
-        store_units(dgates + 2 * H + unit, dc * i * (1.0f - g * g), n);
-        store_units(dgates + 3 * H + unit, dh * tanh_c * o * (1.0f - o), n);
-        store_units(dc_next + local + unit, dc * f, n);
-      }
+// dx_t = dgates_t @ kernel^T (zero at an invalid step, whose dgates are zero).
+template <int M>
+void input_tile(const BackwardArgs& a, int64_t t, const float* panel, int64_t row,
+                int64_t feature0) {
+  const int64_t F = a.features;
+  Vec acc[M][kGates];
+  transposed_product<M>(a, t, panel, row, acc);
+  for (int m = 0; m < M; ++m) {
+    float* dx = a.dx + (t * a.rows + row + m) * F;
+    for (int v = 0; v < kGates; ++v) {
+      const int64_t feature = feature0 + v * W;
+      if (feature >= F) break;
+      store_units(dx + feature, acc[m][v], static_cast<int>(std::min<int64_t>(W, F - feature)));
     }
-    BackwardStep s{&a, t, begin, dh_next, dh_now};
-    for (int64_t j = 0; j < count_blocks; ++j) {
-      const int64_t block = (first + j) % count_blocks;
-      // Every block is ready once this thread has visited it at the last step.
-      const float* panel =
-          t == a.time - 1 ? ready_panel(a.panels, block, block_size,
-                                        [&](float* out) { pack_backward_block(a, block, out); })
-                          : a.panels.packed + block * block_size;
-      over_tiles(begin, end, [&](auto m, int64_t row) {
-        backward_tile<decltype(m)::value>(s, panel, row, block * kGates * W);
+  }
+}
+
+// Row r's gate gradients at step t from dh = dhs_t + the running dh, and the
+// running dc; leaves dh in dh_now and dc_{t-1} in the running dc.
+void gate_gradients(const BackwardArgs& a, int64_t t, int64_t r, float* dh_now) {
+  const int64_t R = a.rows, H = a.units, step = t * R + r;
+  const bool valid = a.valid == nullptr || a.valid[step];
+  const float* acts = a.acts + step * kGates * H;
+  const float* c_prev = (t == 0 ? a.c0 : a.cs + (t - 1) * R * H) + r * H;
+  float* dgates = a.dgates + (t - a.block_begin) * a.step_stride + r * kGates * H;
+  float* dc_next = a.dc + r * H;
+  for (int64_t unit = 0; unit < H; unit += W) {
+    const int n = static_cast<int>(std::min<int64_t>(W, H - unit));
+    const Vec dh = load_units(a.dhs + step * H + unit, n) + load_units(a.dh + r * H + unit, n);
+    store_units(dh_now + unit, dh, n);
+    if (!valid) {
+      for (int gate = 0; gate < kGates; ++gate) {
+        store_units(dgates + gate * H + unit, splat(0.0f), n);
+      }
+      continue;
+    }
+    const Vec i = load_units(acts + unit, n), f = load_units(acts + H + unit, n),
+              g = load_units(acts + 2 * H + unit, n), o = load_units(acts + 3 * H + unit, n);
+    const Vec c = load_units(a.cs + step * H + unit, n);
+    const Vec tanh_c = tanh(c);
+    const Vec dc = fma(dh * o, 1.0f - tanh_c * tanh_c, load_units(dc_next + unit, n));
+    store_units(dgates + unit, dc * g * i * (1.0f - i), n);
+    store_units(dgates + H + unit, dc * load_units(c_prev + unit, n) * f * (1.0f - f), n);
+    store_units(dgates + 2 * H + unit, dc * i * (1.0f - g * g), n);
+    store_units(dgates + 3 * H + unit, dh * tanh_c * o * (1.0f - o), n);
+    store_units(dc_next + unit, dc * f, n);
+  }
+  if (a.h_in != nullptr) {  // h_{t-1} * dropmask, for the weight gradients
+    const float* h_prev = (t == 0 ? a.h0 : a.hs + (t - 1) * R * H) + r * H;
+    float* h_in = a.h_in + ((t - a.block_begin) * R + r) * H;
+    for (int64_t u = 0; u < H; ++u) h_in[u] = h_prev[u] * a.dropmask[r * H + u];
+  }
+}
+
+// Runs tile(m, row, panel, block) over every packed transposed block of
+// `count` outputs for rows [begin, end), starting from this thread's first
+// block; packs the blocks on the first step walked (the last one).
+template <class Tile>
+void over_transposed_blocks(const BackwardArgs& a, int64_t t, const Panels& panels,
+                            const float* matrix, int64_t count, int64_t begin, int64_t end,
+                            Tile&& tile) {
+  const int64_t size = kGates * a.units * kGates * W, total = transposed_blocks(count);
+  const int64_t first = first_block(begin, a.rows, total);
+  for (int64_t j = 0; j < total; ++j) {
+    const int64_t block = (first + j) % total;
+    // Every block is ready once this thread has visited it at the last step.
+    const float* panel =
+        t == a.time - 1 ? ready_panel(panels, block, size,
+                                      [&](float* out) {
+                                        pack_transposed_block(matrix, count, a.units, block, out);
+                                      })
+                        : panels.packed + block * size;
+    over_tiles(begin, end, [&](auto m, int64_t row) {
+      tile(m, row, panel, block * kGates * W);
+    });
+  }
+}
+
+void backward(const BackwardArgs& a, int64_t t_begin, int64_t t_end, int64_t begin, int64_t end,
+              float* dh_now) {
+  const int64_t H = a.units;
+  for (int64_t t = t_end - 1; t >= t_begin; --t) {
+    for (int64_t r = begin; r < end; ++r) gate_gradients(a, t, r, dh_now + (r - begin) * H);
+    over_transposed_blocks(a, t, a.panels, a.recurrent, H, begin, end,
+                           [&](auto m, int64_t row, const float* panel, int64_t unit) {
+                             hidden_tile<decltype(m)::value>(a, t, dh_now, begin, panel, row,
+                                                             unit);
+                           });
+    if (a.dx != nullptr) {
+      over_transposed_blocks(a, t, a.input_panels, a.kernel, a.features, begin, end,
+                             [&](auto m, int64_t row, const float* panel, int64_t feature) {
+                               input_tile<decltype(m)::value>(a, t, panel, row, feature);
+                             });
+    }
+  }
+}
+
+// k-rows (step, row) of a weight-gradient GEMM summed in registers before
+// they are added to the gradient in memory: 64 k-rows of 4 vectors of gate
+// gradients (16 KiB) stay in L1 while every row tile of the output reads them.
+constexpr int64_t kDepthChunk = 64;
+
+// Columns [column_begin, column_end) of the weight gradients, over the k-rows
+// [k_begin, k_end) of the block:
+//   dkernel[i][j]    += sum_k x[k][i] * dgates[k][j]
+//   drecurrent[i][j] += sum_k h[k][i] * dgates[k][j]   (h: h_{t-1}, dropped)
+//   dbias[j]         += sum_k dgates[k][j]
+// with x, h and dgates at their k-row k_begin, in chunks of kDepthChunk
+// k-rows: each output adds its chunks in order, whatever columns are asked for.
+void accumulate_weight_gradients(const BackwardArgs& a, const float* x, const float* h,
+                                 const float* dgates, int64_t k_rows, int64_t column_begin,
+                                 int64_t column_end) {
+  const int64_t F = a.features, H = a.units, G = kGates * H;
+  for (int64_t k0 = 0; k0 < k_rows; k0 += kDepthChunk) {
+    const int64_t chunk = std::min(kDepthChunk, k_rows - k0);
+    for (int64_t j = column_begin; j < column_end; j += kGates * W) {
+      const int64_t width = std::min<int64_t>(kGates * W, column_end - j);
+      const int last = static_cast<int>(width - (width - 1) / W * W);  // lanes of the last vector
+      with_count<kGates>(static_cast<int>((width + W - 1) / W), [&](auto vectors) {
+        constexpr int V = decltype(vectors)::value;
+        // The chunk's V vectors of each k-row, side by side: rows of dgates
+        // lie 4 * units floats apart, a power-of-two stride that maps them
+        // onto a few sets of L1, where every row tile would miss them.
+        alignas(64) float panel[kDepthChunk * kGates * W];
+        for (int64_t k = 0; k < chunk; ++k) {
+          for (int v = 0; v < V; ++v) {
+            store(panel + (k * V + v) * W, load(dgates + (k0 + k) * G + j + v * W));
+          }
+        }
+        auto add = [&](float* out, const Vec(&acc)[V]) {
+          for (int v = 0; v < V; ++v) {
+            const int n = v == V - 1 ? last : W;
+            store_units(out + v * W, load_units(out + v * W, n) + acc[v], n);
+          }
+        };
+        // gradient[i][j..] += sum over the chunk of a[k][i] * panel[k]
+        auto transposed_product = [&](float* gradient, const float* a_rows, int64_t count) {
+          over_tiles(0, count, [&](auto m, int64_t i) {
+            constexpr int M = decltype(m)::value;
+            Vec acc[M][V];
+            Rows<M> columns[1] = {{{}, count, chunk}};  // column i + r of a's k-rows
+            for (int r = 0; r < M; ++r) {
+              for (int v = 0; v < V; ++v) acc[r][v] = splat(0.0f);
+              columns[0].rows[r] = a_rows + k0 * count + i + r;
+            }
+            multiply_add<M, V>(acc, columns, panel, V * W);
+            for (int r = 0; r < M; ++r) add(gradient + (i + r) * G + j, acc[r]);
+          });
+        };
+        transposed_product(a.dkernel, x, F);
+        transposed_product(a.drecurrent, h, H);
+        Vec sums[V];
+        for (int v = 0; v < V; ++v) sums[v] = splat(0.0f);
+        for (int64_t k = 0; k < chunk; ++k) {
+          for (int v = 0; v < V; ++v) sums[v] = sums[v] + load(panel + (k * V + v) * W);
+        }
+        add(a.dbias + j, sums);
       });
     }
   }
-  std::copy(dh_next, dh_next + count * H, a.dh0 + begin * H);
-  std::copy(dc_next, dc_next + count * H, a.dc0 + begin * H);
+}
+
+void weight_gradients(const BackwardArgs& a, int64_t t_begin, int64_t t_end, int64_t column_begin,
+                      int64_t column_end) {
+  const int64_t R = a.rows, F = a.features, H = a.units, G = kGates * H;
+  const int64_t k_rows = (t_end - t_begin) * R;
+  const float* x = a.x + t_begin * R * F;
+  const float* dgates = a.dgates + (t_begin - a.block_begin) * a.step_stride;
+  auto accumulate = [&](int64_t k_begin, int64_t k_end, const float* h) {
+    accumulate_weight_gradients(a, x + k_begin * F, h, dgates + k_begin * G, k_end - k_begin,
+                                column_begin, column_end);
+  };
+  // The h each step multiplied by the recurrent kernel: dropped into h_in, or
+  // h0 at step 0 and then hs.
+  if (a.h_in != nullptr) {
+    accumulate(0, k_rows, a.h_in);
+  } else if (t_begin == 0) {
+    accumulate(0, R, a.h0);
+    if (k_rows > R) accumulate(R, k_rows, a.hs);
+  } else {
+    accumulate(0, k_rows, a.hs + (t_begin - 1) * R * H);
+  }
 }
 
 constexpr Kernel kKernel{
-    BRNN_NAME,           W,       kRowTile, forward_blocks, forward_packed_size, backward_blocks,
-    backward_packed_size, forward, backward,
+    BRNN_NAME,         W,        kRowTile,         forward_blocks,
+    forward_packed_size, transposed_blocks, transposed_packed_size, forward,
+    backward,          weight_gradients, kGates * W,
 };
 
 }  // namespace

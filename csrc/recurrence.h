@@ -13,7 +13,8 @@
 //   hs       [time, rows, units]         the carried h after every step
 //   cs       [time, rows, units]         the carried c after every step (training)
 //   acts     [time, rows, 4 * units]     sigmoid(i), sigmoid(f), tanh(g), sigmoid(o) (training)
-//   dgates   [time, rows, 4 * units]     the gradient of the gate pre-activations
+//   dgates   [steps, rows, 4 * units]    the gradient of the gate pre-activations,
+//                                        one block of steps at a time
 //
 // Every row runs the same instructions in the same order whichever tile,
 // thread or chunk it falls in, so results do not depend on the number of
@@ -56,20 +57,46 @@ struct ForwardArgs {
   float* c_final;  // [rows, units]: the running c in inference; null in training
 };
 
+// The backward pass runs in blocks of steps, from the last block to the first.
+// For each block, `backward` walks its steps in reverse for a range of rows
+// and leaves each step's gate gradients in `dgates`; then `weight_gradients`
+// adds the block's share of dW, dU and db for a range of their columns:
+// `[x_t, h_{t-1}]^T @ dgates_t` over the block's steps and every row, the
+// kernel's own GEMM, so the gate gradients never leave a buffer that is
+// reused from block to block (benchmarks/NOTES.md entry 16). Every column is
+// summed in the same order whichever thread computes it.
 struct BackwardArgs {
-  std::int64_t time, rows, units;
+  std::int64_t time, rows, features, units;
   const float* recurrent;
-  Panels panels;
+  Panels panels;        // recurrent^T
+  const float* kernel;  // for dx
+  Panels input_panels;  // kernel^T, when dx is wanted
+  const float* x;       // [time, rows, features], when the weight gradients are wanted
+  const float* h0;      // [rows, units]
+  const float* hs;      // [time, rows, units]
   const float* c0;
   const std::uint8_t* valid;
   const float* dropmask;
   const float* cs;
   const float* acts;
-  const float* dhs;      // [time, rows, units]: the cotangent of hs
-  const float* dc_last;  // [rows, units]: the cotangent of the final c
+  const float* dhs;  // [time, rows, units]: the cotangent of hs
+  // The cotangents of h and c before the steps walked so far ([rows, units]):
+  // the cotangent of the final c at first, dh0 and dc0 at the end.
+  float* dh;
+  float* dc;
+  // The block being walked starts at step `block_begin`. Its gate gradients:
+  // step t, row r at dgates + (t - block_begin) * step_stride + r * 4 * units
+  // (step_stride 0: only the step being walked is kept, when no weight
+  // gradient is wanted).
+  std::int64_t block_begin;
+  std::int64_t step_stride;
   float* dgates;
-  float* dh0;
-  float* dc0;
+  float* h_in;        // [block steps, rows, units]: h_{t-1} * dropmask, when both
+                      // the weight gradients and dropout are on; else null
+  float* dx;          // [time, rows, features], or null
+  float* dkernel;     // [features, 4 * units], accumulated; null: no weight gradients
+  float* drecurrent;  // [units, 4 * units], accumulated
+  float* dbias;       // [4 * units], accumulated
 };
 
 // One instruction set's build of the kernel.
@@ -77,20 +104,30 @@ struct Kernel {
   const char* name;
   int width;     // floats per vector
   int row_tile;  // rows per microkernel tile
-  // Blocks and floats of packed weights for forward / backward.
+  // Blocks and floats of packed weights: forward, and the transposed layout
+  // of dh = dgates @ recurrent^T (count = units) and dx = dgates @ kernel^T
+  // (count = features).
   std::int64_t (*forward_blocks)(std::int64_t units);
   std::size_t (*forward_packed_size)(std::int64_t features, std::int64_t units);
-  std::int64_t (*backward_blocks)(std::int64_t units);
-  std::size_t (*backward_packed_size)(std::int64_t units);
+  std::int64_t (*transposed_blocks)(std::int64_t count);
+  std::size_t (*transposed_packed_size)(std::int64_t count, std::int64_t units);
   // Rows [begin, end) over every time step. `scratch` holds
-  // forward_scratch(units) / backward_scratch(units) floats per row.
+  // forward_scratch(units) floats per row.
   void (*forward)(const ForwardArgs& args, std::int64_t begin, std::int64_t end, float* scratch);
-  void (*backward)(const BackwardArgs& args, std::int64_t begin, std::int64_t end,
-                   float* scratch);
+  // Steps [t_begin, t_end) of the block at args.block_begin, last first, for
+  // rows [begin, end). `scratch` holds backward_scratch(units) floats per row.
+  void (*backward)(const BackwardArgs& args, std::int64_t t_begin, std::int64_t t_end,
+                   std::int64_t begin, std::int64_t end, float* scratch);
+  // The weight gradients' columns [column_begin, column_end) (of 4 * units),
+  // accumulated over steps [t_begin, t_end) = the whole block.
+  void (*weight_gradients)(const BackwardArgs& args, std::int64_t t_begin, std::int64_t t_end,
+                           std::int64_t column_begin, std::int64_t column_end);
+  // Columns per unit of weight_gradients' work (a multiple of the vector width).
+  int column_block;
 };
 
 inline std::size_t forward_scratch(std::int64_t units) { return units; }
-inline std::size_t backward_scratch(std::int64_t units) { return 3 * units; }
+inline std::size_t backward_scratch(std::int64_t units) { return units; }
 
 // Defined in the instruction-set builds; null where this build has none.
 extern const Kernel* const kAvx512Kernel;

@@ -195,10 +195,154 @@ def test_gradients_match_finite_differences_of_the_reference(path, masked):
             np.testing.assert_allclose(analytic, numeric, rtol=2e-4, atol=1e-4, err_msg=name)
 
 
-def test_results_are_bit_identical_for_one_two_and_three_threads(threads):
+# -- the backward kernel's blocks of steps and its weight gradients ---------------------
+
+# 300 steps of 64 rows and 32 units: more gate gradients than one block of the
+# backward kernel keeps (4 MiB), so its weight gradients add up three blocks of
+# steps (walked last first: 172-299, 44-171, then 0-43, which reads h0).
+BLOCKS_SHAPE = dict(time=300, rows=(4, 16), features=5, units=32)
+
+
+def _layer64(x, kernel, recurrent, bias, h0, c0, valid, dropmask):
+    """One LSTM layer in float64 NumPy, rows vectorised: ``x [time, rows...,
+    features]``; a false ``valid`` step keeps the state; ``dropmask``
+    multiplies h before the recurrent kernel. Returns ``(hs, c_final)``."""
+    h, c, hs = h0, c0, []
+    for t in range(x.shape[0]):
+        z = x[t] @ kernel + (h * dropmask) @ recurrent + bias
+        i, f, g, o = np.split(z, 4, axis=-1)
+        sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+        c_new = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+        h_new = sigmoid(o) * np.tanh(c_new)
+        keep = valid[t][..., None]
+        h, c = np.where(keep, h_new, h), np.where(keep, c_new, c)
+        hs.append(h)
+    return np.stack(hs), c
+
+
+def _blocks_case(seed, masked, dropped):
+    rng = np.random.default_rng(seed)
+    time, rows, features, units = (BLOCKS_SHAPE[k] for k in ("time", "rows", "features", "units"))
+    args = dict(
+        x=rng.normal(size=(time, *rows, features)),
+        kernel=rng.normal(size=(features, 4 * units)) * 0.4,
+        recurrent=rng.normal(size=(units, 4 * units)) * 0.3,
+        bias=rng.normal(size=(4 * units,)) * 0.5,
+        h0=rng.normal(size=(*rows, units)) * 0.5,
+        c0=rng.normal(size=(*rows, units)),
+    )
+    valid = rng.random((time, *rows)) > 0.2 if masked else np.ones((time, *rows), bool)
+    dropmask = (rng.random((*rows, units)) > 0.3) / 0.7 if dropped else np.ones((*rows, units))
+    weights = (rng.normal(size=(time, *rows, units)), rng.normal(size=(*rows, units)))
+    return args, valid, dropmask, weights
+
+
+@pytest.mark.parametrize("masked, dropped", [(False, False), (True, True)])
+def test_gradients_over_several_blocks_match_finite_differences_of_a_float64_loop(
+    isa, masked, dropped
+):
+    """Every gradient of one layer (inputs, the three weights, h0 and c0), with
+    a mask and recurrent dropout, over three blocks of the backward kernel:
+    directional derivatives against central differences of a float64 loop."""
+    args, valid, dropmask, (out_w, c_w) = _blocks_case(0, masked, dropped)
+
+    def loss(args):
+        hs, c = _kernel.recurrence(
+            *(args[k] for k in ("x", "kernel", "recurrent", "bias", "h0", "c0")),
+            jnp.asarray(valid) if masked else None,
+            jnp.asarray(dropmask, jnp.float32) if dropped else None,
+            None,
+        )
+        return jnp.sum(hs * out_w) + jnp.sum(c * c_w)
+
+    grads = jax.jit(jax.grad(loss))(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), args))
+    args64 = jax.tree.map(lambda a: np.asarray(np.asarray(a, np.float32), np.float64), args)
+    rng, eps = np.random.default_rng(1), 1e-5
+
+    def loss64(moved):
+        hs, c = _layer64(**moved, valid=valid, dropmask=dropmask)
+        return np.sum(hs * out_w) + np.sum(c * c_w)
+
+    for name, value in args64.items():
+        d = rng.normal(size=value.shape)
+        numeric = (
+            loss64({**args64, name: value + eps * d}) - loss64({**args64, name: value - eps * d})
+        ) / (2 * eps)
+        analytic = np.sum(np.asarray(grads[name], np.float64) * d)
+        np.testing.assert_allclose(analytic, numeric, rtol=2e-4, atol=1e-3, err_msg=name)
+
+
+def test_the_backward_kernel_computes_only_what_is_differentiated():
+    """Gradients for the weights alone or the inputs alone: the custom call is
+    given empty results for the rest (so skips them) and returns the bits it
+    returns when everything is differentiated, over several blocks."""
+    args, _, _, (out_w, c_w) = _blocks_case(2, False, False)
+    args = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), args)
+    names = ("x", "kernel", "recurrent", "bias", "h0", "c0")
+
+    def loss(*values):
+        hs, c = _kernel.recurrence(*values, None, None, None)
+        return jnp.sum(hs * out_w) + jnp.sum(c * c_w)
+
+    values = tuple(args[k] for k in names)
+    everything = jax.jit(jax.grad(loss, argnums=tuple(range(6))))(*values)
+    for argnums in [(1, 2, 3), (0,), (4, 5)]:
+        grad = jax.jit(jax.grad(loss, argnums=argnums))
+        hlo = grad.lower(*values).as_text()
+        call = next(line for line in hlo.splitlines() if _kernel.BACKWARD in line)
+        results = call.rsplit("->", 1)[1]  # dx, dkernel, drecurrent, dbias, dh0, dc0
+        empty = (argnums != (0,)) + 3 * (argnums != (1, 2, 3))
+        assert results.count("tensor<0xf32>") == empty, call
+        for got, index in zip(grad(*values), argnums, strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(everything[index]))
+
+
+def test_vmapped_gradients_over_several_blocks_match_each_entry(threads):
+    """vmap over the weights runs each entry's backward with its own weights
+    (groups of the custom call): each entry's gradients equal those of a call
+    of its own, and agree with the float64 loop's finite differences."""
+    args, valid, _, (out_w, c_w) = _blocks_case(3, True, False)
+    args = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), args)
+
+    def loss(weights, x):
+        hs, c = _kernel.recurrence(x, *weights, args["h0"], args["c0"], valid, None, None)
+        return jnp.sum(hs * out_w) + jnp.sum(c * c_w)
+
+    weights = tuple(args[k] for k in ("kernel", "recurrent", "bias"))
+    stacked = jax.tree.map(lambda w: jnp.stack([w, -0.5 * w]), weights)
+    batched = jax.jit(jax.vmap(jax.grad(loss), in_axes=(0, None)))(stacked, args["x"])
+    one = jax.jit(jax.grad(loss))
+    for entry in range(2):
+        alone = one(jax.tree.map(lambda w, e=entry: w[e], stacked), args["x"])
+        for got, expected in zip(batched, alone, strict=True):
+            np.testing.assert_array_equal(np.asarray(got[entry]), np.asarray(expected))
+    args64 = jax.tree.map(lambda a: np.asarray(a, np.float64), args)
+    w64 = [np.asarray(w[1], np.float64) for w in stacked]
+    d = np.random.default_rng(4).normal(size=w64[1].shape)
+    eps = 1e-5
+
+    def loss64(recurrent):
+        hs, c = _layer64(
+            args64["x"], w64[0], recurrent, w64[2], args64["h0"], args64["c0"], valid, 1.0
+        )
+        return np.sum(hs * out_w) + np.sum(c * c_w)
+
+    numeric = (loss64(w64[1] + eps * d) - loss64(w64[1] - eps * d)) / (2 * eps)
+    analytic = np.sum(np.asarray(batched[1][1], np.float64) * d)
+    np.testing.assert_allclose(analytic, numeric, rtol=2e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (4, 9, 40, 6),  # 36 rows: several tiles per thread
+        (4, 16, 300, 6),  # several blocks of steps in the backward kernel
+    ],
+)
+def test_results_are_bit_identical_for_one_two_and_three_threads(threads, shape):
     model = _model(32, 2, recurrent_dropout=0.3)
-    variables, x = _variables(model, (4, 9, 40, 6))  # 36 rows: several tiles per thread
-    mask = np.random.default_rng(0).random((4, 9, 40)) > 0.2
+    variables, x = _variables(model, shape)
+    mask = np.random.default_rng(0).random(shape[:3]) > 0.2
     rngs = {"dropout": jax.random.key(5)}
 
     def run(params):
