@@ -101,6 +101,11 @@ def check_input_shape(
         )
     if shape[3] is None:
         raise ValueError(f"{name}: the features axis must be static; received shape {shape}")
+    if shape[3] == 0:
+        raise ValueError(
+            f"{name}: expected at least one feature, [batch, bands, time, features >= 1]; "
+            f"received shape {shape}"
+        )
     if not _matches(shape[:2], (batch, bands)):
         raise ValueError(
             f"{name}: expected shape [batch, bands, time, features] = ({batch}, {bands}, time, "

@@ -36,6 +36,15 @@ def test_features_differ_from_parameters():
         apply(inputs=np.zeros((2, 3, 4, 7), np.float32))
 
 
+@pytest.mark.parametrize("implementation", ["kernel", "scan"])
+def test_inputs_without_features(implementation):
+    model = BandedLSTM(5, implementation=implementation)
+    with pytest.raises(
+        ValueError, match=r"inputs: expected at least one feature.*received shape \(2, 3, 4, 0\)"
+    ):
+        model.init(jax.random.key(0), None, np.zeros((2, 3, 4, 0), np.float32))
+
+
 @pytest.mark.parametrize("dtype", [np.int32, np.bool_, np.uint8])
 def test_non_float_inputs(dtype):
     with pytest.raises(TypeError, match=r"inputs: expected a floating dtype"):
