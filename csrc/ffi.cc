@@ -32,6 +32,7 @@
 #include <mutex>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <vector>
 
 #include "recurrence.h"
@@ -216,17 +217,31 @@ class ReadyPanels {
   std::unique_ptr<std::atomic<std::uint8_t>[]> state_;
 };
 
-// Runs kernel_fn(begin, end, scratch) over the rows, split between threads.
-void OverRows(ffi::ThreadPool& pool, int64_t rows, int64_t work, std::size_t scratch_per_row,
-              const Kernel& kernel,
-              const std::function<void(int64_t, int64_t, float*)>& kernel_fn) {
-  const int threads = ThreadsFor(pool, rows, work, kernel.row_tile);
+// Runs the forward kernel over every row and unit, split between threads.
+// Over several steps, each thread takes a contiguous range of rows and runs
+// every step of them with every unit. A single step (a streamed frame) carries
+// nothing from step to step, so there the threads split the units instead:
+// each reads only its share of the weights, where a split of the rows has
+// every thread read all of them (7.2 MB a sub-band frame; NOTES entry 17).
+// Either way every row and unit runs the same instructions.
+void ForwardOverThreads(ffi::ThreadPool& pool, const Kernel& kernel, const ForwardArgs& args) {
+  const int64_t R = args.rows, H = args.units, blocks = kernel.forward_blocks(H);
+  const int64_t work = args.time * R * (args.features + H) * 4 * H;
+  const bool split_units = args.time == 1 && blocks > 1;
+  const int threads = split_units ? ThreadsFor(pool, blocks, work, 1)
+                                  : ThreadsFor(pool, R, work, kernel.row_tile);
   g_last_threads.store(threads, std::memory_order_relaxed);
   RunParallel(pool, threads, threads, [&](int index) {
-    const auto [begin, end] = RowRange(index, threads, rows, kernel.row_tile);
-    if (begin >= end) return;
-    Buffer<ScratchTag> scratch(static_cast<std::size_t>(end - begin) * scratch_per_row);
-    kernel_fn(begin, end, scratch.data());
+    int64_t begin = 0, end = R, first = 0, last = blocks;
+    if (split_units) {
+      first = blocks * index / threads;
+      last = blocks * (index + 1) / threads;
+    } else {
+      std::tie(begin, end) = RowRange(index, threads, R, kernel.row_tile);
+    }
+    if (begin >= end || first >= last) return;
+    Buffer<ScratchTag> scratch(static_cast<std::size_t>(end - begin) * forward_scratch(H));
+    kernel.forward(args, begin, end, first, last, scratch.data());
   });
 }
 
@@ -368,10 +383,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     args.cs = cs != nullptr ? cs + g * T * R * H : nullptr;
     args.acts = acts != nullptr ? acts + g * T * R * 4 * H : nullptr;
     args.c_final = c_final != nullptr ? c_final + g * R * H : nullptr;
-    OverRows(pool, R, T * R * (F + H) * 4 * H, forward_scratch(H), k,
-             [&](int64_t begin, int64_t end, float* scratch) {
-               k.forward(args, begin, end, scratch);
-             });
+    ForwardOverThreads(pool, k, args);
   }
   return ffi::Error::Success();
 }
@@ -433,11 +445,12 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> recurrent,
   BRNN_RETURN_IF_ERROR(Expect("acts", acts, G * T * R * 4 * H, false));
   BRNN_RETURN_IF_ERROR(Expect("dhs", dhs, G * T * R * H, false));
   BRNN_RETURN_IF_ERROR(Expect("dc_last", dc_last, G * R * H, false));
-  // An empty dx, or empty weight gradients, are not computed.
+  // An empty dx, or empty weight gradients, are not computed (drecurrent says
+  // which: with no features, dkernel is empty either way).
   BRNN_RETURN_IF_ERROR(Expect("dx", *dx, G * T * R * F, true));
-  const bool weights = dkernel->element_count() != 0;
-  BRNN_RETURN_IF_ERROR(Expect("dkernel", *dkernel, G * F * 4 * H, true));
-  BRNN_RETURN_IF_ERROR(Expect("drecurrent", *drecurrent, weights ? G * H * 4 * H : 0, false));
+  const bool weights = drecurrent->element_count() != 0;
+  BRNN_RETURN_IF_ERROR(Expect("dkernel", *dkernel, weights ? G * F * 4 * H : 0, false));
+  BRNN_RETURN_IF_ERROR(Expect("drecurrent", *drecurrent, G * H * 4 * H, true));
   BRNN_RETURN_IF_ERROR(Expect("dbias", *dbias, weights ? G * 4 * H : 0, false));
   BRNN_RETURN_IF_ERROR(Expect("dh0", *dh0, G * R * H, false));
   BRNN_RETURN_IF_ERROR(Expect("dc0", *dc0, G * R * H, false));

@@ -224,9 +224,10 @@ void forward_tile(const ForwardStep& s, const float* block, int64_t row, int64_t
   }
 }
 
-void forward(const ForwardArgs& a, int64_t begin, int64_t end, float* scratch) {
+void forward(const ForwardArgs& a, int64_t begin, int64_t end, int64_t block_begin,
+             int64_t block_end, float* scratch) {
   const int64_t R = a.rows, F = a.features, H = a.units;
-  const int64_t block_size = (1 + F + H) * kGates * W, count = forward_blocks(H);
+  const int64_t block_size = (1 + F + H) * kGates * W, count = block_end - block_begin;
   const int64_t first = first_block(begin, R, count);
   const bool training = a.cs != nullptr;
   for (int64_t t = 0; t < a.time; ++t) {
@@ -249,7 +250,7 @@ void forward(const ForwardArgs& a, int64_t begin, int64_t end, float* scratch) {
       s.h_in = s.h_prev;
     }
     for (int64_t j = 0; j < count; ++j) {
-      const int64_t block = (first + j) % count;
+      const int64_t block = block_begin + (first + j) % count;
       // Every block is ready once this thread has visited it at t = 0.
       const float* panel =
           t == 0 ? ready_panel(a.panels, block, block_size,

@@ -111,9 +111,12 @@ struct Kernel {
   std::size_t (*forward_packed_size)(std::int64_t features, std::int64_t units);
   std::int64_t (*transposed_blocks)(std::int64_t count);
   std::size_t (*transposed_packed_size)(std::int64_t count, std::int64_t units);
-  // Rows [begin, end) over every time step. `scratch` holds
-  // forward_scratch(units) floats per row.
-  void (*forward)(const ForwardArgs& args, std::int64_t begin, std::int64_t end, float* scratch);
+  // Rows [begin, end) and the units of forward blocks [block_begin,
+  // block_end) over every time step. `scratch` holds forward_scratch(units)
+  // floats per row. A call that runs more than one step needs every block
+  // (each step reads the whole h of the step before).
+  void (*forward)(const ForwardArgs& args, std::int64_t begin, std::int64_t end,
+                  std::int64_t block_begin, std::int64_t block_end, float* scratch);
   // Steps [t_begin, t_end) of the block at args.block_begin, last first, for
   // rows [begin, end). `scratch` holds backward_scratch(units) floats per row.
   void (*backward)(const BackwardArgs& args, std::int64_t t_begin, std::int64_t t_end,

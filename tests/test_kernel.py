@@ -333,14 +333,15 @@ def test_vmapped_gradients_over_several_blocks_match_each_entry(threads):
 
 
 @pytest.mark.parametrize(
-    "shape",
+    "shape, units",
     [
-        (4, 9, 40, 6),  # 36 rows: several tiles per thread
-        (4, 16, 300, 6),  # several blocks of steps in the backward kernel
+        ((4, 9, 40, 6), 32),  # 36 rows: several tiles per thread
+        ((4, 16, 300, 6), 32),  # several blocks of steps in the backward kernel
+        ((4, 9, 1, 6), 96),  # one step: the forward's threads split the units
     ],
 )
-def test_results_are_bit_identical_for_one_two_and_three_threads(threads, shape):
-    model = _model(32, 2, recurrent_dropout=0.3)
+def test_results_are_bit_identical_for_one_two_and_three_threads(threads, shape, units):
+    model = _model(units, 2, recurrent_dropout=0.3)
     variables, x = _variables(model, shape)
     mask = np.random.default_rng(0).random(shape[:3]) > 0.2
     rngs = {"dropout": jax.random.key(5)}
@@ -359,6 +360,30 @@ def test_results_are_bit_identical_for_one_two_and_three_threads(threads, shape)
         assert _kernel.info()["last_call_threads"] == count
     for other in results[1:]:
         jax.tree.map(np.testing.assert_array_equal, other, results[0])
+
+
+def test_a_one_step_call_splits_its_units_between_threads(threads):
+    """A one-step forward (a streamed frame) hands each thread a share of the
+    units rather than of the rows: every thread count gives the same bits,
+    and they agree with the float64 reference."""
+    model = _model(96, 2)
+    variables, x = _variables(model, (4, 9, 1, 6))
+    state = random_state(model, 4, 9, 1)
+    results = []
+    for count in (1, 2, 3):
+        threads(count)
+        final, y = jax.jit(model.apply)(variables, state, x)
+        assert _kernel.info()["last_call_threads"] == count
+        results.append(jax.tree.map(np.asarray, (final, y)))
+    for other in results[1:]:
+        jax.tree.map(np.testing.assert_array_equal, other, results[0])
+    expected_final, expected = lstm_reference(
+        params_from_variables(variables), x, [tuple(s) for s in state]
+    )
+    np.testing.assert_allclose(results[0][1], expected, rtol=0, atol=2e-6)
+    for got, (hidden, cell) in zip(results[0][0], expected_final, strict=True):
+        np.testing.assert_allclose(got.hidden, hidden, rtol=0, atol=2e-6)
+        np.testing.assert_allclose(got.cell, cell, rtol=0, atol=4e-6)
 
 
 def test_nan_in_one_row_reaches_no_other_row_nor_its_gradient():
