@@ -151,10 +151,12 @@ def _run_layer(
     kernel,
     packed=None,
     gates=lstm_gates,
+    batch_major=False,
 ):
     """One layer over ``xs``: on the native CPU kernel if ``kernel`` (reading
-    ``packed`` weights if given), else ``_scan_layer``; optionally
-    rematerialised in chunks of ``remat_chunk`` steps.
+    ``packed`` weights if given, and with ``batch_major`` returning its
+    outputs as ``[batch, bands, time, units]``), else ``_scan_layer``;
+    optionally rematerialised in chunks of ``remat_chunk`` steps.
 
     Every (sequence, band) pair is one row of each step's matmul: bands are
     folded into the batch, and rows never mix, so this is vmap over bands with
@@ -172,9 +174,13 @@ def _run_layer(
     else:
         layer = partial(_scan_layer, unroll=unroll, gates=gates)
     if remat_chunk is None or xs[0].shape[0] <= remat_chunk:
-        return layer(weights, recurrent_mask, carry, xs)
-    run_chunk = jax.checkpoint(partial(layer, weights, recurrent_mask))
-    return scan_chunks(run_chunk, carry, xs, remat_chunk, axis=0)
+        if kernel:
+            return layer(weights, recurrent_mask, carry, xs, batch_major=batch_major)
+        carry, ys = layer(weights, recurrent_mask, carry, xs)
+    else:
+        run_chunk = jax.checkpoint(partial(layer, weights, recurrent_mask))
+        carry, ys = scan_chunks(run_chunk, carry, xs, remat_chunk, axis=0)
+    return carry, jnp.moveaxis(ys, 0, 2) if batch_major else ys
 
 
 IMPLEMENTATIONS = ("auto", "kernel", "cudnn", "scan")
@@ -561,6 +567,18 @@ class BandedLSTM(nn.Module):
                     if lengths is None and valid is not None:
                         steps = valid[::-1]
                 carry = tuple(_shard_like(c.astype(dtype), x) for c in state[index])
+                last = layer == self.num_layers - 1
+                # A model's outputs come out of its last layer: with one
+                # direction running forwards, the layer returns them in the
+                # layout the model returns (on the kernel, written so: no
+                # transpose of the largest array follows).
+                batch_major = (
+                    not cudnn
+                    and last
+                    and not self.time_major
+                    and len(directions) == 1
+                    and not backward
+                )
                 if cudnn:
                     (hidden, cell), y = _cudnn.run_layer(weights, carry, x, lengths)
                 else:
@@ -578,15 +596,18 @@ class BandedLSTM(nn.Module):
                             else None
                         ),
                         gates=gates,
+                        batch_major=batch_major,
                     )
                 final_state.append(LSTMState(hidden, cell))
                 if steps is not None and self.zero_output_for_mask:
-                    y = jnp.where(steps[..., None], y, jnp.zeros((), dtype))
-                last = layer == self.num_layers - 1
+                    held = jnp.moveaxis(steps, 0, 2) if batch_major else steps
+                    y = jnp.where(held[..., None], y, jnp.zeros((), dtype))
                 if backward and (self.bidirectional or (self.keep_order and last)):
                     y = _flip_time(y, lengths)
                 outputs.append(y)
             layer_inputs = outputs[0] if len(outputs) == 1 else _merge(self.merge_mode, *outputs)
+        if batch_major:
+            return tuple(final_state), layer_inputs
         return tuple(final_state), jnp.moveaxis(layer_inputs, 0, 0 if self.time_major else 2)
 
     def _packed_weights(self, name: str, weights: tuple[jax.Array, ...]) -> jax.Array | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 import threading
 import warnings
@@ -212,11 +213,11 @@ def _empty(x: jax.Array | None, dtype: Any = jnp.float32) -> jax.Array:
     return jnp.zeros((0,), dtype) if x is None else x
 
 
-def _ffi(name: str, results: tuple[jax.ShapeDtypeStruct, ...], *args: jax.Array):
+def _ffi(name: str, results: tuple[jax.ShapeDtypeStruct, ...], *args: jax.Array, **attributes):
     _require()
     # broadcast_all: under vmap every argument gets the batch axis in front,
     # and the kernel runs each batch entry with its own weights ("groups").
-    return jax.ffi.ffi_call(name, results, vmap_method="broadcast_all")(*args)
+    return jax.ffi.ffi_call(name, results, vmap_method="broadcast_all")(*args, **attributes)
 
 
 def packed_shape(features: int, units: int) -> tuple[int, int, int, int]:
@@ -239,18 +240,32 @@ def pack_forward(kernel: jax.Array, recurrent: jax.Array, bias: jax.Array) -> ja
     return stacked.reshape(rows, gates, blocks, width).transpose(2, 0, 1, 3)
 
 
-def _forward(x, kernel, recurrent, bias, h0, c0, valid, dropmask, packed=None, *, train: bool):
+def _forward(
+    x,
+    kernel,
+    recurrent,
+    bias,
+    h0,
+    c0,
+    valid,
+    dropmask,
+    packed=None,
+    *,
+    train: bool,
+    batch_major: bool = False,
+):
     hs = jax.ShapeDtypeStruct((*x.shape[:-1], h0.shape[-1]), jnp.float32)
     state = jax.ShapeDtypeStruct(c0.shape, jnp.float32)
     args = (x, kernel, recurrent, bias, h0, c0, _empty(valid, jnp.bool_), _empty(dropmask))
     if train:
         acts = jax.ShapeDtypeStruct((*hs.shape[:-1], 4 * hs.shape[-1]), jnp.float32)
         return _ffi(FORWARD_TRAIN, (hs, hs, acts), *args)
-    return _ffi(FORWARD, (hs, state), *args, _empty(packed))
+    if batch_major:
+        hs = jax.ShapeDtypeStruct((*x.shape[1:-1], x.shape[0], h0.shape[-1]), jnp.float32)
+    return _ffi(FORWARD, (hs, state), *args, _empty(packed), batch_major=batch_major)
 
 
-@jax.custom_vjp
-def recurrence(x, kernel, recurrent, bias, h0, c0, valid, dropmask, packed):
+def recurrence(x, kernel, recurrent, bias, h0, c0, valid, dropmask, packed, *, batch_major=False):
     """One LSTM layer over a chunk, on the CPU kernel.
 
     Args:
@@ -265,14 +280,35 @@ def recurrence(x, kernel, recurrent, bias, h0, c0, valid, dropmask, packed):
         whose instruction set has another vector width than they were laid
         out for).
 
+      batch_major: return ``hs`` as ``[rows..., time, u]``, the layout a model
+        returns. Without differentiation the kernel writes it so; the
+        differentiated forward stays time-major and transposes.
+
     Returns:
       ``(hs, c_final)``: the carried ``h`` after every step ``[time, rows..., u]``
       (held, not zeroed, at invalid steps) and the final ``c`` ``[rows..., u]``.
     """
-    return _forward(x, kernel, recurrent, bias, h0, c0, valid, dropmask, packed, train=False)
+    return _recurrence(batch_major, x, kernel, recurrent, bias, h0, c0, valid, dropmask, packed)
 
 
-def _recurrence_fwd(x, kernel, recurrent, bias, h0, c0, valid, dropmask, packed):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _recurrence(batch_major, x, kernel, recurrent, bias, h0, c0, valid, dropmask, packed):
+    return _forward(
+        x,
+        kernel,
+        recurrent,
+        bias,
+        h0,
+        c0,
+        valid,
+        dropmask,
+        packed,
+        train=False,
+        batch_major=batch_major,
+    )
+
+
+def _recurrence_fwd(batch_major, x, kernel, recurrent, bias, h0, c0, valid, dropmask, packed):
     # symbolic_zeros: each argument comes with whether it is differentiated,
     # so the backward kernel computes dx and the weight gradients only when
     # they are wanted (the data a first layer reads has no gradient).
@@ -283,7 +319,7 @@ def _recurrence_fwd(x, kernel, recurrent, bias, h0, c0, valid, dropmask, packed)
     )
     hs, cs, acts = _forward(x, kernel, recurrent, bias, h0, c0, valid, dropmask, train=True)
     residuals = (x, kernel, recurrent, h0, c0, valid, dropmask, hs, cs, acts)
-    return (hs, cs[-1]), (wanted, residuals)
+    return (jnp.moveaxis(hs, 0, -2) if batch_major else hs, cs[-1]), (wanted, residuals)
 
 
 def _dense(cotangent, like: jax.Array) -> jax.Array:
@@ -293,10 +329,13 @@ def _dense(cotangent, like: jax.Array) -> jax.Array:
     return cotangent
 
 
-def _recurrence_bwd(wanted_residuals, cotangents):
+def _recurrence_bwd(batch_major, wanted_residuals, cotangents):
     (want_x, want_weights), residuals = wanted_residuals
     x, kernel, recurrent, h0, c0, valid, dropmask, hs, cs, acts = residuals
-    d_hs, d_c_final = _dense(cotangents[0], hs), _dense(cotangents[1], c0)
+    d_hs, d_c_final = cotangents[0], _dense(cotangents[1], c0)
+    if batch_major and not isinstance(d_hs, jax.custom_derivatives.SymbolicZero):
+        d_hs = jnp.moveaxis(d_hs, -2, 0)
+    d_hs = _dense(d_hs, hs)
     # The gate gradients stay inside the kernel: it returns dx and the weight
     # gradients, [x, h_in]^T @ dgates summed over steps and rows by its own
     # GEMM (benchmarks/NOTES.md entry 16). An empty result is not computed.
@@ -332,7 +371,7 @@ def _recurrence_bwd(wanted_residuals, cotangents):
     return d_x, d_kernel, d_recurrent, d_bias, dh0, dc0, None, None, None
 
 
-recurrence.defvjp(_recurrence_fwd, _recurrence_bwd, symbolic_zeros=True)
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd, symbolic_zeros=True)
 
 
 ROW_AXES = ("batch", "bands")
@@ -371,9 +410,10 @@ def _row_split(inputs: jax.Array) -> tuple[PartitionSpec, bool] | None:
     return PartitionSpec(*split), False
 
 
-def _split_over_rows(function, rows: PartitionSpec, explicit: bool):
+def _split_over_rows(function, rows: PartitionSpec, explicit: bool, batch_major: bool):
     """``function(x, kernel, recurrent, bias, h0, c0, valid, dropmask, packed)``
-    in ``shard_map``: rows split by ``rows``, the weights on every device."""
+    in ``shard_map``: rows split by ``rows``, the weights on every device;
+    ``function``'s outputs are time-major, or batch-major with ``batch_major``."""
     time_rows, replicated = PartitionSpec(None, *rows), PartitionSpec()
 
     def call(*args):
@@ -385,28 +425,32 @@ def _split_over_rows(function, rows: PartitionSpec, explicit: bool):
                 a if a is None else jax.sharding.reshard(a, s)
                 for a, s in zip(args, specs, strict=True)
             )
-        return jax.shard_map(
-            function, in_specs=specs, out_specs=(time_rows, rows), check_vma=False
-        )(*args)
+        outputs = rows if batch_major else time_rows
+        return jax.shard_map(function, in_specs=specs, out_specs=(outputs, rows), check_vma=False)(
+            *args
+        )
 
     return call
 
 
-def run_layer(weights, recurrent_mask, carry, xs, packed=None):
+def run_layer(weights, recurrent_mask, carry, xs, packed=None, batch_major=False):
     """``_scan_layer``'s contract on the kernel: one layer over ``xs = (inputs
     [time, batch, bands, features], valid [time, batch, bands] or None)`` from
     ``carry = (h, c)``; returns ``((h, c), outputs)``, an invalid step's output
     being the hidden state it leaves unchanged. ``packed``: the weights as
-    :func:`pack_forward` lays them out, or None."""
+    :func:`pack_forward` lays them out, or None. ``batch_major``: the outputs
+    as ``[batch, bands, time, units]`` (a model's last layer: the kernel
+    writes them so, and no transpose follows)."""
     _require()
     inputs, valid = xs
     hidden, cell = carry
     if inputs.shape[0] == 0:
-        return carry, jnp.zeros((*inputs.shape[:-1], hidden.shape[-1]), hidden.dtype)
+        outputs = jnp.zeros((*inputs.shape[:-1], hidden.shape[-1]), hidden.dtype)
+        return carry, jnp.moveaxis(outputs, 0, 2) if batch_major else outputs
     kernel, recurrent, bias = weights
-    run = recurrence
+    run = functools.partial(recurrence, batch_major=batch_major)
     split = _row_split(inputs)
     if split is not None:
-        run = _split_over_rows(recurrence, *split)
+        run = _split_over_rows(run, *split, batch_major)
     hs, cell = run(inputs, kernel, recurrent, bias, hidden, cell, valid, recurrent_mask, packed)
-    return (hs[-1], cell), hs
+    return (hs[:, :, -1] if batch_major else hs[-1], cell), hs

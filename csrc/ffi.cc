@@ -2,9 +2,10 @@
 // `banded_rnn._lstm_cpu` that hands them to `jax.ffi.register_ffi_target`.
 //
 // Three targets, all float32 on the host:
-//   banded_rnn_lstm_forward        (x, kernel, recurrent, bias, h0, c0, valid, dropmask)
-//                                   -> (hs, c_final)
-//   banded_rnn_lstm_forward_train  same arguments -> (hs, cs, acts)
+//   banded_rnn_lstm_forward        (x, kernel, recurrent, bias, h0, c0, valid, dropmask,
+//                                   packed; batch_major) -> (hs, c_final)
+//   banded_rnn_lstm_forward_train  (x, kernel, recurrent, bias, h0, c0, valid, dropmask)
+//                                   -> (hs, cs, acts)
 //   banded_rnn_lstm_backward       (recurrent, kernel, x, h0, hs, c0, valid, dropmask, cs,
 //                                   acts, dhs, dc_last)
 //                                   -> (dx, dkernel, drecurrent, dbias, dh0, dc0)
@@ -13,12 +14,15 @@
 // each group runs with its own weights. The row axes between time and the
 // last axis are flattened. `valid` and `dropmask` may be empty, meaning every
 // step is valid and no dropout; an empty `dx`, or empty weight gradients
-// (all three), are not computed.
+// (all three), are not computed. With `batch_major`, the inference forward
+// writes hs as [..., rows..., time, units], the layout a model returns, so
+// that no transpose of its largest output follows (NOTES entry 18).
 //
 // Rows are independent, so each call splits them into contiguous ranges, one
 // per thread, and every thread runs every time step of its rows with no
-// synchronisation until the end: the calling thread takes a range itself, the
-// others go to XLA's intra-op thread pool.
+// synchronisation until the end (a one-step call splits the units instead):
+// the calling thread takes a range itself, the others go to XLA's intra-op
+// thread pool.
 
 #include <Python.h>
 
@@ -316,7 +320,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
                    ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
                    ffi::Buffer<ffi::PRED> valid, ffi::Buffer<ffi::F32> dropmask,
                    ffi::Result<ffi::Buffer<ffi::F32>> hs, float* cs, float* acts,
-                   float* c_final, const ffi::Buffer<ffi::F32>* prepacked) {
+                   float* c_final, const ffi::Buffer<ffi::F32>* prepacked, bool batch_major) {
   Layout layout{};
   BRNN_RETURN_IF_ERROR(
       LayoutOf(recurrent, x, "x: expected [..., time, rows..., features]", layout));
@@ -380,6 +384,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
                            : nullptr;
     args.dropmask = has_dropmask ? dropmask.typed_data() + g * R * H : nullptr;
     args.hs = hs->typed_data() + g * T * R * H;
+    args.hs_step = batch_major ? H : R * H;
+    args.hs_row = batch_major ? T * H : H;
     args.cs = cs != nullptr ? cs + g * T * R * H : nullptr;
     args.acts = acts != nullptr ? acts + g * T * R * 4 * H : nullptr;
     args.c_final = c_final != nullptr ? c_final + g * R * H : nullptr;
@@ -394,10 +400,10 @@ ffi::Error ForwardInference(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> valid,
                             ffi::Buffer<ffi::F32> dropmask, ffi::Buffer<ffi::F32> packed,
                             ffi::Result<ffi::Buffer<ffi::F32>> hs,
-                            ffi::Result<ffi::Buffer<ffi::F32>> c_final) {
+                            ffi::Result<ffi::Buffer<ffi::F32>> c_final, bool batch_major) {
   BRNN_RETURN_IF_ERROR(Expect("c_final", *c_final, c0.element_count(), false));
   return Forward(pool, x, kernel, recurrent, bias, h0, c0, valid, dropmask, hs, nullptr, nullptr,
-                 c_final->typed_data(), &packed);
+                 c_final->typed_data(), &packed, batch_major);
 }
 
 ffi::Error ForwardTraining(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -410,7 +416,7 @@ ffi::Error ForwardTraining(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   BRNN_RETURN_IF_ERROR(Expect("cs", *cs, hs->element_count(), false));
   BRNN_RETURN_IF_ERROR(Expect("acts", *acts, 4 * hs->element_count(), false));
   return Forward(pool, x, kernel, recurrent, bias, h0, c0, valid, dropmask, hs, cs->typed_data(),
-                 acts->typed_data(), nullptr, nullptr);
+                 acts->typed_data(), nullptr, nullptr, /*batch_major=*/false);
 }
 
 // --------------------------------------------------------------- backward
@@ -554,7 +560,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BandedRnnLstmForward, banded_rnn::ForwardInference
                                   .BRNN_FORWARD_ARGS
                                   .Arg<ffi::Buffer<ffi::F32>>()   // packed, or empty
                                   .Ret<ffi::Buffer<ffi::F32>>()   // hs
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // c_final
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // c_final
+                                  .Attr<bool>("batch_major"));    // hs [..., rows..., time, units]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BandedRnnLstmForwardTrain, banded_rnn::ForwardTraining,
                               ffi::Ffi::Bind()

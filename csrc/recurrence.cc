@@ -178,11 +178,13 @@ void pack_forward_block(const ForwardArgs& a, int64_t block, float* packed) {
 struct ForwardStep {
   const ForwardArgs* args;
   int64_t t;
-  const float* h_prev;  // [rows, units]
+  const float* h_prev;  // row r at h_prev + r * h_prev_row
+  int64_t h_prev_row;
   const float* c_prev;  // [rows, units]
   float* c_out;         // [rows, units]
-  const float* h_in;    // h_prev, or h_prev * dropmask in scratch
-  int64_t h_in_origin;  // the row whose h_in starts at h_in
+  const float* h_in;    // h_prev, or h_prev * dropmask in scratch: row r at
+  int64_t h_in_row;     // h_in + (r - h_in_origin) * h_in_row
+  int64_t h_in_origin;
 };
 
 template <int M>
@@ -197,7 +199,7 @@ void forward_tile(const ForwardStep& s, const float* block, int64_t row, int64_t
   Rows<M> parts[2] = {{{}, 1, F}, {{}, 1, H}};  // x_t, then h: the packed k-rows' order
   for (int m = 0; m < M; ++m) {
     parts[0].rows[m] = a.x + (s.t * R + row + m) * F;
-    parts[1].rows[m] = s.h_in + (row + m - s.h_in_origin) * H;
+    parts[1].rows[m] = s.h_in + (row + m - s.h_in_origin) * s.h_in_row;
   }
   multiply_add<M, kGates>(acc, parts, block + kGates * W, kGates * W);
 
@@ -210,9 +212,9 @@ void forward_tile(const ForwardStep& s, const float* block, int64_t row, int64_t
     Vec h = o * tanh(c);
     if (a.valid != nullptr && !a.valid[s.t * R + r]) {
       c = c_prev;
-      h = load_units(s.h_prev + r * H + unit, n);
+      h = load_units(s.h_prev + r * s.h_prev_row + unit, n);
     }
-    store_units(a.hs + (s.t * R + r) * H + unit, h, n);
+    store_units(a.hs + s.t * a.hs_step + r * a.hs_row + unit, h, n);
     store_units(s.c_out + r * H + unit, c, n);
     if (a.acts != nullptr) {
       float* acts = a.acts + (s.t * R + r) * kGates * H + unit;
@@ -231,8 +233,9 @@ void forward(const ForwardArgs& a, int64_t begin, int64_t end, int64_t block_beg
   const int64_t first = first_block(begin, R, count);
   const bool training = a.cs != nullptr;
   for (int64_t t = 0; t < a.time; ++t) {
-    ForwardStep s{&a, t, nullptr, nullptr, nullptr, nullptr, 0};
-    s.h_prev = t == 0 ? a.h0 : a.hs + (t - 1) * R * H;
+    ForwardStep s{&a, t, nullptr, 0, nullptr, nullptr, nullptr, 0, 0};
+    s.h_prev = t == 0 ? a.h0 : a.hs + (t - 1) * a.hs_step;
+    s.h_prev_row = t == 0 ? H : a.hs_row;
     if (training) {
       s.c_prev = t == 0 ? a.c0 : a.cs + (t - 1) * R * H;
       s.c_out = a.cs + t * R * H;
@@ -241,13 +244,17 @@ void forward(const ForwardArgs& a, int64_t begin, int64_t end, int64_t block_beg
       s.c_out = a.c_final;  // in place: a tile reads its units' c before writing them
     }
     if (a.dropmask != nullptr) {
-      for (int64_t i = begin * H; i < end * H; ++i) {
-        scratch[i - begin * H] = s.h_prev[i] * a.dropmask[i];
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t u = 0; u < H; ++u) {
+          scratch[(r - begin) * H + u] = s.h_prev[r * s.h_prev_row + u] * a.dropmask[r * H + u];
+        }
       }
       s.h_in = scratch;
+      s.h_in_row = H;
       s.h_in_origin = begin;
     } else {
       s.h_in = s.h_prev;
+      s.h_in_row = s.h_prev_row;
     }
     for (int64_t j = 0; j < count; ++j) {
       const int64_t block = block_begin + (first + j) % count;

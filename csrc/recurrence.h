@@ -52,6 +52,10 @@ struct ForwardArgs {
   const std::uint8_t* valid;  // null: every step is valid
   const float* dropmask;      // null: no recurrent dropout
   float* hs;
+  // Floats between hs's steps and between its rows: rows * units and units
+  // time-major (as the layout above); units and time * units batch-major,
+  // [rows, time, units], which an inference call may ask for.
+  std::int64_t hs_step, hs_row;
   float* cs;       // null in inference
   float* acts;     // null in inference
   float* c_final;  // [rows, units]: the running c in inference; null in training

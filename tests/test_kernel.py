@@ -386,6 +386,34 @@ def test_a_one_step_call_splits_its_units_between_threads(threads):
         np.testing.assert_allclose(got.cell, cell, rtol=0, atol=4e-6)
 
 
+def test_the_last_layer_writes_the_outputs_in_the_layout_returned():
+    """In inference the last layer's kernel call returns ``[batch, bands,
+    time, units]``: with no mask, nothing moves the outputs after it (no
+    transpose, copy or fusion makes an array of their shape). With a mask
+    (its steps zeroed) as without, the values agree with the float64
+    reference."""
+    model = _model(16, 2)
+    variables, x = _variables(model, (2, 3, 9, 4))
+    lowered = jax.jit(model.apply).lower(variables, None, x)
+    calls = [line for line in lowered.as_text().splitlines() if _kernel.FORWARD in line]
+    assert len(calls) == 2
+    assert "-> (tensor<9x2x3x16xf32>" in calls[0]  # the first layer feeds the second
+    assert "-> (tensor<2x3x9x16xf32>" in calls[1]
+    entry = lowered.compile().as_text().split("ENTRY")[1].splitlines()
+    moves = [
+        line
+        for line in entry
+        if "f32[2,3,9,16]" in line.partition("=")[2][:40]
+        and any(op in line for op in ("fusion(", "copy(", "transpose("))
+    ]
+    assert not moves, moves
+    params = params_from_variables(variables)
+    for mask in (None, np.random.default_rng(6).random((2, 3, 9)) > 0.3):
+        _, y = jax.jit(model.apply)(variables, None, x, mask=mask)
+        _, expected = lstm_reference(params, x, mask=mask)
+        np.testing.assert_allclose(np.asarray(y), expected, rtol=0, atol=2e-6)
+
+
 def test_nan_in_one_row_reaches_no_other_row_nor_its_gradient():
     model = _model(8, 2)
     variables, x = _variables(model, (2, 3, 6, 4))
