@@ -279,7 +279,6 @@ def recurrence(x, kernel, recurrent, bias, h0, c0, valid, dropmask, packed, *, b
         packing; the differentiated one packs its own, and so does a call
         whose instruction set has another vector width than they were laid
         out for).
-
       batch_major: return ``hs`` as ``[rows..., time, u]``, the layout a model
         returns. Without differentiation the kernel writes it so; the
         differentiated forward stays time-major and transposes.
@@ -292,20 +291,8 @@ def recurrence(x, kernel, recurrent, bias, h0, c0, valid, dropmask, packed, *, b
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _recurrence(batch_major, x, kernel, recurrent, bias, h0, c0, valid, dropmask, packed):
-    return _forward(
-        x,
-        kernel,
-        recurrent,
-        bias,
-        h0,
-        c0,
-        valid,
-        dropmask,
-        packed,
-        train=False,
-        batch_major=batch_major,
-    )
+def _recurrence(batch_major, *arrays):
+    return _forward(*arrays, train=False, batch_major=batch_major)
 
 
 def _recurrence_fwd(batch_major, x, kernel, recurrent, bias, h0, c0, valid, dropmask, packed):
@@ -333,9 +320,10 @@ def _recurrence_bwd(batch_major, wanted_residuals, cotangents):
     (want_x, want_weights), residuals = wanted_residuals
     x, kernel, recurrent, h0, c0, valid, dropmask, hs, cs, acts = residuals
     d_hs, d_c_final = cotangents[0], _dense(cotangents[1], c0)
-    if batch_major and not isinstance(d_hs, jax.custom_derivatives.SymbolicZero):
+    if isinstance(d_hs, jax.custom_derivatives.SymbolicZero):
+        d_hs = jnp.zeros(hs.shape, hs.dtype)
+    elif batch_major:
         d_hs = jnp.moveaxis(d_hs, -2, 0)
-    d_hs = _dense(d_hs, hs)
     # The gate gradients stay inside the kernel: it returns dx and the weight
     # gradients, [x, h_in]^T @ dgates summed over steps and rows by its own
     # GEMM (benchmarks/NOTES.md entry 16). An empty result is not computed.

@@ -469,7 +469,7 @@ void accumulate_weight_gradients(const BackwardArgs& a, const float* x, const fl
           }
         };
         // gradient[i][j..] += sum over the chunk of a[k][i] * panel[k]
-        auto transposed_product = [&](float* gradient, const float* a_rows, int64_t count) {
+        auto add_chunk = [&](float* gradient, const float* a_rows, int64_t count) {
           over_tiles(0, count, [&](auto m, int64_t i) {
             constexpr int M = decltype(m)::value;
             Vec acc[M][V];
@@ -482,8 +482,8 @@ void accumulate_weight_gradients(const BackwardArgs& a, const float* x, const fl
             for (int r = 0; r < M; ++r) add(gradient + (i + r) * G + j, acc[r]);
           });
         };
-        transposed_product(a.dkernel, x, F);
-        transposed_product(a.drecurrent, h, H);
+        add_chunk(a.dkernel, x, F);
+        add_chunk(a.drecurrent, h, H);
         Vec sums[V];
         for (int v = 0; v < V; ++v) sums[v] = splat(0.0f);
         for (int64_t k = 0; k < chunk; ++k) {
