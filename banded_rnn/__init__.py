@@ -6,15 +6,15 @@ per layer), goes in and comes out explicitly, so chunked runs equal whole runs
 and bands never interact.
 """
 
+from ._backends._native import info as kernel_info
+from ._backends._native import set_threads as set_kernel_threads
 from ._banded import BandedLSTM as BandedLSTM
 from ._cell import lstm_gates as lstm_gates
-from ._export import export_stream_step as export_stream_step
-from ._kernel import info as kernel_info
-from ._kernel import set_threads as set_kernel_threads
 from ._state import LSTMState as LSTMState
 from ._state import State as State
-from ._stream import Stream as Stream
-from ._stream_step import stream_step as stream_step
+from ._streaming import Stream as Stream
+from ._streaming import export_stream_step as export_stream_step
+from ._streaming import stream_step as stream_step
 
 __all__ = ["BandedLSTM", "LSTMState", "State", "lstm_gates"]
 __all__ += ["Stream", "export_stream_step", "stream_step"]

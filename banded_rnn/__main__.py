@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._backends._native import info
 from ._demo import run_demo
-from ._kernel import info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +29,7 @@ def describe(details: dict) -> str:
     """One line: the path float32 calls on this machine take, and why."""
     import jax
 
-    from ._cudnn import platform_supported
+    from ._backends._cudnn import platform_supported
 
     if platform_supported():
         device = jax.devices()[0].device_kind

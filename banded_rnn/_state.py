@@ -39,6 +39,11 @@ class LSTMState(NamedTuple):
 State = tuple[LSTMState, ...]
 """The state of a whole stack: one :class:`LSTMState` per layer."""
 
+ROW_AXES = ("batch", "bands")
+"""The names of the state's leading axes, ``[batch, bands, ...]``: the mesh axes
+that split rows (``banded_rnn.training.make_mesh`` names its axes so, and the
+native kernel runs in ``shard_map`` over them)."""
+
 
 def zero_state(num_layers: int, shape: tuple[int, int, int], dtype: Any = jnp.float32) -> State:
     """``num_layers`` ``LSTMState`` of zeros, each field of ``shape [batch, bands,

@@ -161,6 +161,25 @@ def as_array(value: Any, name: str, *, abstract: bool = False) -> Any:
     return array
 
 
+def check_time_major_inputs(inputs: Any, features: int | None) -> Any:
+    """``inputs [time, batch, bands, features]`` (``time_major=True``) as an
+    array ``[batch, bands, time, features]``, or ``ValueError`` naming the
+    time-major shape."""
+    inputs = as_array(inputs, "inputs")
+    if inputs.ndim != 4:
+        raise ValueError(
+            "inputs: with time_major=True, expected rank 4, [time, batch, bands, "
+            f"features]; received shape {tuple(inputs.shape)}"
+        )
+    if features is not None and inputs.shape[-1] != features:
+        raise ValueError(
+            f"inputs: with time_major=True, expected [time, batch, bands, {features}] "
+            "(the features the parameters were built for); "
+            f"received shape {tuple(inputs.shape)}"
+        )
+    return jnp.moveaxis(inputs, 0, 2)
+
+
 def check_inputs(
     inputs: Any,
     name: str = "inputs",

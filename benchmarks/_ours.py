@@ -29,7 +29,8 @@ import optax
 from flax.training.train_state import TrainState
 from jax.sharding import PartitionSpec
 
-from banded_rnn import BandedLSTM, Stream, _cudnn, stream_step
+from banded_rnn import BandedLSTM, Stream, stream_step
+from banded_rnn._internal import cudnn_platform_supported
 from banded_rnn.training import make_mesh, make_train_step
 
 from ._configs import Config
@@ -70,7 +71,7 @@ def build(
     """Our :class:`Impl` of ``config`` with ``weights``, on ``inputs`` (and
     ``targets``); by default ``"auto"``, or ``"cudnn"`` on a CUDA GPU."""
     if implementation is None:
-        implementation = "cudnn" if _cudnn.platform_supported() else "auto"
+        implementation = "cudnn" if cudnn_platform_supported() else "auto"
     if config.mode == "inference":
         return _inference(config, weights, inputs, implementation=implementation)
     if config.mode == "stream":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from banded_rnn._demo import run_demo
+from banded_rnn._internal import run_demo
 
 from ._demo import run_keras_demo
 

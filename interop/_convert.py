@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from banded_rnn._cell import ACTIVATIONS
+from banded_rnn._internal import ACTIVATIONS
 
 _NAMES = ("kernel", "recurrent_kernel", "bias")
 _TORCH_KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)(_reverse)?$")

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import keras
 
-from banded_rnn import BandedLSTM, LSTMState, State, _validate
-from banded_rnn._init import unit_forget_bias
-from banded_rnn._state import batch_mask, reset_state
+from banded_rnn import BandedLSTM, LSTMState, State
+from banded_rnn._internal import batch_mask, reset_state, unit_forget_bias
+from banded_rnn._internal import validate as _validate
 
 from ._convert import activation_name, stack_weights
 

@@ -19,7 +19,8 @@ import pytest
 from flax.training.train_state import TrainState
 from jax.experimental import rnn
 
-from banded_rnn import BandedLSTM, _cudnn
+from banded_rnn import BandedLSTM
+from banded_rnn._backends import _cudnn
 from banded_rnn.training import make_train_step, masked_mean
 
 from helpers import init_model, random_inputs, random_state

@@ -470,9 +470,9 @@ def test_bad_options_are_refused_by_name(options, message):
 
 
 def test_the_kernel_refuses_other_activations_and_auto_runs_the_scan():
-    from banded_rnn import _kernel
+    from banded_rnn._backends import _native
 
-    if not _kernel.available():
+    if not _native.available():
         pytest.skip("the native kernel is not built")
     x = random_inputs(21, (1, 2, 3, 2))
     variables = init_model(banded_rnn.BandedLSTM(3, activation="relu"), x)

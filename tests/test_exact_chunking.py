@@ -94,9 +94,9 @@ def test_stream_of_random_chunk_lengths_equals_whole_bit_for_bit(model, trained,
 
 @pytest.mark.parametrize("model", ["scan"], indirect=True)  # the kernel has one formula
 def test_the_two_matmul_formula_of_large_layers_is_exact_too(model, trained, monkeypatch):
-    import banded_rnn._banded as banded
+    from banded_rnn._backends import _scan
 
-    monkeypatch.setattr(banded, "_FUSED_MAX_BYTES", 0)  # every layer as if larger than 1 MiB
+    monkeypatch.setattr(_scan, "FUSED_MAX_BYTES", 0)  # every layer as if larger than 1 MiB
     variables = trained[0]
     apply = jax.jit(lambda v, s, x: model.apply(v, s, x))  # traced afresh, under the patch
     whole_state, whole = apply(variables, None, X)

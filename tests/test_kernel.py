@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import banded_rnn
-from banded_rnn import BandedLSTM, _kernel
+from banded_rnn import BandedLSTM
+from banded_rnn._backends import _native, _native_layer, _packed
 
 from helpers import SubbandMask, random_inputs, random_state
 from reference import lstm_reference, params_from_variables
@@ -32,30 +33,30 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture
 def threads():
     """Sets the kernel's thread count for one test, then restores the default."""
-    yield _kernel.set_threads
-    _kernel.set_threads(0)
+    yield _native.set_threads
+    _native.set_threads(0)
 
 
-@pytest.fixture(params=_kernel.isas())
+@pytest.fixture(params=_native.isas())
 def isa(request):
     """Every instruction set this CPU can run the kernel with, one test each."""
-    default = _kernel.info()["isa"]
-    _kernel.set_isa(request.param)
+    default = _native.info()["isa"]
+    _native.set_isa(request.param)
     yield request.param
-    _kernel.set_isa(default)
+    _native.set_isa(default)
 
 
-@pytest.fixture(params=[*(f"kernel-{isa}" for isa in _kernel.isas()), "scan"])
+@pytest.fixture(params=[*(f"kernel-{isa}" for isa in _native.isas()), "scan"])
 def path(request):
     """The kernel on every instruction set, and the XLA scan: the
     ``implementation`` to build the model with."""
     if request.param == "scan":
         yield "scan"
         return
-    default = _kernel.info()["isa"]
-    _kernel.set_isa(request.param.removeprefix("kernel-"))
+    default = _native.info()["isa"]
+    _native.set_isa(request.param.removeprefix("kernel-"))
     yield "kernel"
-    _kernel.set_isa(default)
+    _native.set_isa(default)
 
 
 def _model(units, num_layers, **kwargs):
@@ -72,15 +73,15 @@ def _variables(model, shape, seed=0):
 
 
 def test_the_extension_is_built_and_auto_takes_it_on_cpu():
-    assert _kernel.available(), _kernel.info()
+    assert _native.available(), _native.info()
     model = BandedLSTM(6)
     variables, x = _variables(model, (2, 3, 5, 4))
-    before = _kernel.calls()
+    before = _native.calls()
     jax.jit(model.apply)(variables, None, x)
-    assert _kernel.calls() == before + 1  # auto ran the kernel, not the scan
-    before = _kernel.calls()
+    assert _native.calls() == before + 1  # auto ran the kernel, not the scan
+    before = _native.calls()
     BandedLSTM(6, implementation="scan").apply(variables, None, x)
-    assert _kernel.calls() == before
+    assert _native.calls() == before
 
 
 def test_info_command_reports_the_kernel():
@@ -89,14 +90,14 @@ def test_info_command_reports_the_kernel():
         [sys.executable, "-m", "banded_rnn", "info"], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    isa = _kernel.info()["isa"]
+    isa = _native.info()["isa"]
     assert done.stdout.startswith(f"banded_rnn: native CPU kernel, {isa} "), done.stdout
 
 
 def test_info_names_the_instruction_set():
     info = banded_rnn.kernel_info()
     assert info["kernel"] == "built"
-    assert info["isa"] in info["isas"] == _kernel.isas()
+    assert info["isa"] in info["isas"] == _native.isas()
     assert info["isas"][-1] == "portable"
 
 
@@ -247,7 +248,7 @@ def test_gradients_over_several_blocks_match_finite_differences_of_a_float64_loo
     args, valid, dropmask, (out_w, c_w) = _blocks_case(0, masked, dropped)
 
     def loss(args):
-        hs, c = _kernel.recurrence(
+        hs, c = _native_layer.recurrence(
             *(args[k] for k in ("x", "kernel", "recurrent", "bias", "h0", "c0")),
             jnp.asarray(valid) if masked else None,
             jnp.asarray(dropmask, jnp.float32) if dropped else None,
@@ -281,7 +282,7 @@ def test_the_backward_kernel_computes_only_what_is_differentiated():
     names = ("x", "kernel", "recurrent", "bias", "h0", "c0")
 
     def loss(*values):
-        hs, c = _kernel.recurrence(*values, None, None, None)
+        hs, c = _native_layer.recurrence(*values, None, None, None)
         return jnp.sum(hs * out_w) + jnp.sum(c * c_w)
 
     values = tuple(args[k] for k in names)
@@ -289,7 +290,7 @@ def test_the_backward_kernel_computes_only_what_is_differentiated():
     for argnums in [(1, 2, 3), (0,), (4, 5)]:
         grad = jax.jit(jax.grad(loss, argnums=argnums))
         hlo = grad.lower(*values).as_text()
-        call = next(line for line in hlo.splitlines() if _kernel.BACKWARD in line)
+        call = next(line for line in hlo.splitlines() if _native.BACKWARD in line)
         results = call.rsplit("->", 1)[1]  # dx, dkernel, drecurrent, dbias, dh0, dc0
         empty = (argnums != (0,)) + 3 * (argnums != (1, 2, 3))
         assert results.count("tensor<0xf32>") == empty, call
@@ -305,7 +306,7 @@ def test_vmapped_gradients_over_several_blocks_match_each_entry(threads):
     args = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), args)
 
     def loss(weights, x):
-        hs, c = _kernel.recurrence(x, *weights, args["h0"], args["c0"], valid, None, None)
+        hs, c = _native_layer.recurrence(x, *weights, args["h0"], args["c0"], valid, None, None)
         return jnp.sum(hs * out_w) + jnp.sum(c * c_w)
 
     weights = tuple(args[k] for k in ("kernel", "recurrent", "bias"))
@@ -357,7 +358,7 @@ def test_results_are_bit_identical_for_one_two_and_three_threads(threads, shape,
     for count in (1, 2, 3):
         threads(count)
         results.append(jax.tree.map(np.asarray, step(variables["params"])))
-        assert _kernel.info()["last_call_threads"] == count
+        assert _native.info()["last_call_threads"] == count
     for other in results[1:]:
         jax.tree.map(np.testing.assert_array_equal, other, results[0])
 
@@ -373,7 +374,7 @@ def test_a_one_step_call_splits_its_units_between_threads(threads):
     for count in (1, 2, 3):
         threads(count)
         final, y = jax.jit(model.apply)(variables, state, x)
-        assert _kernel.info()["last_call_threads"] == count
+        assert _native.info()["last_call_threads"] == count
         results.append(jax.tree.map(np.asarray, (final, y)))
     for other in results[1:]:
         jax.tree.map(np.testing.assert_array_equal, other, results[0])
@@ -395,7 +396,7 @@ def test_the_last_layer_writes_the_outputs_in_the_layout_returned():
     model = _model(16, 2)
     variables, x = _variables(model, (2, 3, 9, 4))
     lowered = jax.jit(model.apply).lower(variables, None, x)
-    calls = [line for line in lowered.as_text().splitlines() if _kernel.FORWARD in line]
+    calls = [line for line in lowered.as_text().splitlines() if _native.FORWARD in line]
     assert len(calls) == 2
     assert "-> (tensor<9x2x3x16xf32>" in calls[0]  # the first layer feeds the second
     assert "-> (tensor<2x3x9x16xf32>" in calls[1]
@@ -439,10 +440,10 @@ def test_nan_in_one_row_reaches_no_other_row_nor_its_gradient():
 # -- weights packed ahead of time (what a Stream does once) ---------------------------
 
 
-def _packed(model, variables, x):
+def _with_packed(model, variables, x):
     """The variables plus the packed collection, as a Stream prepares them."""
-    with _kernel.packing():
-        _, packed = model.apply(variables, None, x, mutable=[_kernel.PACKED_COLLECTION])
+    with _packed.packing():
+        _, packed = model.apply(variables, None, x, mutable=[_packed.PACKED_COLLECTION])
     return {**variables, **packed}
 
 
@@ -450,9 +451,9 @@ def _packed(model, variables, x):
 def test_prepacked_weights_give_the_kernels_own_results_bit_for_bit(isa, units, num_layers):
     model = _model(units, num_layers)
     variables, x = _variables(model, (2, 3, 6, 4))
-    prepared = _packed(model, variables, x[:, :, :1])
-    layer = prepared[_kernel.PACKED_COLLECTION]["layer_0"]
-    assert layer.shape == _kernel.packed_shape(4, units)
+    prepared = _with_packed(model, variables, x[:, :, :1])
+    layer = prepared[_packed.PACKED_COLLECTION]["layer_0"]
+    assert layer.shape == _packed.packed_shape(4, units)
     state = random_state(model, 2, 3, 1)
     final, y = jax.jit(model.apply)(prepared, state, x)
     expected_final, expected = jax.jit(model.apply)(variables, state, x)
@@ -465,16 +466,16 @@ def test_prepacked_weights_give_the_kernels_own_results_bit_for_bit(isa, units, 
 def test_weights_packed_for_another_instruction_set_are_not_read():
     model = _model(8, 1)
     variables, x = _variables(model, (1, 2, 4, 4))
-    default = _kernel.info()["isa"]
-    prepared = _packed(model, variables, x)  # laid out for the default set's vector width
+    default = _native.info()["isa"]
+    prepared = _with_packed(model, variables, x)  # laid out for the default set's vector width
     _, expected = lstm_reference(params_from_variables(variables), x)
     try:
-        for isa in _kernel.isas():  # another width: the kernel packs them itself
-            _kernel.set_isa(isa)
+        for isa in _native.isas():  # another width: the kernel packs them itself
+            _native.set_isa(isa)
             _, y = model.apply(prepared, None, x)
             np.testing.assert_allclose(np.asarray(y), expected, rtol=0, atol=2e-6)
     finally:
-        _kernel.set_isa(default)
+        _native.set_isa(default)
 
 
 def _layer_weights(variables):
@@ -484,14 +485,14 @@ def _layer_weights(variables):
 def _one_layer_call(variables, x, packed):
     h0 = jnp.zeros((x.shape[1] * x.shape[0], 8))
     inputs = jnp.moveaxis(x[0], 1, 0)  # [time, rows, features]
-    return _kernel.recurrence(inputs, *_layer_weights(variables), h0, h0, None, None, packed)
+    return _native_layer.recurrence(inputs, *_layer_weights(variables), h0, h0, None, None, packed)
 
 
 def test_packed_weights_are_what_the_kernel_reads():
     model = _model(8, 1)
     variables, x = _variables(model, (1, 2, 4, 4))
     others, _ = _variables(model, (1, 2, 4, 4), seed=3)
-    packed = _kernel.pack_forward(*_layer_weights(others))
+    packed = _packed.pack_forward(*_layer_weights(others))
     hs, _ = _one_layer_call(variables, x, packed)  # reads the packed weights, not these
     _, expected = lstm_reference(params_from_variables(others), x)
     np.testing.assert_allclose(np.moveaxis(np.asarray(hs), 0, 1)[None], expected, atol=2e-6)
@@ -499,16 +500,16 @@ def test_packed_weights_are_what_the_kernel_reads():
     stream_model = SubbandMask(hidden=8, units=8, num_layers=1)
     stream_variables = stream_model.init(jax.random.key(0), None, x)
     stream = banded_rnn.Stream(stream_model, stream_variables, 1, 2, features=4)
-    packed = stream._step_variables[_kernel.PACKED_COLLECTION]["lstm"]["layer_0"]
+    packed = stream._step_variables[_packed.PACKED_COLLECTION]["lstm"]["layer_0"]
     lstm = stream_variables["params"]["lstm"]["layer_0"]
     weights = (lstm["kernel"], lstm["recurrent_kernel"], lstm["bias"])
-    np.testing.assert_array_equal(np.asarray(packed), np.asarray(_kernel.pack_forward(*weights)))
+    np.testing.assert_array_equal(np.asarray(packed), np.asarray(_packed.pack_forward(*weights)))
 
 
 def test_a_packed_layout_of_another_width_is_not_read_and_a_wrong_one_is_refused():
     model = _model(8, 1)
     variables, x = _variables(model, (1, 2, 4, 4))
-    packed = _kernel.pack_forward(*_layer_weights(variables))
+    packed = _packed.pack_forward(*_layer_weights(variables))
     _, expected = lstm_reference(params_from_variables(variables), x)
     narrower = packed.reshape(*packed.shape[:-2], 8, -1)  # as many floats, half the width
     hs, _ = _one_layer_call(variables, x, narrower)  # packs its own instead
@@ -524,13 +525,13 @@ def test_init_and_training_never_carry_packed_weights():
     variables = model.init(jax.random.key(0), None, x)
     assert set(variables) == {"params"}
     _, mutated = model.apply(variables, None, x, mutable=True)  # every collection mutable
-    assert _kernel.PACKED_COLLECTION not in mutated
+    assert _packed.PACKED_COLLECTION not in mutated
 
     def loss(variables):
         return model.apply(variables, None, x)[1].sum()
 
     # The derivative packs its own weights, from the parameters.
-    with_packed = jax.grad(loss)(_packed(model, variables, x))["params"]
+    with_packed = jax.grad(loss)(_with_packed(model, variables, x))["params"]
     jax.tree.map(np.testing.assert_array_equal, with_packed, jax.grad(loss)(variables)["params"])
 
 
@@ -548,12 +549,12 @@ def test_vmap_over_weights_runs_each_entry_with_its_own():
 def test_bad_input_raises_before_the_kernel_runs():
     model = _model(4, 1)
     variables, x = _variables(model, (2, 3, 5, 4))
-    before = _kernel.calls()
+    before = _native.calls()
     with pytest.raises(ValueError, match="inputs"):
         model.apply(variables, None, x[..., :3])
     with pytest.raises(ValueError, match="state"):
         model.apply(variables, random_state(_model(5, 1), 2, 3, 0), x)
-    assert _kernel.calls() == before
+    assert _native.calls() == before
 
 
 def test_kernel_refuses_what_it_cannot_run():
@@ -570,9 +571,9 @@ def test_kernel_refuses_what_it_cannot_run():
 
 
 def test_without_the_extension_auto_warns_once_and_runs_the_scan(monkeypatch):
-    monkeypatch.setattr(_kernel, "_lstm_cpu", None)
-    monkeypatch.setattr(_kernel, "_warned", False)
-    monkeypatch.setattr(_kernel, "_IMPORT_ERROR", ImportError("no module _lstm_cpu"))
+    monkeypatch.setattr(_native, "_lstm_cpu", None)
+    monkeypatch.setattr(_native, "_warned", False)
+    monkeypatch.setattr(_native, "_IMPORT_ERROR", ImportError("no module _lstm_cpu"))
     model = BandedLSTM(5)
     with pytest.warns(RuntimeWarning, match="not built"):
         variables, x = _variables(model, (1, 2, 4, 3))

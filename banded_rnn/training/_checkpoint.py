@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 from flax.training.train_state import TrainState
 from jax.experimental import multihost_utils
 
-from .._validate import is_typed_key
+from .._internal import validate as _validate
 from ._orbax_noise import drop_orbax_teardown_errors, quiet_orbax_logs
 
 _DAMAGED = "damaged"  # the subdirectory damaged checkpoints are moved to
@@ -192,7 +192,7 @@ class Checkpointer:
             "step": np.asarray(train_state.step, np.int32),
             "state": state,
             # On the host: the same on every process, and saved once.
-            "rng": np.asarray(jax.random.key_data(rng) if is_typed_key(rng) else rng),
+            "rng": np.asarray(jax.random.key_data(rng) if _validate.is_typed_key(rng) else rng),
         }
         if stream is not None:
             items["stream"] = stream
@@ -201,7 +201,7 @@ class Checkpointer:
     @staticmethod
     def _restored(items: dict[str, Any], train_state: TrainState, rng: jax.Array) -> Restored:
         restored_rng = items["rng"]
-        if is_typed_key(rng):
+        if _validate.is_typed_key(rng):
             restored_rng = jax.random.wrap_key_data(restored_rng, impl=jax.random.key_impl(rng))
         train_state = train_state.replace(
             step=jnp.asarray(items["step"]), params=items["params"], opt_state=items["opt_state"]

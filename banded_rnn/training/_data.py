@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from .. import _validate
+from .._internal import validate as _validate
 from ._step import TARGETS_PER
 
 

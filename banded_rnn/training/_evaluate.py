@@ -10,8 +10,8 @@ import jax
 import numpy as np
 from flax.training.train_state import TrainState
 
-from .. import _validate
-from .._banded import forward_chunks
+from .._internal import forward_chunks
+from .._internal import validate as _validate
 from . import _mesh
 from ._data import bucket_of, check_buckets, check_pairs, pad_time
 from ._step import EvalStep

@@ -14,9 +14,8 @@ from flax.training.train_state import TrainState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .. import _validate
-from .._banded import forward_chunks
-from .._state import reset_state
+from .._internal import forward_chunks, reset_state
+from .._internal import validate as _validate
 from . import _mesh
 from ._checkpoint import Checkpointer
 from ._data import ChunkStream

@@ -11,8 +11,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .. import _validate
-from .._kernel import ROW_AXES
+from .._internal import ROW_AXES
+from .._internal import validate as _validate
 
 BATCH, BANDS = ROW_AXES  # the native kernel splits rows over axes of these names
 

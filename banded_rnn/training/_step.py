@@ -16,9 +16,8 @@ import optax
 from flax.training.train_state import TrainState
 from jax.sharding import Mesh
 
-from .. import _validate
-from .._banded import chunks_in_time_order, forward_chunks
-from .._chunked import scan_chunks
+from .._internal import chunks_in_time_order, forward_chunks, scan_chunks
+from .._internal import validate as _validate
 from . import _mesh
 
 LossFn = Callable[[jax.Array, Any], jax.Array]

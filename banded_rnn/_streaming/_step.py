@@ -20,9 +20,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from . import _kernel, _validate
-from ._banded import BandedLSTM, forward_chunks
-from ._state import reset_state
+from .. import _validate
+from .._backends import _packed
+from .._banded import BandedLSTM
+from .._state import reset_state
+from .._time_order import forward_chunks
 
 StepFn = Callable[..., tuple[Any, jax.Array]]
 
@@ -103,8 +105,8 @@ def _inference_keywords(model: nn.Module) -> dict[str, Any]:
 def without_packed_weights(variables: Any) -> Any:
     """``variables`` without the packed-weights collection (a copy made from
     other parameters must never be read)."""
-    if isinstance(variables, Mapping) and _kernel.PACKED_COLLECTION in variables:
-        return {k: v for k, v in variables.items() if k != _kernel.PACKED_COLLECTION}
+    if isinstance(variables, Mapping) and _packed.PACKED_COLLECTION in variables:
+        return {k: v for k, v in variables.items() if k != _packed.PACKED_COLLECTION}
     return variables
 
 
@@ -118,9 +120,9 @@ def with_packed_weights(model: nn.Module, variables: Any, chunk: np.ndarray) -> 
     keywords = _inference_keywords(model)
 
     def prepare(variables, chunk):
-        with _kernel.packing():
+        with _packed.packing():
             _, packed = model.apply(
-                variables, None, chunk, mutable=[_kernel.PACKED_COLLECTION], **keywords
+                variables, None, chunk, mutable=[_packed.PACKED_COLLECTION], **keywords
             )
         return packed
 

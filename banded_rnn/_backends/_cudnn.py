@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import rnn
 
-from ._cell import LayerWeights
+from .._cell import LayerWeights
 
 PLATFORMS = ("gpu", "cuda")
 """The backends cuDNN's LSTM lowers for (JAX registers it for CUDA)."""

@@ -10,8 +10,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._banded import BandedLSTM
-from ._state import LSTMState, nonfinite_rows
+from .._banded import BandedLSTM
+from .._state import LSTMState, nonfinite_rows
 
 FORMAT = "banded_rnn.stream_state/2"
 """Format 2 numbers the state's leaves (``state_0``, ``state_1``, ... in

@@ -9,8 +9,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from . import _kernel, _validate
-from ._stream_step import stream_apply, stream_spec
+from .. import _validate
+from .._backends import scan_only
+from ._step import stream_apply, stream_spec
 
 
 def export_stream_step(
@@ -89,6 +90,6 @@ def export_stream_step(
     state = tuple(jax.tree.leaves(spec.state))
     # The artifact runs the XLA scan: it then loads anywhere jax.export does,
     # with no native kernel to register, on every platform it was lowered for.
-    with _kernel.scan_only():
+    with scan_only():
         exported = jax.export.export(jax.jit(flat_step), platforms=platforms)(state, chunk, reset)
     return bytes(exported.serialize())

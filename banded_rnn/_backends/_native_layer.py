@@ -1,4 +1,4 @@
-"""The native CPU kernel of the recurrence (``csrc/``), behind ``jax.ffi``.
+"""One layer's recurrence on the native CPU kernel, behind ``jax.ffi``.
 
 One call of :func:`recurrence` runs one layer over a whole chunk: per step and
 row (sequence, band), ``bias + x_t @ kernel + h @ recurrent_kernel``, the gate
@@ -8,204 +8,19 @@ synchronisation. Its gradient is a second kernel that walks time backwards
 gradients ``[x, h]^T @ dgates`` with its own GEMM: the gate gradients never
 leave a buffer it reuses. It computes the input's and the weights' gradients
 only when they are differentiated.
-
-The extension module ``banded_rnn._lstm_cpu`` is compiled at install time
-(CMake, through scikit-build-core); if it is missing, :func:`available` is
-False, :func:`warn_unavailable` says so once and ``BandedLSTM`` runs the XLA
-scan instead.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
-import os
-import threading
-import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-try:
-    from . import _lstm_cpu
-except ImportError as error:  # not built: the scan runs instead
-    _lstm_cpu = None
-    _IMPORT_ERROR: ImportError | None = error
-else:
-    _IMPORT_ERROR = None
-
-FORWARD = "banded_rnn_lstm_forward"
-FORWARD_TRAIN = "banded_rnn_lstm_forward_train"
-BACKWARD = "banded_rnn_lstm_backward"
-
-THREADS_ENV = "BANDED_RNN_THREADS"
-"""Environment variable: the most threads one kernel call uses (default: as
-many as XLA's intra-op pool has, which is one per core)."""
-
-ISA_ENV = "BANDED_RNN_ISA"
-"""Environment variable: run the kernel with this instruction set
-(``avx512``, ``avx2`` or ``portable``) instead of the fastest the CPU has."""
-
-_lock = threading.Lock()
-_registered = False
-_warned = False
-_scan_only = contextvars.ContextVar("banded_rnn_scan_only", default=False)
-_packing = contextvars.ContextVar("banded_rnn_packing", default=False)
-
-PACKED_COLLECTION = "banded_rnn_packed"
-"""The Flax collection of forward weights packed ahead of time (see
-:func:`pack_forward`): ``Stream`` fills it once, so that its per-frame calls
-skip the packing."""
-
-
-@contextlib.contextmanager
-def _raised(flag: contextvars.ContextVar) -> Iterator[None]:
-    """``flag`` is True inside this block, in this context only."""
-    token = flag.set(True)
-    try:
-        yield
-    finally:
-        flag.reset(token)
-
-
-def scan_only() -> contextlib.AbstractContextManager[None]:
-    """Inside this block, every ``BandedLSTM`` traced runs the XLA scan,
-    whatever its ``implementation``: for tracing a fresh function that
-    ``jax.export`` serialises (the kernel is a custom call it refuses)."""
-    return _raised(_scan_only)
-
-
-def scan_forced() -> bool:
-    """Whether a :func:`scan_only` block is active in this context."""
-    return _scan_only.get()
-
-
-def packing() -> contextlib.AbstractContextManager[None]:
-    """Inside this block, a ``BandedLSTM`` applied with
-    :data:`PACKED_COLLECTION` mutable stores its packed forward weights there."""
-    return _raised(_packing)
-
-
-def packing_requested() -> bool:
-    """Whether a :func:`packing` block is active in this context."""
-    return _packing.get()
-
-
-def available() -> bool:
-    """Whether the compiled kernel can run in this process (it is registered on first use)."""
-    return _lstm_cpu is not None
-
-
-def _register() -> None:
-    """Registers the FFI targets with XLA once, and applies the environment settings."""
-    global _registered
-    with _lock:
-        if _registered:
-            return
-        isa, threads = _settings_from_environment()
-        for name, capsule in _lstm_cpu.targets().items():
-            jax.ffi.register_ffi_target(name, capsule, platform="cpu")
-        if isa is not None:
-            _lstm_cpu.set_isa(isa)
-        if threads is not None:
-            _lstm_cpu.set_threads(threads)
-        _registered = True
-
-
-def _settings_from_environment() -> tuple[str | None, int | None]:
-    """:data:`ISA_ENV` and :data:`THREADS_ENV`, checked (None where unset)."""
-    isa = os.environ.get(ISA_ENV) or None
-    if isa is not None and isa not in _lstm_cpu.isas():
-        raise ValueError(
-            f"{ISA_ENV}: expected one of {_lstm_cpu.isas()} (what this CPU can run); "
-            f"received {isa!r}"
-        )
-    threads = os.environ.get(THREADS_ENV) or None
-    if threads is not None:
-        if not threads.isdigit():
-            raise ValueError(f"{THREADS_ENV}: expected an integer >= 0; received {threads!r}")
-        threads = int(threads)
-    return isa, threads
-
-
-def warn_unavailable() -> None:
-    """Warns, once per process, that the kernel is missing and the scan runs instead."""
-    global _warned
-    if not _warned:
-        _warned = True
-        warnings.warn(
-            f"banded_rnn: the native CPU kernel is not built ({_IMPORT_ERROR}); BandedLSTM "
-            "runs the XLA scan instead (reinstall with `pip install -e .` to build it)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
-
-def set_threads(threads: int) -> None:
-    """Sets the most threads one kernel call uses; 0 restores the default (one
-    per thread of XLA's intra-op pool). Results do not depend on it.
-
-    >>> set_threads(1)                                 # e.g. beside other busy processes
-    >>> info()["threads"]
-    1
-    >>> set_threads(0)
-    """
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-        raise ValueError(f"threads: expected an integer >= 0; received {threads!r}")
-    _require()
-    _lstm_cpu.set_threads(threads)
-
-
-def set_isa(name: str) -> None:
-    """Runs the kernel with the instruction set ``name`` (one of :func:`isas`)."""
-    _require()
-    if name not in _lstm_cpu.isas():
-        raise ValueError(f"isa: expected one of {_lstm_cpu.isas()}; received {name!r}")
-    _lstm_cpu.set_isa(name)
-
-
-def isas() -> tuple[str, ...]:
-    """The instruction sets this CPU can run the kernel with, fastest first."""
-    return _lstm_cpu.isas() if available() else ()
-
-
-def calls() -> int:
-    """Forward calls the kernel has run in this process (0 if it is not built)."""
-    return _lstm_cpu.calls() if available() else 0
-
-
-def info() -> dict[str, Any]:
-    """What the kernel path is in this process: built or not, instruction set, threads.
-
-    >>> details = info()                               # also: python -m banded_rnn info
-    >>> details["kernel"], details["isa"] in details["isas"]
-    ('built', True)
-    """
-    if not available():
-        return {"kernel": "not built", "error": str(_IMPORT_ERROR)}
-    _register()
-    threads = _lstm_cpu.threads()
-    return {
-        "kernel": "built",
-        "isa": _lstm_cpu.isa(),
-        "isas": _lstm_cpu.isas(),
-        "vector_floats": _lstm_cpu.width(),
-        "threads": threads if threads else "auto (XLA's intra-op pool)",
-        "last_call_threads": _lstm_cpu.last_threads(),
-    }
-
-
-def _require() -> None:
-    if not available():
-        raise RuntimeError(f"the native CPU kernel is not built: {_IMPORT_ERROR}")
-    _register()
-
-
-# ------------------------------------------------------------------- calls
+from .._state import ROW_AXES
+from ._native import BACKWARD, FORWARD, FORWARD_TRAIN, require
 
 
 def _empty(x: jax.Array | None, dtype: Any = jnp.float32) -> jax.Array:
@@ -214,30 +29,10 @@ def _empty(x: jax.Array | None, dtype: Any = jnp.float32) -> jax.Array:
 
 
 def _ffi(name: str, results: tuple[jax.ShapeDtypeStruct, ...], *args: jax.Array, **attributes):
-    _require()
+    require()
     # broadcast_all: under vmap every argument gets the batch axis in front,
     # and the kernel runs each batch entry with its own weights ("groups").
     return jax.ffi.ffi_call(name, results, vmap_method="broadcast_all")(*args, **attributes)
-
-
-def packed_shape(features: int, units: int) -> tuple[int, int, int, int]:
-    """The shape of one layer's packed forward weights for the instruction
-    set in use: ``[blocks, 1 + features + units, 4, width]``."""
-    width = _lstm_cpu.width()
-    return (-(-units // width), 1 + features + units, 4, width)
-
-
-def pack_forward(kernel: jax.Array, recurrent: jax.Array, bias: jax.Array) -> jax.Array:
-    """The layout the forward kernel reads its weights in, computed by XLA:
-    ``packed[block, k, gate, lane] = [bias; kernel; recurrent][k, gate * u +
-    block * width + lane]``, zero past ``units``. Given to :func:`recurrence`,
-    it spares the kernel packing them on every call (0.9 ms of a 3.8 ms
-    frame for two layers of 384 units, benchmarks/NOTES.md entry 14)."""
-    features, units = kernel.shape[0], recurrent.shape[0]
-    blocks, rows, gates, width = packed_shape(features, units)
-    stacked = jnp.concatenate([bias[None], kernel, recurrent], axis=0).reshape(rows, gates, units)
-    stacked = jnp.pad(stacked, ((0, 0), (0, 0), (0, blocks * width - units)))
-    return stacked.reshape(rows, gates, blocks, width).transpose(2, 0, 1, 3)
 
 
 def _forward(
@@ -362,11 +157,6 @@ def _recurrence_bwd(batch_major, wanted_residuals, cotangents):
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd, symbolic_zeros=True)
 
 
-ROW_AXES = ("batch", "bands")
-"""Mesh axes that split rows: those of ``banded_rnn.training.make_mesh``,
-which takes its names from here."""
-
-
 def _row_split(inputs: jax.Array) -> tuple[PartitionSpec, bool] | None:
     """How the mesh this is traced under splits the rows of ``inputs [time,
     batch, bands, features]``, and whether its axes are explicit; None if
@@ -429,7 +219,7 @@ def run_layer(weights, recurrent_mask, carry, xs, packed=None, batch_major=False
     :func:`pack_forward` lays them out, or None. ``batch_major``: the outputs
     as ``[batch, bands, time, units]`` (a model's last layer: the kernel
     writes them so, and no transpose follows)."""
-    _require()
+    require()
     inputs, valid = xs
     hidden, cell = carry
     if inputs.shape[0] == 0:

@@ -12,10 +12,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from . import _stream_file, _validate
+from .. import _validate
+from .._state import all_finite, batch_mask, nonfinite_rows, reset_state
+from . import _file
 from ._compile_count import CompileCounter
-from ._state import all_finite, batch_mask, nonfinite_rows, reset_state
-from ._stream_step import (
+from ._step import (
     stream_apply,
     stream_spec,
     stream_step,
@@ -327,7 +328,7 @@ class Stream:
 
     def _expected_fingerprint(self) -> dict[str, Any]:
         if self._fingerprint is None:
-            self._fingerprint = _stream_file.fingerprint(
+            self._fingerprint = _file.fingerprint(
                 self._model,
                 self._variables,
                 self._spec.state_layout(),
@@ -344,14 +345,14 @@ class Stream:
         the old file or the new one. A state holding NaN or infinities raises
         ``ValueError`` unless ``allow_nonfinite``."""
         leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(self.state)]
-        _stream_file.save(path, leaves, self._expected_fingerprint(), allow_nonfinite)
+        _file.save(path, leaves, self._expected_fingerprint(), allow_nonfinite)
 
     def load(self, path: str | os.PathLike, *, allow_nonfinite: bool = False) -> None:
         """Replaces the state by the one saved at ``path``. A file that is
         damaged, not a state file, from another model, weights or stream
         shape, or (unless ``allow_nonfinite``) holding NaN or infinities,
         raises ``ValueError`` naming it and changes nothing."""
-        leaves = _stream_file.load(path, self._expected_fingerprint(), allow_nonfinite)
+        leaves = _file.load(path, self._expected_fingerprint(), allow_nonfinite)
         state = jax.tree.unflatten(
             jax.tree.structure(self._spec.state),
             [jax.device_put(np.array(leaf)) for leaf in leaves],

@@ -1,0 +1,31 @@
+"""What the other packages of this repository (``banded_rnn.training``,
+``interop``, ``benchmarks``) may use of the core's private modules, and
+nothing else: docs/guides/internals.md lists it with its contracts, and
+tests/test_layout.py checks that no package reaches past it.
+"""
+
+from . import _validate as validate
+from ._backends._chunking import scan_chunks as scan_chunks
+from ._backends._cudnn import platform_supported as cudnn_platform_supported
+from ._cell import ACTIVATIONS as ACTIVATIONS
+from ._demo import run_demo as run_demo
+from ._init import unit_forget_bias as unit_forget_bias
+from ._state import ROW_AXES as ROW_AXES
+from ._state import batch_mask as batch_mask
+from ._state import reset_state as reset_state
+from ._time_order import chunks_in_time_order as chunks_in_time_order
+from ._time_order import forward_chunks as forward_chunks
+
+__all__ = [
+    "ACTIVATIONS",
+    "ROW_AXES",
+    "batch_mask",
+    "chunks_in_time_order",
+    "cudnn_platform_supported",
+    "forward_chunks",
+    "reset_state",
+    "run_demo",
+    "scan_chunks",
+    "unit_forget_bias",
+    "validate",
+]
