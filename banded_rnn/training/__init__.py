@@ -15,18 +15,18 @@ from ._data import Chunk as Chunk
 from ._data import ChunkStream as ChunkStream
 from ._evaluate import evaluate as evaluate
 from ._evaluate import predict as predict
-from ._loop import FitResult as FitResult
-from ._loop import NonFiniteError as NonFiniteError
+from ._history import FitResult as FitResult
+from ._history import NonFiniteError as NonFiniteError
 from ._loop import fit as fit
 from ._losses import accuracy as accuracy
 from ._losses import masked_mean as masked_mean
+from ._make import make_eval_step as make_eval_step
+from ._make import make_train_step as make_train_step
 from ._mesh import gather_to_host as gather_to_host
 from ._mesh import global_batch as global_batch
 from ._mesh import make_mesh as make_mesh
 from ._step import EvalStep as EvalStep
 from ._step import TrainStep as TrainStep
-from ._step import make_eval_step as make_eval_step
-from ._step import make_train_step as make_train_step
 
 __all__ = [
     "Checkpointer",

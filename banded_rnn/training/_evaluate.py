@@ -13,7 +13,7 @@ from flax.training.train_state import TrainState
 from .._internal import forward_chunks
 from .._internal import validate as _validate
 from . import _mesh
-from ._data import bucket_of, check_buckets, check_pairs, pad_time
+from ._sequences import bucket_of, check_buckets, check_pairs, pad_time
 from ._step import EvalStep
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import array
+import contextlib
 import warnings
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,241 +18,18 @@ from .._internal import forward_chunks, reset_state
 from .._internal import validate as _validate
 from . import _mesh
 from ._checkpoint import Checkpointer
-from ._data import ChunkStream
+from ._data import Chunk, ChunkStream
 from ._evaluate import evaluate
-from ._step import EvalStep, TrainStep, make_eval_step
-
-
-class FitResult(NamedTuple):
-    """What :func:`fit` returns.
-
-    Attributes:
-      train_state: the trained ``TrainState``.
-      state: the carried state after the last step.
-      history: NumPy arrays: ``step``, ``loss`` and ``grad_norm`` for every step
-        run by this call; ``eval_step``, ``eval_loss`` and ``eval_<name>`` for
-        each metric, for every evaluation; and ``skipped_step``, the steps whose
-        window was skipped as non-finite.
-    """
-
-    train_state: TrainState
-    state: Any
-    history: dict[str, np.ndarray]
-
-
-_reset = jax.jit(reset_state)
-_entry_keys = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
-"""One dropout key per batch entry: ``fold_in(rng, the entry's sequence number)``."""
-
-
-def _eval_windows(stream: ChunkStream, inputs: Any) -> dict[str, Any]:
-    """:func:`evaluate`'s batching for held-out ``inputs``, like the stream's:
-    its batch size and windows, and when it pads, buckets (its own, or
-    multiples of its chunk length) that hold the longest held-out sequence."""
-    windows = {"batch_size": stream.batch_size, "chunk_length": stream.chunk_length}
-    if stream.padded:
-        longest = max(np.shape(x)[1] for x in inputs)
-        if stream.chunk_length is None:
-            windows["buckets"] = [*stream.buckets, *([longest] * (longest > stream.buckets[-1]))]
-        else:
-            step = stream.chunk_length
-            windows["buckets"] = list(range(step, -(-longest // step) * step + 1, step))
-    return windows
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-        # Not Jupyter's widget (it needs ipywidgets): plain text outside a terminal.
-        console=Console(force_jupyter=False),
-        disable=not enabled,
-    )
-
-
-class NonFiniteError(ValueError):
-    """:func:`fit` met a window whose loss or gradient is NaN or infinite, and
-    stopped before applying it.
-
-    Attributes:
-      step: the step that was not applied.
-      train_state: the training state of the step before (its buffers are
-        live: the donated one was not updated).
-      state: the carried state before that window.
-      sequences: per batch entry, the index into the stream's ``inputs`` of
-        the sequence it was playing.
-      chunks: per batch entry, the index of that window within its sequence.
-    """
-
-    def __init__(self, message, *, step, train_state, state, sequences, chunks) -> None:
-        super().__init__(message)
-        self.step, self.train_state, self.state = step, train_state, state
-        self.sequences, self.chunks = sequences, chunks
-
+from ._history import FitResult, History, nonfinite_error
+from ._make import make_eval_step
+from ._step import EvalStep, TrainStep
 
 ON_NONFINITE = ("stop", "skip")
 """``fit``'s ``on_nonfinite`` values."""
 
-
-class _History:
-    """The per-step metrics and the evaluations of one :func:`fit` call.
-
-    A step's metrics stay on the device until :meth:`flush` fetches every
-    pending step's at once, into compact host arrays (4 to 8 bytes per value:
-    no device buffer is kept per step)."""
-
-    def __init__(self) -> None:
-        self.steps = {"step": array.array("q"), "loss": array.array("f")}
-        self.steps["grad_norm"] = array.array("f")
-        self.steps["skipped_step"] = array.array("q")
-        self.evaluations: dict[str, list[Any]] = {"eval_step": [], "eval_loss": []}
-        self._pending: list[tuple[int, jax.Array, jax.Array]] = []
-
-    def record_step(self, step: int, metrics: dict[str, jax.Array]) -> None:
-        self._pending.append((step, metrics["loss"], metrics["grad_norm"]))
-
-    def flush(self) -> list[tuple[int, float, float]]:
-        """Fetches the pending steps' metrics; returns ``(step, loss,
-        grad_norm)`` of those that were not finite (their windows were skipped)."""
-        if not self._pending:
-            return []
-        steps, losses, norms = zip(*self._pending, strict=True)
-        self._pending.clear()
-        nonfinite = []
-        for step, loss, norm in zip(steps, *jax.device_get((losses, norms)), strict=True):
-            self.steps["step"].append(step)
-            self.steps["loss"].append(loss)
-            self.steps["grad_norm"].append(norm)
-            if not (np.isfinite(loss) and np.isfinite(norm)):
-                self.steps["skipped_step"].append(step)
-                nonfinite.append((step, float(loss), float(norm)))
-        return nonfinite
-
-    def record_evaluation(self, step: int, results: dict[str, float]) -> None:
-        self.evaluations["eval_step"].append(step)
-        for name, value in results.items():
-            self.evaluations.setdefault(f"eval_{name}", []).append(value)
-
-    def evaluated_at(self, step: int) -> bool:
-        return bool(self.evaluations["eval_step"]) and self.evaluations["eval_step"][-1] == step
-
-    def as_arrays(self) -> dict[str, np.ndarray]:
-        self.flush()
-        arrays = {k: np.array(v) for k, v in self.steps.items()}
-        arrays.update({k: np.asarray(v) for k, v in self.evaluations.items()})
-        return arrays
-
-
-def _resume(checkpointer, train_state, state, rng, stream):
-    """The newest checkpoint's ``(train_state, state, rng)``, the stream set to
-    its position; the arguments themselves when there is no checkpoint."""
-    if checkpointer is None or checkpointer.latest_step() is None:
-        return train_state, state, rng
-    restored = checkpointer.restore(train_state, state, rng, stream.position())
-    stream.set_position(restored.stream)
-    return restored.train_state, restored.state, restored.rng
-
-
-def _main_process() -> bool:
-    """Whether this process logs: the only one, or the first of several."""
-    return jax.process_index() == 0
-
-
-def _check_rows(mesh, stream: ChunkStream) -> None:
-    """Raises unless ``stream`` deals this process the rows its devices hold
-    (all of them, without a mesh spanning processes)."""
-    if mesh is None or not _mesh.spans_processes(mesh):
-        rows = slice(0, stream.batch_size)
-    else:
-        rows = _mesh.process_rows(mesh, stream.batch_size)
-    if rows != stream.rows:
-        raise ValueError(
-            f"stream: deals this process the batch rows [{stream.rows.start}, "
-            f"{stream.rows.stop}), but its devices on the step's mesh hold [{rows.start}, "
-            f"{rows.stop}); build the ChunkStream with process_index and process_count "
-            "matching the mesh (by default, JAX's)"
-        )
-
-
-def _finished_already(step: int, num_steps: int, checkpointer: Checkpointer | None) -> bool:
-    """True, with a warning, when a run (resumed) at ``step`` has nothing left to train."""
-    if step < num_steps or num_steps == 0:
-        return False
-    if not _main_process():
-        return True
-    where = "" if checkpointer is None else f" (resumed from {checkpointer.directory})"
-    warnings.warn(
-        f"fit: train_state is already at step {step}{where}, and num_steps={num_steps}: "
-        "nothing to train. Raise num_steps to train on.",
-        stacklevel=3,
-    )
-    return True
-
-
-def _train_one(train_step, train_state, state, stream, rng, carry_state, keys_per_entry):
-    """Takes the next chunk, restarts the entries that begin a sequence, runs
-    one step; returns the step's results and the chunk. With several
-    processes, the chunk holds this process's rows, joined into the global
-    batch here."""
-    chunk = next(stream)
-    reset = chunk.reset if carry_state else np.ones_like(chunk.reset)
-    if carry_state and stream.chunk_length is not None:
-        # The state goes on from chunk to chunk of a sequence, in time order.
-        with forward_chunks(f"fit(carry_state=True) over chunks of {stream.chunk_length} steps"):
-            return _train_step(train_step, train_state, state, chunk, reset, rng, keys_per_entry)
-    return _train_step(train_step, train_state, state, chunk, reset, rng, keys_per_entry)
-
-
-def _train_step(train_step, train_state, state, chunk, reset, rng, keys_per_entry):
-    """One step on ``chunk``, the entries in ``reset`` restarted."""
-    keys = _entry_keys(rng, chunk.sequence) if keys_per_entry else None
-    extras = {"seq_lengths": chunk.seq_lengths, "ends": chunk.ends}
-    extras = {name: value for name, value in extras.items() if value is not None}
-    batch = (chunk.inputs, reset, keys, extras)
-    if train_step.mesh is not None and _mesh.spans_processes(train_step.mesh):
-        batch = _mesh.global_batch(train_step.mesh, batch)
-        per_sequence = train_step.targets_per == "sequence"
-        targets = _mesh.global_batch(train_step.mesh, chunk.targets, split_bands=not per_sequence)
-    else:
-        targets = chunk.targets
-    inputs, reset, keys, extras = batch
-    return *train_step(train_state, _reset(state, reset), inputs, targets, keys, **extras), chunk
-
-
-def _nonfinite_error(step, loss, grad_norm, chunk, stream, train_state, state):
-    """The :class:`NonFiniteError` for ``step``, naming the batch it ran."""
-    sequences, chunks = (list(column) for column in zip(*stream.last_batch(), strict=True))
-    batch = ", ".join(
-        f"inputs[{s}] chunk {c}" if s >= 0 else "empty"
-        for s, c in zip(sequences, chunks, strict=True)
-    )
-    entries = [
-        entry
-        for entry in range(len(sequences))
-        if not (np.isfinite(chunk.inputs[entry]).all() and np.isfinite(chunk.targets[entry]).all())
-    ]
-    cause = (
-        f"non-finite inputs or targets in batch entries {entries}"
-        if entries
-        else "inputs and targets are finite: the model or the loss diverged"
-    )
-    message = (
-        f"fit: step {step} has loss {loss} and gradient norm {grad_norm} ({cause}); its "
-        f"update was not applied, and training stopped. The batch: {batch}. The error's "
-        f"train_state and state are those before it (step {step - 1}); checkpoints stop there "
-        "too. Pass on_nonfinite='skip' to skip such windows and go on."
-    )
-    return NonFiniteError(
-        message,
-        step=step,
-        train_state=train_state.replace(step=train_state.step - 1),
-        state=state,
-        sequences=sequences,
-        chunks=chunks,
-    )
+_reset = jax.jit(reset_state)
+_entry_keys = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
+"""One dropout key per batch entry: ``fold_in(rng, the entry's sequence number)``."""
 
 
 def fit(
@@ -357,6 +134,158 @@ def fit(
     """
     num_steps = _validate.positive_int(num_steps, "num_steps", minimum=0)
     log_every = _validate.positive_int(log_every, "log_every")
+    _check_options(train_step, stream, on_nonfinite, eval_data, eval_step, metrics)
+    evaluation = _Evaluation.of(train_step, stream, eval_data, eval_step, metrics)
+    run = _Run.start(train_step, train_state, stream, rng, checkpointer, carry_state)
+    if _finished_already(run.step, num_steps, checkpointer):
+        return run.result()
+    with _progress(progress and _main_process()) as bar:
+        task = bar.add_task("training", total=num_steps, completed=run.step, status="")
+        while run.step < num_steps:
+            chunk = run.train_one()
+            logged = run.step % log_every == 0 or run.step == num_steps
+            # "stop" checks every step before the next is dispatched; "skip" needs no sync.
+            if on_nonfinite == "stop" or logged:
+                run.check_finite(chunk, stop=on_nonfinite == "stop")
+            if evaluation is not None and eval_every and run.step % eval_every == 0:
+                evaluation.run(run)
+            if checkpointer is not None and checkpoint_every and run.step % checkpoint_every == 0:
+                run.save(checkpointer)
+            if logged:
+                bar.update(task, status=f"loss {run.history.steps['loss'][-1]:.4g}")
+            bar.update(task, completed=run.step)
+    run.history.flush()
+    _warn_skipped(run.history.steps["skipped_step"])
+    if evaluation is not None and not run.history.evaluated_at(run.step):
+        evaluation.run(run)
+    if checkpointer is not None and checkpointer.latest_step() != run.step:
+        run.save(checkpointer)
+    return run.result()
+
+
+class _Run:
+    """One :func:`fit` call's moving parts: the training state, the carried
+    state, the dropout key, the step count and the history."""
+
+    def __init__(self, train_step, train_state, state, rng, stream, *, carry_state) -> None:
+        self.train_step, self.stream, self.carry_state = train_step, stream, carry_state
+        self.train_state, self.state, self.rng = train_state, state, rng
+        self.step = int(train_state.step)
+        self.history = History()
+        self._keys_per_entry: bool | None = None
+
+    @classmethod
+    def start(cls, train_step, train_state, stream, rng, checkpointer, carry_state) -> _Run:
+        """The run from ``train_state`` with the model's zero state, or from
+        the newest checkpoint of ``checkpointer`` (the stream set to its position)."""
+        _check_rows(train_step.mesh, stream)
+        state = train_step.initial_state(
+            train_state, stream.batch_size, stream.num_bands, stream.num_features
+        )
+        train_state, _ = train_step.place(train_state)  # where checkpoints are restored to
+        if checkpointer is not None and checkpointer.latest_step() is not None:
+            restored = checkpointer.restore(train_state, state, rng, stream.position())
+            stream.set_position(restored.stream)
+            train_state, state, rng = restored.train_state, restored.state, restored.rng
+        return cls(train_step, train_state, state, rng, stream, carry_state=carry_state)
+
+    def train_one(self) -> Chunk:
+        """Takes the next chunk, restarts the entries that begin a sequence, runs one step."""
+        chunk = next(self.stream)
+        reset = chunk.reset if self.carry_state else np.ones_like(chunk.reset)
+        in_time_order = self.carry_state and self.stream.chunk_length is not None
+        with (
+            # The state goes on from chunk to chunk of a sequence, in time order.
+            forward_chunks(f"fit(carry_state=True) over chunks of {self.stream.chunk_length} steps")
+            if in_time_order
+            else contextlib.nullcontext()
+        ):
+            self.train_state, self.state, step_metrics = self._step(chunk, reset)
+        self.step += 1
+        self.history.record_step(self.step, step_metrics)
+        return chunk
+
+    def _step(self, chunk: Chunk, reset: np.ndarray):
+        """One step on ``chunk``, the entries in ``reset`` restarted. With several
+        processes the chunk holds this process's rows, joined into the global batch here."""
+        keys = _entry_keys(self.rng, chunk.sequence) if self.keys_per_entry() else None
+        extras = {"seq_lengths": chunk.seq_lengths, "ends": chunk.ends}
+        extras = {name: value for name, value in extras.items() if value is not None}
+        batch, targets = (chunk.inputs, reset, keys, extras), chunk.targets
+        mesh = self.train_step.mesh
+        if mesh is not None and _mesh.spans_processes(mesh):
+            batch = _mesh.global_batch(mesh, batch)
+            per_sequence = self.train_step.targets_per == "sequence"
+            targets = _mesh.global_batch(mesh, targets, split_bands=not per_sequence)
+        inputs, reset, keys, extras = batch
+        state = _reset(self.state, reset)
+        return self.train_step(self.train_state, state, inputs, targets, keys, **extras)
+
+    def keys_per_entry(self) -> bool:
+        """Whether the model needs dropout keys (one per entry); without dropout
+        no keys are needed, and the step runs the batch in one piece."""
+        if self._keys_per_entry is None:
+            shape = (
+                self.stream.batch_size, self.stream.num_bands, self.stream.window_length,
+                self.stream.num_features,
+            )  # fmt: skip
+            inputs = jax.ShapeDtypeStruct(shape, jnp.float32)
+            self._keys_per_entry = self.train_step.needs_rng(self.train_state, inputs)
+        return self._keys_per_entry
+
+    def check_finite(self, chunk: Chunk, *, stop: bool) -> None:
+        """Fetches the pending steps' metrics; with ``stop``, raises
+        :class:`NonFiniteError` for the first whose window was not finite."""
+        nonfinite = self.history.flush()
+        if nonfinite and stop:
+            raise nonfinite_error(*nonfinite[0], chunk, self.stream, self.train_state, self.state)
+
+    def save(self, checkpointer: Checkpointer) -> None:
+        checkpointer.save(self.train_state, self.state, self.rng, self.stream.position())
+
+    def result(self) -> FitResult:
+        return FitResult(self.train_state, self.state, self.history.as_arrays())
+
+
+class _Evaluation:
+    """Held-out data evaluated during :func:`fit`: the step, the data, and
+    :func:`evaluate`'s batching."""
+
+    def __init__(self, eval_step: EvalStep, data: tuple[Any, Any], batching: dict) -> None:
+        self.eval_step, self.data, self.batching = eval_step, data, batching
+
+    @classmethod
+    def of(cls, train_step, stream, eval_data, eval_step, metrics) -> _Evaluation | None:
+        if eval_data is None:
+            return None
+        if eval_step is None:
+            eval_step = make_eval_step(
+                train_step.loss_fn, mesh=train_step.mesh, targets_per=train_step.targets_per,
+                metrics=metrics,
+            )  # fmt: skip
+        return cls(eval_step, eval_data, _eval_batching(stream, eval_data[0]))
+
+    def run(self, run: _Run) -> None:
+        results = evaluate(self.eval_step, run.train_state, *self.data, **self.batching)
+        run.history.record_evaluation(run.step, results)
+
+
+def _eval_batching(stream: ChunkStream, inputs: Sequence[Any]) -> dict[str, Any]:
+    """:func:`evaluate`'s batching for held-out ``inputs``, like the stream's:
+    its batch size and windows, and when it pads, buckets (its own, or
+    multiples of its chunk length) that hold the longest held-out sequence."""
+    batching = {"batch_size": stream.batch_size, "chunk_length": stream.chunk_length}
+    if stream.padded:
+        longest = max(np.shape(x)[1] for x in inputs)
+        if stream.chunk_length is None:
+            batching["buckets"] = [*stream.buckets, *([longest] * (longest > stream.buckets[-1]))]
+        else:
+            step = stream.chunk_length
+            batching["buckets"] = list(range(step, -(-longest // step) * step + 1, step))
+    return batching
+
+
+def _check_options(train_step, stream, on_nonfinite, eval_data, eval_step, metrics) -> None:
     if on_nonfinite not in ON_NONFINITE:
         raise ValueError(f"on_nonfinite: expected one of {ON_NONFINITE}; received {on_nonfinite!r}")
     if not isinstance(stream, ChunkStream):
@@ -370,60 +299,63 @@ def fit(
         raise ValueError("metrics: give them to make_eval_step when passing eval_step")
     if metrics is not None and eval_data is None:
         raise ValueError("metrics: are evaluated on eval_data, and eval_data is None")
-    if eval_data is not None and eval_step is None:
-        eval_step = make_eval_step(
-            train_step.loss_fn, mesh=train_step.mesh, targets_per=train_step.targets_per,
-            metrics=metrics,
-        )  # fmt: skip
-    shape = (stream.batch_size, stream.num_bands, stream.window_length, stream.num_features)
-    _check_rows(train_step.mesh, stream)
-    state = train_step.initial_state(train_state, *shape[:2], shape[3])
-    train_state, _ = train_step.place(train_state)  # where checkpoints are restored to
-    train_state, state, rng = _resume(checkpointer, train_state, state, rng, stream)
-    step = int(train_state.step)
-    history = _History()
-    if _finished_already(step, num_steps, checkpointer):
-        return FitResult(train_state, state, history.as_arrays())
-    # Without dropout no keys are needed, and the step runs the batch in one piece.
-    keys_per_entry = train_step.needs_rng(train_state, jax.ShapeDtypeStruct(shape, jnp.float32))
-    if eval_data is not None:
-        lengths = _eval_windows(stream, eval_data[0])
 
-    def run_evaluation() -> None:
-        history.record_evaluation(step, evaluate(eval_step, train_state, *eval_data, **lengths))
 
-    with _progress(progress and _main_process()) as bar:
-        task = bar.add_task("training", total=num_steps, completed=step, status="")
-        while step < num_steps:
-            train_state, state, metrics, chunk = _train_one(
-                train_step, train_state, state, stream, rng, carry_state, keys_per_entry
-            )
-            step += 1
-            history.record_step(step, metrics)
-            logged = step % log_every == 0 or step == num_steps
-            # "stop" checks every step before the next is dispatched; "skip" needs no sync.
-            if on_nonfinite == "stop" or logged:
-                nonfinite = history.flush()
-                if nonfinite and on_nonfinite == "stop":
-                    raise _nonfinite_error(*nonfinite[0], chunk, stream, train_state, state)
-            if eval_data is not None and eval_every and step % eval_every == 0:
-                run_evaluation()
-            if checkpointer is not None and checkpoint_every and step % checkpoint_every == 0:
-                checkpointer.save(train_state, state, rng, stream.position())
-            if logged:
-                bar.update(task, status=f"loss {history.steps['loss'][-1]:.4g}")
-            bar.update(task, completed=step)
-    history.flush()
-    skipped = history.steps["skipped_step"]
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        # Not Jupyter's widget (it needs ipywidgets): plain text outside a terminal.
+        console=Console(force_jupyter=False),
+        disable=not enabled,
+    )
+
+
+def _main_process() -> bool:
+    """Whether this process logs: the only one, or the first of several."""
+    return jax.process_index() == 0
+
+
+def _check_rows(mesh, stream: ChunkStream) -> None:
+    """Raises unless ``stream`` deals this process the rows its devices hold
+    (all of them, without a mesh spanning processes)."""
+    if mesh is None or not _mesh.spans_processes(mesh):
+        rows = slice(0, stream.batch_size)
+    else:
+        rows = _mesh.process_rows(mesh, stream.batch_size)
+    if rows != stream.rows:
+        raise ValueError(
+            f"stream: deals this process the batch rows [{stream.rows.start}, "
+            f"{stream.rows.stop}), but its devices on the step's mesh hold [{rows.start}, "
+            f"{rows.stop}); build the ChunkStream with process_index and process_count "
+            "matching the mesh (by default, JAX's)"
+        )
+
+
+def _finished_already(step: int, num_steps: int, checkpointer: Checkpointer | None) -> bool:
+    """True, with a warning, when a run (resumed) at ``step`` has nothing left to train."""
+    if step < num_steps or num_steps == 0:
+        return False
+    if not _main_process():
+        return True
+    where = "" if checkpointer is None else f" (resumed from {checkpointer.directory})"
+    warnings.warn(
+        f"fit: train_state is already at step {step}{where}, and num_steps={num_steps}: "
+        "nothing to train. Raise num_steps to train on.",
+        stacklevel=3,
+    )
+    return True
+
+
+def _warn_skipped(skipped: Sequence[int]) -> None:
+    """Says, from the main process, how many windows were skipped as non-finite."""
     if skipped and _main_process():
         warnings.warn(
             f"fit: skipped {len(skipped)} window(s) with a non-finite loss or gradient, at "
             f"steps {list(skipped[:10])}{' ...' if len(skipped) > 10 else ''} "
             "(history['skipped_step'])",
-            stacklevel=2,
+            stacklevel=3,
         )
-    if eval_data is not None and not history.evaluated_at(step):
-        run_evaluation()
-    if checkpointer is not None and checkpointer.latest_step() != step:
-        checkpointer.save(train_state, state, rng, stream.position())
-    return FitResult(train_state, state, history.as_arrays())

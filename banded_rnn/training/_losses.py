@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ._step import _masked_sum
+from ._targets import masked_sum
 
 PerTarget = Callable[[Any, Any], jax.Array]
 
@@ -38,7 +38,7 @@ def masked_mean(per_target: PerTarget) -> Callable[..., jax.Array]:
         values = jnp.asarray(per_target(outputs, targets))
         if mask is None:
             return jnp.mean(values)
-        total, count = _masked_sum(values, jnp.asarray(mask))
+        total, count = masked_sum(values, jnp.asarray(mask))
         return total / jnp.maximum(count, 1.0)
 
     return loss_fn
