@@ -51,8 +51,8 @@ using std::int64_t;
 
 // ------------------------------------------------------ instruction sets
 
-std::vector<const Kernel*> SupportedKernels() {
-  std::vector<const Kernel*> kernels;
+std::vector<const IsaBuild*> DetectIsas() {
+  std::vector<const IsaBuild*> isas;
 #if defined(BRNN_X86)
   __builtin_cpu_init();
   // GCC reports a feature only when the OS also saves its registers. The
@@ -61,34 +61,34 @@ std::vector<const Kernel*> SupportedKernels() {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw")) {
-    kernels.push_back(kAvx512Kernel);
+    isas.push_back(kAvx512);
   }
-  if (avx2) kernels.push_back(kAvx2Kernel);
+  if (avx2) isas.push_back(kAvx2);
 #endif
-  kernels.push_back(kPortableKernel);
-  return kernels;
+  isas.push_back(kPortable);
+  return isas;
 }
 
-const std::vector<const Kernel*>& Supported() {
-  static const std::vector<const Kernel*> kernels = SupportedKernels();
-  return kernels;
+const std::vector<const IsaBuild*>& SupportedIsas() {
+  static const std::vector<const IsaBuild*> isas = DetectIsas();
+  return isas;
 }
 
-const Kernel* Find(std::string_view name) {
-  for (const Kernel* kernel : Supported()) {
-    if (name == kernel->name) return kernel;
+const IsaBuild* FindIsa(std::string_view name) {
+  for (const IsaBuild* isa : SupportedIsas()) {
+    if (name == isa->name) return isa;
   }
   return nullptr;
 }
 
-std::atomic<const Kernel*> g_kernel{nullptr};
+std::atomic<const IsaBuild*> g_isa{nullptr};
 std::atomic<int> g_threads{0};        // 0: as many as XLA's intra-op pool has
 std::atomic<int> g_last_threads{0};   // threads the last call used
 std::atomic<std::int64_t> g_calls{0};  // forward calls so far
 
-const Kernel* Current() {
-  const Kernel* kernel = g_kernel.load(std::memory_order_relaxed);
-  return kernel != nullptr ? kernel : Supported().front();
+const IsaBuild* CurrentIsa() {
+  const IsaBuild* isa = g_isa.load(std::memory_order_relaxed);
+  return isa != nullptr ? isa : SupportedIsas().front();
 }
 
 // ---------------------------------------------------------------- threads
@@ -228,12 +228,12 @@ class ReadyPanels {
 // each reads only its share of the weights, where a split of the rows has
 // every thread read all of them (7.2 MB a sub-band frame; NOTES entry 17).
 // Either way every row and unit runs the same instructions.
-void ForwardOverThreads(ffi::ThreadPool& pool, const Kernel& kernel, const ForwardArgs& args) {
-  const int64_t R = args.rows, H = args.units, blocks = kernel.forward_blocks(H);
+void ForwardOverThreads(ffi::ThreadPool& pool, const IsaBuild& isa, const ForwardArgs& args) {
+  const int64_t R = args.rows, H = args.units, blocks = isa.forward_blocks(H);
   const int64_t work = args.time * R * (args.features + H) * 4 * H;
   const bool split_units = args.time == 1 && blocks > 1;
   const int threads = split_units ? ThreadsFor(pool, blocks, work, 1)
-                                  : ThreadsFor(pool, R, work, kernel.row_tile);
+                                  : ThreadsFor(pool, R, work, isa.row_tile);
   g_last_threads.store(threads, std::memory_order_relaxed);
   RunParallel(pool, threads, threads, [&](int index) {
     int64_t begin = 0, end = R, first = 0, last = blocks;
@@ -241,11 +241,11 @@ void ForwardOverThreads(ffi::ThreadPool& pool, const Kernel& kernel, const Forwa
       first = blocks * index / threads;
       last = blocks * (index + 1) / threads;
     } else {
-      std::tie(begin, end) = RowRange(index, threads, R, kernel.row_tile);
+      std::tie(begin, end) = RowRange(index, threads, R, isa.row_tile);
     }
     if (begin >= end || first >= last) return;
     Buffer<ScratchTag> scratch(static_cast<std::size_t>(end - begin) * forward_scratch(H));
-    kernel.forward(args, begin, end, first, last, scratch.data());
+    isa.forward(args, begin, end, first, last, scratch.data());
   });
 }
 
@@ -333,9 +333,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   BRNN_RETURN_IF_ERROR(Expect("dropmask", dropmask, G * R * H, true));
   BRNN_RETURN_IF_ERROR(Expect("hs", *hs, G * T * R * H, false));
 
-  const Kernel& k = *Current();
+  const IsaBuild& isa = *CurrentIsa();
   g_calls.fetch_add(1, std::memory_order_relaxed);
-  const std::size_t packed_size = k.forward_packed_size(F, H);
+  const std::size_t packed_size = isa.forward_packed_size(F, H);
   bool has_prepacked = prepacked != nullptr && prepacked->element_count() != 0;
   if (has_prepacked) {
     // [groups..., blocks, 1 + features + units, 4, width]. The width names the
@@ -343,19 +343,19 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     // another width they are not read, and this call packs its own.
     const auto d = prepacked->dimensions();
     const std::size_t n = d.size();
-    const int64_t blocks = k.forward_blocks(H);
+    const int64_t blocks = isa.forward_blocks(H);
     if (n < 4) {
       return ffi::Error::InvalidArgument(
           "packed: expected [..., blocks, 1 + features + units, 4, width]; received rank " +
           std::to_string(n));
     }
-    if (d[n - 1] != k.width) {
+    if (d[n - 1] != isa.width) {
       has_prepacked = false;
     } else if (d[n - 2] != 4 || d[n - 3] != 1 + F + H || d[n - 4] != blocks) {
       return ffi::Error::InvalidArgument(
           "packed: expected [..., blocks, 1 + features + units, 4, width] = [..., " +
           std::to_string(blocks) + ", " + std::to_string(1 + F + H) + ", 4, " +
-          std::to_string(k.width) + "]; received [..., " + std::to_string(d[n - 4]) + ", " +
+          std::to_string(isa.width) + "]; received [..., " + std::to_string(d[n - 4]) + ", " +
           std::to_string(d[n - 3]) + ", " + std::to_string(d[n - 2]) + ", " +
           std::to_string(d[n - 1]) + "]");
     } else {
@@ -363,8 +363,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
           Expect("packed", *prepacked, G * static_cast<int64_t>(packed_size), false));
     }
   }
-  PackedWeights packed(has_prepacked ? 0 : packed_size, k.forward_blocks(H));
-  const ReadyPanels ready(has_prepacked ? k.forward_blocks(H) : 0);
+  PackedWeights packed(has_prepacked ? 0 : packed_size, isa.forward_blocks(H));
+  const ReadyPanels ready(has_prepacked ? isa.forward_blocks(H) : 0);
   const bool has_valid = valid.element_count() != 0, has_dropmask = dropmask.element_count() != 0;
   for (int64_t g = 0; g < G; ++g) {
     ForwardArgs args{};
@@ -389,7 +389,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     args.cs = cs != nullptr ? cs + g * T * R * H : nullptr;
     args.acts = acts != nullptr ? acts + g * T * R * 4 * H : nullptr;
     args.c_final = c_final != nullptr ? c_final + g * R * H : nullptr;
-    ForwardOverThreads(pool, k, args);
+    ForwardOverThreads(pool, isa, args);
   }
   return ffi::Error::Success();
 }
@@ -461,7 +461,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> recurrent,
   BRNN_RETURN_IF_ERROR(Expect("dh0", *dh0, G * R * H, false));
   BRNN_RETURN_IF_ERROR(Expect("dc0", *dc0, G * R * H, false));
 
-  const Kernel& k = *Current();
+  const IsaBuild& isa = *CurrentIsa();
   const bool has_valid = valid.element_count() != 0, has_dropmask = dropmask.element_count() != 0;
   const bool inputs = dx->element_count() != 0;
   // Steps per block: with the weight gradients, as many as kBlockFloats of gate
@@ -472,15 +472,15 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> recurrent,
   const int64_t kept_steps = weights ? steps : 1;
   // `Buffer`s kept by this (the calling) thread; W floats of slack: the last
   // vector of a row may read past its end (into lanes that are never stored).
-  Buffer<GatesTag> dgates_block(static_cast<std::size_t>(kept_steps * R * gates + k.width));
+  Buffer<GatesTag> dgates_block(static_cast<std::size_t>(kept_steps * R * gates + isa.width));
   Buffer<HiddenTag> h_in_block(
       weights && has_dropmask ? static_cast<std::size_t>(steps * R * H) : 0);
-  PackedWeights packed(k.transposed_packed_size(H, H), k.transposed_blocks(H));
-  PackedWeights<PackedInputTag> packed_inputs(inputs ? k.transposed_packed_size(F, H) : 0,
-                              k.transposed_blocks(F));
-  const int threads = ThreadsFor(pool, R, T * R * H * gates, k.row_tile);
+  PackedWeights packed(isa.transposed_packed_size(H, H), isa.transposed_blocks(H));
+  PackedWeights<PackedInputTag> packed_inputs(inputs ? isa.transposed_packed_size(F, H) : 0,
+                              isa.transposed_blocks(F));
+  const int threads = ThreadsFor(pool, R, T * R * H * gates, isa.row_tile);
   g_last_threads.store(threads, std::memory_order_relaxed);
-  const int64_t column_blocks = (gates + k.column_block - 1) / k.column_block;
+  const int64_t column_blocks = (gates + isa.column_block - 1) / isa.column_block;
   for (int64_t g = 0; g < G; ++g) {
     BackwardArgs args{};
     args.time = T;
@@ -521,18 +521,18 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> recurrent,
       const int64_t t_begin = std::max<int64_t>(0, t_end - steps);
       args.block_begin = weights ? t_begin : 0;
       RunParallel(pool, threads, threads, [&](int index) {
-        const auto [begin, end] = RowRange(index, threads, R, k.row_tile);
+        const auto [begin, end] = RowRange(index, threads, R, isa.row_tile);
         if (begin >= end) return;
         Buffer<ScratchTag> scratch(static_cast<std::size_t>(end - begin) * backward_scratch(H));
-        k.backward(args, t_begin, t_end, begin, end, scratch.data());
+        isa.backward(args, t_begin, t_end, begin, end, scratch.data());
       });
       if (weights) {
         // Contiguous column ranges: each reads the block's x and h once.
         const int parts = static_cast<int>(std::min<int64_t>(threads, column_blocks));
         RunParallel(pool, parts, parts, [&](int index) {
-          const int64_t begin = column_blocks * index / parts * k.column_block;
-          const int64_t end = std::min(gates, column_blocks * (index + 1) / parts * k.column_block);
-          k.weight_gradients(args, t_begin, t_end, begin, end);
+          const int64_t begin = column_blocks * index / parts * isa.column_block;
+          const int64_t end = std::min(gates, column_blocks * (index + 1) / parts * isa.column_block);
+          isa.weight_gradients(args, t_begin, t_end, begin, end);
         });
       }
       t_end = t_begin;
@@ -618,14 +618,14 @@ PyObject* Targets(PyObject*, PyObject*) {
   return targets;
 }
 
-PyObject* Isa(PyObject*, PyObject*) { return PyUnicode_FromString(banded_rnn::Current()->name); }
+PyObject* Isa(PyObject*, PyObject*) { return PyUnicode_FromString(banded_rnn::CurrentIsa()->name); }
 
 PyObject* Isas(PyObject*, PyObject*) {
-  const auto& kernels = banded_rnn::Supported();
-  PyObject* names = PyTuple_New(static_cast<Py_ssize_t>(kernels.size()));
+  const auto& isas = banded_rnn::SupportedIsas();
+  PyObject* names = PyTuple_New(static_cast<Py_ssize_t>(isas.size()));
   if (names == nullptr) return nullptr;
-  for (std::size_t i = 0; i < kernels.size(); ++i) {
-    PyTuple_SET_ITEM(names, static_cast<Py_ssize_t>(i), PyUnicode_FromString(kernels[i]->name));
+  for (std::size_t i = 0; i < isas.size(); ++i) {
+    PyTuple_SET_ITEM(names, static_cast<Py_ssize_t>(i), PyUnicode_FromString(isas[i]->name));
   }
   return names;
 }
@@ -633,16 +633,16 @@ PyObject* Isas(PyObject*, PyObject*) {
 PyObject* SetIsa(PyObject*, PyObject* arg) {
   const char* name = PyUnicode_AsUTF8(arg);
   if (name == nullptr) return nullptr;
-  const banded_rnn::Kernel* kernel = banded_rnn::Find(name);
-  if (kernel == nullptr) {
+  const banded_rnn::IsaBuild* isa = banded_rnn::FindIsa(name);
+  if (isa == nullptr) {
     PyErr_Format(PyExc_ValueError, "isa: %s is not supported on this CPU", name);
     return nullptr;
   }
-  banded_rnn::g_kernel.store(kernel);
+  banded_rnn::g_isa.store(isa);
   Py_RETURN_NONE;
 }
 
-PyObject* Width(PyObject*, PyObject*) { return PyLong_FromLong(banded_rnn::Current()->width); }
+PyObject* Width(PyObject*, PyObject*) { return PyLong_FromLong(banded_rnn::CurrentIsa()->width); }
 
 PyObject* Threads(PyObject*, PyObject*) { return PyLong_FromLong(banded_rnn::g_threads.load()); }
 

@@ -517,7 +517,7 @@ void weight_gradients(const BackwardArgs& a, int64_t t_begin, int64_t t_end, int
   }
 }
 
-constexpr Kernel kKernel{
+constexpr IsaBuild kBuild{
     BRNN_NAME,         W,        kRowTile,         forward_blocks,
     forward_packed_size, transposed_blocks, transposed_packed_size, forward,
     backward,          weight_gradients, kGates * W,
@@ -527,11 +527,11 @@ constexpr Kernel kKernel{
 }  // namespace BRNN_NAMESPACE
 
 #if BRNN_ISA == 3
-const Kernel* const kAvx512Kernel = &avx512::kKernel;
+const IsaBuild* const kAvx512 = &avx512::kBuild;
 #elif BRNN_ISA == 2
-const Kernel* const kAvx2Kernel = &avx2::kKernel;
+const IsaBuild* const kAvx2 = &avx2::kBuild;
 #else
-const Kernel* const kPortableKernel = &portable::kKernel;
+const IsaBuild* const kPortable = &portable::kBuild;
 #endif
 
 }  // namespace banded_rnn
