@@ -1,6 +1,7 @@
 // The LSTM recurrence (recurrence.h), compiled once per instruction set:
 // CMake builds this file with BRNN_ISA=3 (AVX-512), 2 (AVX2 + FMA) and 1
-// (portable), each into its own namespace, and ffi.cc picks one at run time.
+// (portable), each into its own namespace, and dispatch.cc picks one at run
+// time.
 //
 // Per time step and row the four gate pre-activations of `width` units are
 // summed in registers, `bias + x_t @ kernel + h @ recurrent_kernel`, by a

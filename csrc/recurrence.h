@@ -1,6 +1,6 @@
 // The LSTM recurrence over one chunk of time, for a range of independent rows
 // (sequence, band): the interface between the instruction-set builds of
-// recurrence.cc and the XLA FFI handlers in ffi.cc.
+// recurrence.cc and the XLA FFI handlers in handlers.cc.
 //
 // Layouts (row-major, time-major, as the Python side passes them):
 //   x        [time, rows, features]      the layer's inputs

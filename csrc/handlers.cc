@@ -1,44 +1,17 @@
-// XLA FFI handlers for the LSTM recurrence, and the Python module
-// `banded_rnn._lstm_cpu` that hands them to `jax.ffi.register_ffi_target`.
-//
-// Three targets, all float32 on the host:
-//   banded_rnn_lstm_forward        (x, kernel, recurrent, bias, h0, c0, valid, dropmask,
-//                                   packed; batch_major) -> (hs, c_final)
-//   banded_rnn_lstm_forward_train  (x, kernel, recurrent, bias, h0, c0, valid, dropmask)
-//                                   -> (hs, cs, acts)
-//   banded_rnn_lstm_backward       (recurrent, kernel, x, h0, hs, c0, valid, dropmask, cs,
-//                                   acts, dhs, dc_last)
-//                                   -> (dx, dkernel, drecurrent, dbias, dh0, dc0)
-// with the layouts of recurrence.h. Every array may carry the same leading
-// "group" axes as `recurrent` (what vmap adds with vmap_method="broadcast_all"):
-// each group runs with its own weights. The row axes between time and the
-// last axis are flattened. `valid` and `dropmask` may be empty, meaning every
-// step is valid and no dropout; an empty `dx`, or empty weight gradients
-// (all three), are not computed. With `batch_major`, the inference forward
-// writes hs as [..., rows..., time, units], the layout a model returns, so
-// that no transpose of its largest output follows (NOTES entry 18).
-//
-// Rows are independent, so each call splits them into contiguous ranges, one
-// per thread, and every thread runs every time step of its rows with no
-// synchronisation until the end (a one-step call splits the units instead):
-// the calling thread takes a range itself, the others go to XLA's intra-op
-// thread pool.
+// The XLA FFI handlers (handlers.h): the shape checks of each target, and
+// each call's work split over groups of weights and then between threads.
 
-#include <Python.h>
+#include "handlers.h"
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
+#include <cstddef>
 #include <cstdint>
-#include <cstdlib>
-#include <functional>
-#include <memory>
-#include <mutex>
 #include <string>
-#include <string_view>
 #include <tuple>
-#include <vector>
 
+#include "buffers.h"
+#include "dispatch.h"
+#include "parallel.h"
 #include "recurrence.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -48,178 +21,6 @@ namespace banded_rnn {
 namespace {
 
 using std::int64_t;
-
-// ------------------------------------------------------ instruction sets
-
-std::vector<const IsaBuild*> DetectIsas() {
-  std::vector<const IsaBuild*> isas;
-#if defined(BRNN_X86)
-  __builtin_cpu_init();
-  // GCC reports a feature only when the OS also saves its registers. The
-  // AVX-512 build is compiled for F, VL, DQ and BW (every AVX-512 CPU since
-  // Skylake-SP has them all), and with AVX2 and FMA.
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw")) {
-    isas.push_back(kAvx512);
-  }
-  if (avx2) isas.push_back(kAvx2);
-#endif
-  isas.push_back(kPortable);
-  return isas;
-}
-
-const std::vector<const IsaBuild*>& SupportedIsas() {
-  static const std::vector<const IsaBuild*> isas = DetectIsas();
-  return isas;
-}
-
-const IsaBuild* FindIsa(std::string_view name) {
-  for (const IsaBuild* isa : SupportedIsas()) {
-    if (name == isa->name) return isa;
-  }
-  return nullptr;
-}
-
-std::atomic<const IsaBuild*> g_isa{nullptr};
-std::atomic<int> g_threads{0};        // 0: as many as XLA's intra-op pool has
-std::atomic<int> g_last_threads{0};   // threads the last call used
-std::atomic<std::int64_t> g_calls{0};  // forward calls so far
-
-const IsaBuild* CurrentIsa() {
-  const IsaBuild* isa = g_isa.load(std::memory_order_relaxed);
-  return isa != nullptr ? isa : SupportedIsas().front();
-}
-
-// ---------------------------------------------------------------- threads
-
-// Runs work(i) for i in [0, count): the calling thread and up to workers - 1
-// pool threads claim indices until none is left. The caller then waits only
-// for indices already claimed, which are running, so a pool thread that
-// starts late (or never, on a busy pool) cannot hold it up.
-void RunParallel(ffi::ThreadPool& pool, int workers, int64_t count,
-                 const std::function<void(int)>& work) {
-  if (workers <= 1 || count <= 1) {
-    for (int i = 0; i < count; ++i) work(i);
-    return;
-  }
-  struct Shared {
-    std::atomic<int> next{0};
-    int count = 0;
-    int done = 0;
-    std::mutex mutex;
-    std::condition_variable finished;
-    const std::function<void(int)>* work = nullptr;  // used only while indices remain
-  };
-  auto shared = std::make_shared<Shared>();
-  shared->count = static_cast<int>(count);
-  shared->work = &work;
-  auto drain = [](Shared& s) {
-    for (int i; (i = s.next.fetch_add(1)) < s.count;) {
-      (*s.work)(i);
-      std::lock_guard<std::mutex> lock(s.mutex);
-      if (++s.done == s.count) s.finished.notify_all();
-    }
-  };
-  for (int i = 1; i < std::min<int64_t>(workers, count); ++i) {
-    pool.Schedule([shared, drain] { drain(*shared); });
-  }
-  drain(*shared);
-  std::unique_lock<std::mutex> lock(shared->mutex);
-  shared->finished.wait(lock, [&] { return shared->done == shared->count; });
-}
-
-// A thread's share below this many multiply-adds costs more to hand over
-// than it saves (a pool task starts in a few microseconds).
-constexpr int64_t kMinWorkPerThread = 1 << 18;
-
-int ThreadsFor(ffi::ThreadPool& pool, int64_t rows, int64_t work, int row_tile) {
-  int threads = g_threads.load(std::memory_order_relaxed);
-  if (threads <= 0) threads = static_cast<int>(std::max<int64_t>(1, pool.num_threads()));
-  const int64_t tiles = (rows + row_tile - 1) / row_tile;
-  const int64_t worth = std::max<int64_t>(1, work / kMinWorkPerThread);
-  return static_cast<int>(std::max<int64_t>(1, std::min({int64_t{threads}, tiles, worth})));
-}
-
-// Rows [begin, end) of thread `index` out of `threads`: contiguous whole tiles.
-std::pair<int64_t, int64_t> RowRange(int index, int threads, int64_t rows, int row_tile) {
-  const int64_t tiles = (rows + row_tile - 1) / row_tile;
-  const int64_t begin = tiles * index / threads * row_tile;
-  const int64_t end = std::min(rows, tiles * (index + 1) / threads * row_tile);
-  return {begin, end};
-}
-
-// The most floats (8 MiB) a thread keeps between calls, per use.
-constexpr std::size_t kKeptFloats = (std::size_t{8} << 20) / sizeof(float);
-
-// `size` floats, aligned to 64 bytes so that no vector load of packed weights
-// spans two cache lines. Up to kKeptFloats they stay with the thread for its
-// later calls (fresh memory on every call would cost a page fault per 4 KiB
-// touched, 0.9 ms of a 3.7 ms streamed frame); a larger buffer belongs to
-// this call only, whose work then dwarfs the faults. `Tag` gives each use
-// its own kept buffer.
-template <class Tag>
-class Buffer {
- public:
-  explicit Buffer(std::size_t size) {
-    constexpr std::size_t kAlign = 64 / sizeof(float);
-    std::vector<float>& storage = size <= kKeptFloats ? Kept() : own_;
-    if (storage.size() < size + kAlign) storage.resize(size + kAlign);
-    const auto address = reinterpret_cast<std::uintptr_t>(storage.data());
-    data_ = storage.data() + (kAlign - address / sizeof(float) % kAlign) % kAlign;
-  }
-  float* data() const { return data_; }
-
- private:
-  static std::vector<float>& Kept() {
-    thread_local std::vector<float> kept;
-    return kept;
-  }
-  std::vector<float> own_;
-  float* data_ = nullptr;
-};
-
-struct ScratchTag {};
-struct PackedTag {};
-struct PackedInputTag {};
-struct GatesTag {};
-struct HiddenTag {};
-
-// Room for `size` floats of packed weights in `blocks` blocks, none packed yet.
-template <class Tag = PackedTag>
-class PackedWeights {
- public:
-  PackedWeights(std::size_t size, int64_t blocks)
-      : packed_(size),
-        state_(new std::atomic<std::uint8_t>[static_cast<std::size_t>(blocks)]()),
-        blocks_(blocks) {}
-
-  // Panels for the next group of weights: every block unpacked.
-  Panels Reset() {
-    for (int64_t i = 0; i < blocks_; ++i) state_[i].store(0, std::memory_order_relaxed);
-    return Panels{packed_.data(), state_.get()};
-  }
-
- private:
-  Buffer<Tag> packed_;
-  std::unique_ptr<std::atomic<std::uint8_t>[]> state_;
-  int64_t blocks_;
-};
-
-// Weights packed ahead of the call, by XLA (see banded_rnn/_kernel.py,
-// `pack_forward`): every block is ready.
-class ReadyPanels {
- public:
-  explicit ReadyPanels(int64_t blocks)
-      : state_(new std::atomic<std::uint8_t>[static_cast<std::size_t>(blocks)]) {
-    for (int64_t i = 0; i < blocks; ++i) state_[i].store(2, std::memory_order_relaxed);
-  }
-  // The kernel never writes to panels whose blocks are all ready.
-  Panels For(const float* packed) const { return Panels{const_cast<float*>(packed), state_.get()}; }
-
- private:
-  std::unique_ptr<std::atomic<std::uint8_t>[]> state_;
-};
 
 // Runs the forward kernel over every row and unit, split between threads.
 // Over several steps, each thread takes a contiguous range of rows and runs
@@ -234,7 +35,7 @@ void ForwardOverThreads(ffi::ThreadPool& pool, const IsaBuild& isa, const Forwar
   const bool split_units = args.time == 1 && blocks > 1;
   const int threads = split_units ? ThreadsFor(pool, blocks, work, 1)
                                   : ThreadsFor(pool, R, work, isa.row_tile);
-  g_last_threads.store(threads, std::memory_order_relaxed);
+  SetLastThreads(threads);
   RunParallel(pool, threads, threads, [&](int index) {
     int64_t begin = 0, end = R, first = 0, last = blocks;
     if (split_units) {
@@ -333,8 +134,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   BRNN_RETURN_IF_ERROR(Expect("dropmask", dropmask, G * R * H, true));
   BRNN_RETURN_IF_ERROR(Expect("hs", *hs, G * T * R * H, false));
 
-  const IsaBuild& isa = *CurrentIsa();
-  g_calls.fetch_add(1, std::memory_order_relaxed);
+  const IsaBuild& isa = CurrentIsa();
+  CountCall();
   const std::size_t packed_size = isa.forward_packed_size(F, H);
   bool has_prepacked = prepacked != nullptr && prepacked->element_count() != 0;
   if (has_prepacked) {
@@ -461,7 +262,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> recurrent,
   BRNN_RETURN_IF_ERROR(Expect("dh0", *dh0, G * R * H, false));
   BRNN_RETURN_IF_ERROR(Expect("dc0", *dc0, G * R * H, false));
 
-  const IsaBuild& isa = *CurrentIsa();
+  const IsaBuild& isa = CurrentIsa();
   const bool has_valid = valid.element_count() != 0, has_dropmask = dropmask.element_count() != 0;
   const bool inputs = dx->element_count() != 0;
   // Steps per block: with the weight gradients, as many as kBlockFloats of gate
@@ -479,7 +280,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> recurrent,
   PackedWeights<PackedInputTag> packed_inputs(inputs ? isa.transposed_packed_size(F, H) : 0,
                               isa.transposed_blocks(F));
   const int threads = ThreadsFor(pool, R, T * R * H * gates, isa.row_tile);
-  g_last_threads.store(threads, std::memory_order_relaxed);
+  SetLastThreads(threads);
   const int64_t column_blocks = (gates + isa.column_block - 1) / isa.column_block;
   for (int64_t g = 0; g < G; ++g) {
     BackwardArgs args{};
@@ -591,96 +392,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BandedRnnLstmBackward, banded_rnn::Backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()    // dbias, or empty
                                   .Ret<ffi::Buffer<ffi::F32>>()    // dh0
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dc0
-
-// ------------------------------------------------------------ Python module
-
-namespace {
-
-PyObject* Capsule(void* handler) { return PyCapsule_New(handler, nullptr, nullptr); }
-
-PyObject* Targets(PyObject*, PyObject*) {
-  PyObject* targets = PyDict_New();
-  if (targets == nullptr) return nullptr;
-  const std::pair<const char*, void*> entries[] = {
-      {"banded_rnn_lstm_forward", reinterpret_cast<void*>(BandedRnnLstmForward)},
-      {"banded_rnn_lstm_forward_train", reinterpret_cast<void*>(BandedRnnLstmForwardTrain)},
-      {"banded_rnn_lstm_backward", reinterpret_cast<void*>(BandedRnnLstmBackward)},
-  };
-  for (const auto& [name, handler] : entries) {
-    PyObject* capsule = Capsule(handler);
-    if (capsule == nullptr || PyDict_SetItemString(targets, name, capsule) != 0) {
-      Py_XDECREF(capsule);
-      Py_DECREF(targets);
-      return nullptr;
-    }
-    Py_DECREF(capsule);
-  }
-  return targets;
-}
-
-PyObject* Isa(PyObject*, PyObject*) { return PyUnicode_FromString(banded_rnn::CurrentIsa()->name); }
-
-PyObject* Isas(PyObject*, PyObject*) {
-  const auto& isas = banded_rnn::SupportedIsas();
-  PyObject* names = PyTuple_New(static_cast<Py_ssize_t>(isas.size()));
-  if (names == nullptr) return nullptr;
-  for (std::size_t i = 0; i < isas.size(); ++i) {
-    PyTuple_SET_ITEM(names, static_cast<Py_ssize_t>(i), PyUnicode_FromString(isas[i]->name));
-  }
-  return names;
-}
-
-PyObject* SetIsa(PyObject*, PyObject* arg) {
-  const char* name = PyUnicode_AsUTF8(arg);
-  if (name == nullptr) return nullptr;
-  const banded_rnn::IsaBuild* isa = banded_rnn::FindIsa(name);
-  if (isa == nullptr) {
-    PyErr_Format(PyExc_ValueError, "isa: %s is not supported on this CPU", name);
-    return nullptr;
-  }
-  banded_rnn::g_isa.store(isa);
-  Py_RETURN_NONE;
-}
-
-PyObject* Width(PyObject*, PyObject*) { return PyLong_FromLong(banded_rnn::CurrentIsa()->width); }
-
-PyObject* Threads(PyObject*, PyObject*) { return PyLong_FromLong(banded_rnn::g_threads.load()); }
-
-PyObject* SetThreads(PyObject*, PyObject* arg) {
-  const long threads = PyLong_AsLong(arg);
-  if (threads == -1 && PyErr_Occurred()) return nullptr;
-  if (threads < 0 || threads > 4096) {
-    PyErr_Format(PyExc_ValueError, "threads: expected 0 (auto) to 4096; received %ld", threads);
-    return nullptr;
-  }
-  banded_rnn::g_threads.store(static_cast<int>(threads));
-  Py_RETURN_NONE;
-}
-
-PyObject* LastThreads(PyObject*, PyObject*) {
-  return PyLong_FromLong(banded_rnn::g_last_threads.load());
-}
-
-PyObject* Calls(PyObject*, PyObject*) { return PyLong_FromLongLong(banded_rnn::g_calls.load()); }
-
-PyMethodDef kMethods[] = {
-    {"targets", Targets, METH_NOARGS, "{name: PyCapsule} of the XLA FFI handlers."},
-    {"isa", Isa, METH_NOARGS, "The instruction set the kernel runs with."},
-    {"isas", Isas, METH_NOARGS, "The instruction sets this CPU can run, fastest first."},
-    {"set_isa", SetIsa, METH_O, "Runs the kernel with the named instruction set."},
-    {"width", Width, METH_NOARGS, "Floats per vector of the instruction set in use."},
-    {"threads", Threads, METH_NOARGS, "The thread setting: 0 means XLA's intra-op pool size."},
-    {"set_threads", SetThreads, METH_O, "Sets the most threads one call uses (0: auto)."},
-    {"last_threads", LastThreads, METH_NOARGS, "Threads the last call used."},
-    {"calls", Calls, METH_NOARGS, "Forward calls of the kernel in this process."},
-    {nullptr, nullptr, 0, nullptr},
-};
-
-PyModuleDef kModule = {
-    PyModuleDef_HEAD_INIT, "_lstm_cpu", "The native CPU kernel of the LSTM recurrence.", -1,
-    kMethods, nullptr, nullptr, nullptr, nullptr,
-};
-
-}  // namespace
-
-PyMODINIT_FUNC PyInit__lstm_cpu() { return PyModule_Create(&kModule); }
