@@ -86,22 +86,23 @@ ffi::Error GroupsOf(const ffi::Buffer<ffi::F32>& recurrent, Groups& groups) {
   return ffi::Error::Success();
 }
 
-// The axes of a call: G groups and H units from `recurrent`, then T steps, R
-// rows and the last axis of `sequence` [G..., time, rows..., last].
-struct Layout {
-  int64_t G, H, T, R, last;
+// The sizes of a call: G groups and H units from `recurrent`, then T steps,
+// R rows and F features from x [G..., time, rows..., features].
+struct CallShape {
+  int64_t G, T, R, F, H;
 };
 
-ffi::Error LayoutOf(const ffi::Buffer<ffi::F32>& recurrent, const ffi::Buffer<ffi::F32>& sequence,
-                    const char* expected, Layout& layout) {
+ffi::Error ShapeOf(const ffi::Buffer<ffi::F32>& recurrent, const ffi::Buffer<ffi::F32>& x,
+                   CallShape& shape) {
   Groups groups{};
   BRNN_RETURN_IF_ERROR(GroupsOf(recurrent, groups));
-  const auto dims = sequence.dimensions();
+  const auto dims = x.dimensions();
   if (static_cast<int>(dims.size()) < groups.rank + 2) {
-    return ffi::Error::InvalidArgument(expected);
+    return ffi::Error::InvalidArgument("x: expected [..., time, rows..., features]");
   }
-  layout = Layout{groups.count, groups.units, dims[groups.rank],
-                  Product(dims, groups.rank + 1, dims.size() - 1), dims[dims.size() - 1]};
+  shape = CallShape{groups.count, dims[groups.rank],
+                    Product(dims, groups.rank + 1, dims.size() - 1), dims[dims.size() - 1],
+                    groups.units};
   return ffi::Error::Success();
 }
 
@@ -114,6 +115,125 @@ ffi::Error Expect(const char* name, const Buffer& buffer, int64_t expected, bool
   return ffi::Error::InvalidArgument(Mismatch(name, expected, count));
 }
 
+// ----------------------------------------------------------- group arrays
+
+// Group g's part of `first`, an array of groups of `size` elements each; null
+// (an array the call does not have) stays null.
+template <class T>
+T* GroupPart(T* first, int64_t g, int64_t size) {
+  return first != nullptr ? first + g * size : nullptr;
+}
+
+// A call's arrays, each of which holds G groups of the same size one after
+// the other: the pointers are to group 0, null for an array the call does not
+// have. ArraysOf fills in the shape and the inputs of both passes, Forward and
+// Backward the arrays of their own targets; ForwardGroup(g) and
+// BackwardGroup(g) give the recurrence group g's part of every one.
+struct GroupArrays {
+  CallShape shape{};
+  // Inputs of both passes.
+  const float* x = nullptr;              // [T, R, F]
+  const float* kernel = nullptr;         // [F, 4H]
+  const float* recurrent = nullptr;      // [H, 4H]
+  const float* h0 = nullptr;             // [R, H]
+  const float* c0 = nullptr;             // [R, H]
+  const std::uint8_t* valid = nullptr;   // [T, R]
+  const float* dropmask = nullptr;       // [R, H]
+  // The forward pass's: bias, and the outputs that the backward pass reads.
+  const float* bias = nullptr;  // [4H]
+  float* hs = nullptr;          // [T, R, H]
+  float* cs = nullptr;          // [T, R, H]
+  float* acts = nullptr;        // [T, R, 4H]
+  float* c_final = nullptr;     // [R, H]
+  // The backward pass's cotangents and gradients.
+  const float* dhs = nullptr;      // [T, R, H]
+  const float* dc_last = nullptr;  // [R, H]
+  float* dx = nullptr;             // [T, R, F]
+  float* dkernel = nullptr;        // [F, 4H]
+  float* drecurrent = nullptr;     // [H, 4H]
+  float* dbias = nullptr;          // [4H]
+  float* dh0 = nullptr;            // [R, H]
+  float* dc0 = nullptr;            // [R, H]
+
+  // Group g's arguments of the forward pass, less the panels and the layout
+  // of hs.
+  ForwardArgs ForwardGroup(int64_t g) const;
+  // Group g's arguments of the backward pass, less the panels and the gate
+  // gradients' block; writes the starting values of what the blocks update:
+  // dh0 = 0 and dc0 = dc_last (the running cotangents), and zero weight
+  // gradients (which they accumulate).
+  BackwardArgs BackwardGroup(int64_t g) const;
+};
+
+// The fields that ForwardArgs and BackwardArgs share, for group g.
+template <class Args>
+Args SharedArgs(const GroupArrays& a, int64_t g) {
+  const int64_t T = a.shape.T, R = a.shape.R, F = a.shape.F, H = a.shape.H;
+  Args args{};
+  args.time = T;
+  args.rows = R;
+  args.features = F;
+  args.units = H;
+  args.x = GroupPart(a.x, g, T * R * F);
+  args.kernel = GroupPart(a.kernel, g, F * 4 * H);
+  args.recurrent = GroupPart(a.recurrent, g, H * 4 * H);
+  args.h0 = GroupPart(a.h0, g, R * H);
+  args.c0 = GroupPart(a.c0, g, R * H);
+  args.valid = GroupPart(a.valid, g, T * R);
+  args.dropmask = GroupPart(a.dropmask, g, R * H);
+  args.hs = GroupPart(a.hs, g, T * R * H);
+  args.cs = GroupPart(a.cs, g, T * R * H);
+  args.acts = GroupPart(a.acts, g, T * R * 4 * H);
+  return args;
+}
+
+ForwardArgs GroupArrays::ForwardGroup(int64_t g) const {
+  ForwardArgs args = SharedArgs<ForwardArgs>(*this, g);
+  args.bias = GroupPart(bias, g, 4 * shape.H);
+  args.c_final = GroupPart(c_final, g, shape.R * shape.H);
+  return args;
+}
+
+BackwardArgs GroupArrays::BackwardGroup(int64_t g) const {
+  const int64_t T = shape.T, R = shape.R, F = shape.F, H = shape.H, gates = 4 * H;
+  BackwardArgs args = SharedArgs<BackwardArgs>(*this, g);
+  args.dhs = GroupPart(dhs, g, T * R * H);
+  args.dh = GroupPart(dh0, g, R * H);
+  args.dc = GroupPart(dc0, g, R * H);
+  std::fill(args.dh, args.dh + R * H, 0.0f);
+  const float* dc = GroupPart(dc_last, g, R * H);
+  std::copy(dc, dc + R * H, args.dc);
+  args.dx = GroupPart(dx, g, T * R * F);
+  if (drecurrent != nullptr) {
+    args.dkernel = GroupPart(dkernel, g, F * gates);
+    args.drecurrent = GroupPart(drecurrent, g, H * gates);
+    args.dbias = GroupPart(dbias, g, gates);
+    std::fill(args.dkernel, args.dkernel + F * gates, 0.0f);
+    std::fill(args.drecurrent, args.drecurrent + H * gates, 0.0f);
+    std::fill(args.dbias, args.dbias + gates, 0.0f);
+  }
+  return args;
+}
+
+// The shape of a call and the inputs that both passes read; `valid` and
+// `dropmask` are null when empty.
+ffi::Error ArraysOf(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& kernel,
+                    const ffi::Buffer<ffi::F32>& recurrent, const ffi::Buffer<ffi::F32>& h0,
+                    const ffi::Buffer<ffi::F32>& c0, const ffi::Buffer<ffi::PRED>& valid,
+                    const ffi::Buffer<ffi::F32>& dropmask, GroupArrays& arrays) {
+  BRNN_RETURN_IF_ERROR(ShapeOf(recurrent, x, arrays.shape));
+  arrays.x = x.typed_data();
+  arrays.kernel = kernel.typed_data();
+  arrays.recurrent = recurrent.typed_data();
+  arrays.h0 = h0.typed_data();
+  arrays.c0 = c0.typed_data();
+  arrays.valid = valid.element_count() != 0
+                     ? reinterpret_cast<const std::uint8_t*>(valid.typed_data())
+                     : nullptr;
+  arrays.dropmask = dropmask.element_count() != 0 ? dropmask.typed_data() : nullptr;
+  return ffi::Error::Success();
+}
+
 // ---------------------------------------------------------------- forward
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
@@ -122,10 +242,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
                    ffi::Buffer<ffi::PRED> valid, ffi::Buffer<ffi::F32> dropmask,
                    ffi::Result<ffi::Buffer<ffi::F32>> hs, float* cs, float* acts,
                    float* c_final, const ffi::Buffer<ffi::F32>* prepacked, bool batch_major) {
-  Layout layout{};
-  BRNN_RETURN_IF_ERROR(
-      LayoutOf(recurrent, x, "x: expected [..., time, rows..., features]", layout));
-  const int64_t G = layout.G, H = layout.H, T = layout.T, R = layout.R, F = layout.last;
+  GroupArrays arrays;
+  BRNN_RETURN_IF_ERROR(ArraysOf(x, kernel, recurrent, h0, c0, valid, dropmask, arrays));
+  const int64_t G = arrays.shape.G, T = arrays.shape.T, R = arrays.shape.R, F = arrays.shape.F,
+                H = arrays.shape.H;
   BRNN_RETURN_IF_ERROR(Expect("kernel", kernel, G * F * 4 * H, false));
   BRNN_RETURN_IF_ERROR(Expect("bias", bias, G * 4 * H, false));
   BRNN_RETURN_IF_ERROR(Expect("h0", h0, G * R * H, false));
@@ -166,30 +286,18 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   }
   PackedWeights packed(has_prepacked ? 0 : packed_size, isa.forward_blocks(H));
   const ReadyPanels ready(has_prepacked ? isa.forward_blocks(H) : 0);
-  const bool has_valid = valid.element_count() != 0, has_dropmask = dropmask.element_count() != 0;
+  arrays.bias = bias.typed_data();
+  arrays.hs = hs->typed_data();
+  arrays.cs = cs;
+  arrays.acts = acts;
+  arrays.c_final = c_final;
   for (int64_t g = 0; g < G; ++g) {
-    ForwardArgs args{};
-    args.time = T;
-    args.rows = R;
-    args.features = F;
-    args.units = H;
-    args.x = x.typed_data() + g * T * R * F;
-    args.kernel = kernel.typed_data() + g * F * 4 * H;
-    args.recurrent = recurrent.typed_data() + g * H * 4 * H;
-    args.bias = bias.typed_data() + g * 4 * H;
-    args.panels = has_prepacked ? ready.For(prepacked->typed_data() + g * packed_size)
+    ForwardArgs args = arrays.ForwardGroup(g);
+    args.panels = has_prepacked ? ready.For(GroupPart(prepacked->typed_data(), g,
+                                                      static_cast<int64_t>(packed_size)))
                                 : packed.Reset();
-    args.h0 = h0.typed_data() + g * R * H;
-    args.c0 = c0.typed_data() + g * R * H;
-    args.valid = has_valid ? reinterpret_cast<const std::uint8_t*>(valid.typed_data()) + g * T * R
-                           : nullptr;
-    args.dropmask = has_dropmask ? dropmask.typed_data() + g * R * H : nullptr;
-    args.hs = hs->typed_data() + g * T * R * H;
     args.hs_step = batch_major ? H : R * H;
     args.hs_row = batch_major ? T * H : H;
-    args.cs = cs != nullptr ? cs + g * T * R * H : nullptr;
-    args.acts = acts != nullptr ? acts + g * T * R * 4 * H : nullptr;
-    args.c_final = c_final != nullptr ? c_final + g * R * H : nullptr;
     ForwardOverThreads(pool, isa, args);
   }
   return ffi::Error::Success();
@@ -238,10 +346,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> recurrent,
                     ffi::Result<ffi::Buffer<ffi::F32>> drecurrent,
                     ffi::Result<ffi::Buffer<ffi::F32>> dbias, ffi::Result<ffi::Buffer<ffi::F32>> dh0,
                     ffi::Result<ffi::Buffer<ffi::F32>> dc0) {
-  Layout layout{};
-  BRNN_RETURN_IF_ERROR(
-      LayoutOf(recurrent, x, "x: expected [..., time, rows..., features]", layout));
-  const int64_t G = layout.G, H = layout.H, T = layout.T, R = layout.R, F = layout.last;
+  GroupArrays arrays;
+  BRNN_RETURN_IF_ERROR(ArraysOf(x, kernel, recurrent, h0, c0, valid, dropmask, arrays));
+  const int64_t G = arrays.shape.G, T = arrays.shape.T, R = arrays.shape.R, F = arrays.shape.F,
+                H = arrays.shape.H;
   BRNN_RETURN_IF_ERROR(Expect("kernel", kernel, G * F * 4 * H, false));
   BRNN_RETURN_IF_ERROR(Expect("h0", h0, G * R * H, false));
   BRNN_RETURN_IF_ERROR(Expect("hs", hs, G * T * R * H, false));
@@ -263,7 +371,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> recurrent,
   BRNN_RETURN_IF_ERROR(Expect("dc0", *dc0, G * R * H, false));
 
   const IsaBuild& isa = CurrentIsa();
-  const bool has_valid = valid.element_count() != 0, has_dropmask = dropmask.element_count() != 0;
+  const bool has_dropmask = arrays.dropmask != nullptr;
   const bool inputs = dx->element_count() != 0;
   // Steps per block: with the weight gradients, as many as kBlockFloats of gate
   // gradients hold; without, the whole chunk in one block keeping one step.
@@ -282,42 +390,26 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> recurrent,
   const int threads = ThreadsFor(pool, R, T * R * H * gates, isa.row_tile);
   SetLastThreads(threads);
   const int64_t column_blocks = (gates + isa.column_block - 1) / isa.column_block;
+  arrays.hs = hs.typed_data();
+  arrays.cs = cs.typed_data();
+  arrays.acts = acts.typed_data();
+  arrays.dhs = dhs.typed_data();
+  arrays.dc_last = dc_last.typed_data();
+  arrays.dx = inputs ? dx->typed_data() : nullptr;
+  if (weights) {
+    arrays.dkernel = dkernel->typed_data();
+    arrays.drecurrent = drecurrent->typed_data();
+    arrays.dbias = dbias->typed_data();
+  }
+  arrays.dh0 = dh0->typed_data();
+  arrays.dc0 = dc0->typed_data();
   for (int64_t g = 0; g < G; ++g) {
-    BackwardArgs args{};
-    args.time = T;
-    args.rows = R;
-    args.features = F;
-    args.units = H;
-    args.recurrent = recurrent.typed_data() + g * H * gates;
+    BackwardArgs args = arrays.BackwardGroup(g);
     args.panels = packed.Reset();
-    args.kernel = kernel.typed_data() + g * F * gates;
     args.input_panels = packed_inputs.Reset();
-    args.x = x.typed_data() + g * T * R * F;
-    args.h0 = h0.typed_data() + g * R * H;
-    args.hs = hs.typed_data() + g * T * R * H;
-    args.c0 = c0.typed_data() + g * R * H;
-    args.valid = has_valid ? reinterpret_cast<const std::uint8_t*>(valid.typed_data()) + g * T * R
-                           : nullptr;
-    args.dropmask = has_dropmask ? dropmask.typed_data() + g * R * H : nullptr;
-    args.cs = cs.typed_data() + g * T * R * H;
-    args.acts = acts.typed_data() + g * T * R * gates;
-    args.dhs = dhs.typed_data() + g * T * R * H;
-    args.dh = dh0->typed_data() + g * R * H;
-    args.dc = dc0->typed_data() + g * R * H;
-    std::fill(args.dh, args.dh + R * H, 0.0f);
-    std::copy(dc_last.typed_data() + g * R * H, dc_last.typed_data() + (g + 1) * R * H, args.dc);
     args.step_stride = weights ? R * gates : 0;
     args.dgates = dgates_block.data();
     args.h_in = weights && has_dropmask ? h_in_block.data() : nullptr;
-    args.dx = inputs ? dx->typed_data() + g * T * R * F : nullptr;
-    if (weights) {
-      args.dkernel = dkernel->typed_data() + g * F * gates;
-      args.drecurrent = drecurrent->typed_data() + g * H * gates;
-      args.dbias = dbias->typed_data() + g * gates;
-      std::fill(args.dkernel, args.dkernel + F * gates, 0.0f);
-      std::fill(args.drecurrent, args.drecurrent + H * gates, 0.0f);
-      std::fill(args.dbias, args.dbias + gates, 0.0f);
-    }
     for (int64_t t_end = T; t_end > 0;) {
       const int64_t t_begin = std::max<int64_t>(0, t_end - steps);
       args.block_begin = weights ? t_begin : 0;
