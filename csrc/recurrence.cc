@@ -23,7 +23,15 @@
 #include <type_traits>
 
 #if BRNN_ISA >= 2
+// GCC 12's AVX-512 intrinsics give the unused source operand of a masked
+// instruction as `__m512 __Y = __Y;`, and once inlined here it warns that
+// this variable is used uninitialised, pointing into its own header (GCC bug
+// 105593, fixed in later releases). Only the header's lines are exempt.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
 #endif
 
 #include "recurrence.h"
