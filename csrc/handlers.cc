@@ -33,8 +33,8 @@ void ForwardOverThreads(ffi::ThreadPool& pool, const IsaBuild& isa, const Forwar
   const int64_t R = args.rows, H = args.units, blocks = isa.forward_blocks(H);
   const int64_t work = args.time * R * (args.features + H) * 4 * H;
   const bool split_units = args.time == 1 && blocks > 1;
-  const int threads = split_units ? ThreadsFor(pool, blocks, work, 1)
-                                  : ThreadsFor(pool, R, work, isa.row_tile);
+  const int threads =
+      split_units ? ThreadsFor(pool, blocks, work, 1) : ThreadsFor(pool, R, work, isa.row_tile);
   SetLastThreads(threads);
   RunParallel(pool, threads, threads, [&](int index) {
     int64_t begin = 0, end = R, first = 0, last = blocks;
@@ -63,10 +63,10 @@ std::string Mismatch(const char* name, int64_t expected, std::size_t received) {
          std::to_string(received);
 }
 
-#define BRNN_RETURN_IF_ERROR(expr)          \
-  do {                                      \
-    ffi::Error error_ = (expr);             \
-    if (error_.failure()) return error_;    \
+#define BRNN_RETURN_IF_ERROR(expr)       \
+  do {                                   \
+    ffi::Error error_ = (expr);          \
+    if (error_.failure()) return error_; \
   } while (false)
 
 // Groups, units and the checks every target shares: recurrent is [G..., H, 4H].
@@ -100,9 +100,9 @@ ffi::Error ShapeOf(const ffi::Buffer<ffi::F32>& recurrent, const ffi::Buffer<ffi
   if (static_cast<int>(dims.size()) < groups.rank + 2) {
     return ffi::Error::InvalidArgument("x: expected [..., time, rows..., features]");
   }
-  shape = CallShape{groups.count, dims[groups.rank],
-                    Product(dims, groups.rank + 1, dims.size() - 1), dims[dims.size() - 1],
-                    groups.units};
+  shape =
+      CallShape{groups.count, dims[groups.rank], Product(dims, groups.rank + 1, dims.size() - 1),
+                dims[dims.size() - 1], groups.units};
   return ffi::Error::Success();
 }
 
@@ -132,13 +132,13 @@ T* GroupPart(T* first, int64_t g, int64_t size) {
 struct GroupArrays {
   CallShape shape{};
   // Inputs of both passes.
-  const float* x = nullptr;              // [T, R, F]
-  const float* kernel = nullptr;         // [F, 4H]
-  const float* recurrent = nullptr;      // [H, 4H]
-  const float* h0 = nullptr;             // [R, H]
-  const float* c0 = nullptr;             // [R, H]
-  const std::uint8_t* valid = nullptr;   // [T, R]
-  const float* dropmask = nullptr;       // [R, H]
+  const float* x = nullptr;             // [T, R, F]
+  const float* kernel = nullptr;        // [F, 4H]
+  const float* recurrent = nullptr;     // [H, 4H]
+  const float* h0 = nullptr;            // [R, H]
+  const float* c0 = nullptr;            // [R, H]
+  const std::uint8_t* valid = nullptr;  // [T, R]
+  const float* dropmask = nullptr;      // [R, H]
   // The forward pass's: bias, and the outputs that the backward pass reads.
   const float* bias = nullptr;  // [4H]
   float* hs = nullptr;          // [T, R, H]
@@ -238,10 +238,10 @@ ffi::Error ArraysOf(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>&
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                    ffi::Buffer<ffi::F32> recurrent, ffi::Buffer<ffi::F32> bias,
-                   ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
-                   ffi::Buffer<ffi::PRED> valid, ffi::Buffer<ffi::F32> dropmask,
-                   ffi::Result<ffi::Buffer<ffi::F32>> hs, float* cs, float* acts,
-                   float* c_final, const ffi::Buffer<ffi::F32>* prepacked, bool batch_major) {
+                   ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> valid,
+                   ffi::Buffer<ffi::F32> dropmask, ffi::Result<ffi::Buffer<ffi::F32>> hs, float* cs,
+                   float* acts, float* c_final, const ffi::Buffer<ffi::F32>* prepacked,
+                   bool batch_major) {
   GroupArrays arrays;
   BRNN_RETURN_IF_ERROR(ArraysOf(x, kernel, recurrent, h0, c0, valid, dropmask, arrays));
   const int64_t G = arrays.shape.G, T = arrays.shape.T, R = arrays.shape.R, F = arrays.shape.F,
@@ -293,9 +293,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   arrays.c_final = c_final;
   for (int64_t g = 0; g < G; ++g) {
     ForwardArgs args = arrays.ForwardGroup(g);
-    args.panels = has_prepacked ? ready.For(GroupPart(prepacked->typed_data(), g,
-                                                      static_cast<int64_t>(packed_size)))
-                                : packed.Reset();
+    args.panels =
+        has_prepacked
+            ? ready.For(GroupPart(prepacked->typed_data(), g, static_cast<int64_t>(packed_size)))
+            : packed.Reset();
     args.hs_step = batch_major ? H : R * H;
     args.hs_row = batch_major ? T * H : H;
     ForwardOverThreads(pool, isa, args);
@@ -337,14 +338,15 @@ ffi::Error ForwardTraining(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 constexpr std::size_t kBlockFloats = (std::size_t{4} << 20) / sizeof(float);
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> recurrent,
-                    ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> x,
-                    ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> c0,
+                    ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h0,
+                    ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> c0,
                     ffi::Buffer<ffi::PRED> valid, ffi::Buffer<ffi::F32> dropmask,
-                    ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> acts,
-                    ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> dc_last,
-                    ffi::Result<ffi::Buffer<ffi::F32>> dx, ffi::Result<ffi::Buffer<ffi::F32>> dkernel,
+                    ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> acts, ffi::Buffer<ffi::F32> dhs,
+                    ffi::Buffer<ffi::F32> dc_last, ffi::Result<ffi::Buffer<ffi::F32>> dx,
+                    ffi::Result<ffi::Buffer<ffi::F32>> dkernel,
                     ffi::Result<ffi::Buffer<ffi::F32>> drecurrent,
-                    ffi::Result<ffi::Buffer<ffi::F32>> dbias, ffi::Result<ffi::Buffer<ffi::F32>> dh0,
+                    ffi::Result<ffi::Buffer<ffi::F32>> dbias,
+                    ffi::Result<ffi::Buffer<ffi::F32>> dh0,
                     ffi::Result<ffi::Buffer<ffi::F32>> dc0) {
   GroupArrays arrays;
   BRNN_RETURN_IF_ERROR(ArraysOf(x, kernel, recurrent, h0, c0, valid, dropmask, arrays));
@@ -382,11 +384,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> recurrent,
   // `Buffer`s kept by this (the calling) thread; W floats of slack: the last
   // vector of a row may read past its end (into lanes that are never stored).
   Buffer<GatesTag> dgates_block(static_cast<std::size_t>(kept_steps * R * gates + isa.width));
-  Buffer<HiddenTag> h_in_block(
-      weights && has_dropmask ? static_cast<std::size_t>(steps * R * H) : 0);
+  Buffer<HiddenTag> h_in_block(weights && has_dropmask ? static_cast<std::size_t>(steps * R * H)
+                                                       : 0);
   PackedWeights packed(isa.transposed_packed_size(H, H), isa.transposed_blocks(H));
   PackedWeights<PackedInputTag> packed_inputs(inputs ? isa.transposed_packed_size(F, H) : 0,
-                              isa.transposed_blocks(F));
+                                              isa.transposed_blocks(F));
   const int threads = ThreadsFor(pool, R, T * R * H * gates, isa.row_tile);
   SetLastThreads(threads);
   const int64_t column_blocks = (gates + isa.column_block - 1) / isa.column_block;
@@ -424,7 +426,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> recurrent,
         const int parts = static_cast<int>(std::min<int64_t>(threads, column_blocks));
         RunParallel(pool, parts, parts, [&](int index) {
           const int64_t begin = column_blocks * index / parts * isa.column_block;
-          const int64_t end = std::min(gates, column_blocks * (index + 1) / parts * isa.column_block);
+          const int64_t end =
+              std::min(gates, column_blocks * (index + 1) / parts * isa.column_block);
           isa.weight_gradients(args, t_begin, t_end, begin, end);
         });
       }
@@ -437,30 +440,30 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> recurrent,
 }  // namespace
 }  // namespace banded_rnn
 
-#define BRNN_FORWARD_ARGS                   \
-  Ctx<ffi::ThreadPool>()                    \
-      .Arg<ffi::Buffer<ffi::F32>>() /*x*/   \
-      .Arg<ffi::Buffer<ffi::F32>>() /*kernel*/ \
-      .Arg<ffi::Buffer<ffi::F32>>() /*recurrent*/ \
-      .Arg<ffi::Buffer<ffi::F32>>() /*bias*/ \
-      .Arg<ffi::Buffer<ffi::F32>>() /*h0*/  \
-      .Arg<ffi::Buffer<ffi::F32>>() /*c0*/  \
-      .Arg<ffi::Buffer<ffi::PRED>>() /*valid*/ \
-      .Arg<ffi::Buffer<ffi::F32>>() /*dropmask*/
+#define BRNN_FORWARD_ARGS                          \
+  Ctx<ffi::ThreadPool>()                           \
+      .Arg<ffi::Buffer<ffi::F32>>()  /*x*/         \
+      .Arg<ffi::Buffer<ffi::F32>>()  /*kernel*/    \
+      .Arg<ffi::Buffer<ffi::F32>>()  /*recurrent*/ \
+      .Arg<ffi::Buffer<ffi::F32>>()  /*bias*/      \
+      .Arg<ffi::Buffer<ffi::F32>>()  /*h0*/        \
+      .Arg<ffi::Buffer<ffi::F32>>()  /*c0*/        \
+      .Arg<ffi::Buffer<ffi::PRED>>() /*valid*/     \
+      .Arg<ffi::Buffer<ffi::F32>>()  /*dropmask*/
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BandedRnnLstmForward, banded_rnn::ForwardInference,
                               ffi::Ffi::Bind()
                                   .BRNN_FORWARD_ARGS
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // packed, or empty
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // hs
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // c_final
-                                  .Attr<bool>("batch_major"));    // hs [..., rows..., time, units]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // packed, or empty
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // hs
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // c_final
+                                  .Attr<bool>("batch_major"));   // hs [..., rows..., time, units]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BandedRnnLstmForwardTrain, banded_rnn::ForwardTraining,
                               ffi::Ffi::Bind()
                                   .BRNN_FORWARD_ARGS
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // hs
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // cs
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // hs
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // cs
                                   .Ret<ffi::Buffer<ffi::F32>>());  // acts
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BandedRnnLstmBackward, banded_rnn::Backward,

@@ -74,9 +74,7 @@ PyObject* SetThreads(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
-PyObject* LastThreads(PyObject*, PyObject*) {
-  return PyLong_FromLong(banded_rnn::LastThreads());
-}
+PyObject* LastThreads(PyObject*, PyObject*) { return PyLong_FromLong(banded_rnn::LastThreads()); }
 
 PyObject* Calls(PyObject*, PyObject*) { return PyLong_FromLongLong(banded_rnn::Calls()); }
 
@@ -94,8 +92,15 @@ PyMethodDef kMethods[] = {
 };
 
 PyModuleDef kModule = {
-    PyModuleDef_HEAD_INIT, "_lstm_cpu", "The native CPU kernel of the LSTM recurrence.", -1,
-    kMethods, nullptr, nullptr, nullptr, nullptr,
+    PyModuleDef_HEAD_INIT,
+    "_lstm_cpu",
+    "The native CPU kernel of the LSTM recurrence.",
+    -1,
+    kMethods,
+    nullptr,
+    nullptr,
+    nullptr,
+    nullptr,
 };
 
 }  // namespace

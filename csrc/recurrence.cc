@@ -268,10 +268,10 @@ void forward(const ForwardArgs& a, int64_t begin, int64_t end, int64_t block_beg
     for (int64_t j = 0; j < count; ++j) {
       const int64_t block = block_begin + (first + j) % count;
       // Every block is ready once this thread has visited it at t = 0.
-      const float* panel =
-          t == 0 ? ready_panel(a.panels, block, block_size,
-                               [&](float* out) { pack_forward_block(a, block, out); })
-                 : a.panels.packed + block * block_size;
+      const float* panel = t == 0
+                               ? ready_panel(a.panels, block, block_size,
+                                             [&](float* out) { pack_forward_block(a, block, out); })
+                               : a.panels.packed + block * block_size;
       over_tiles(begin, end, [&](auto m, int64_t row) {
         forward_tile<decltype(m)::value>(s, panel, row, block * W);
       });
@@ -414,9 +414,7 @@ void over_transposed_blocks(const BackwardArgs& a, int64_t t, const Panels& pane
                                         pack_transposed_block(matrix, count, a.units, block, out);
                                       })
                         : panels.packed + block * size;
-    over_tiles(begin, end, [&](auto m, int64_t row) {
-      tile(m, row, panel, block * kGates * W);
-    });
+    over_tiles(begin, end, [&](auto m, int64_t row) { tile(m, row, panel, block * kGates * W); });
   }
 }
 
@@ -427,8 +425,7 @@ void backward(const BackwardArgs& a, int64_t t_begin, int64_t t_end, int64_t beg
     for (int64_t r = begin; r < end; ++r) gate_gradients(a, t, r, dh_now + (r - begin) * H);
     over_transposed_blocks(a, t, a.panels, a.recurrent, H, begin, end,
                            [&](auto m, int64_t row, const float* panel, int64_t unit) {
-                             hidden_tile<decltype(m)::value>(a, t, dh_now, begin, panel, row,
-                                                             unit);
+                             hidden_tile<decltype(m)::value>(a, t, dh_now, begin, panel, row, unit);
                            });
     if (a.dx != nullptr) {
       over_transposed_blocks(a, t, a.input_panels, a.kernel, a.features, begin, end,
@@ -527,9 +524,17 @@ void weight_gradients(const BackwardArgs& a, int64_t t_begin, int64_t t_end, int
 }
 
 constexpr IsaBuild kBuild{
-    BRNN_NAME,         W,        kRowTile,         forward_blocks,
-    forward_packed_size, transposed_blocks, transposed_packed_size, forward,
-    backward,          weight_gradients, kGates * W,
+    BRNN_NAME,
+    W,
+    kRowTile,
+    forward_blocks,
+    forward_packed_size,
+    transposed_blocks,
+    transposed_packed_size,
+    forward,
+    backward,
+    weight_gradients,
+    kGates * W,
 };
 
 }  // namespace
