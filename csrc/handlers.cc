@@ -139,7 +139,7 @@ struct GroupArrays {
   const float* c0 = nullptr;            // [R, H]
   const std::uint8_t* valid = nullptr;  // [T, R]
   const float* dropmask = nullptr;      // [R, H]
-  // The forward pass's: bias, and the outputs that the backward pass reads.
+  // The forward pass's bias and outputs; the backward pass reads hs, cs, acts.
   const float* bias = nullptr;  // [4H]
   float* hs = nullptr;          // [T, R, H]
   float* cs = nullptr;          // [T, R, H]
@@ -155,13 +155,13 @@ struct GroupArrays {
   float* dh0 = nullptr;            // [R, H]
   float* dc0 = nullptr;            // [R, H]
 
-  // Group g's arguments of the forward pass, less the panels and the layout
-  // of hs.
+  // Group g's arguments of the forward pass, all but the panels and hs's
+  // strides.
   ForwardArgs ForwardGroup(int64_t g) const;
-  // Group g's arguments of the backward pass, less the panels and the gate
-  // gradients' block; writes the starting values of what the blocks update:
-  // dh0 = 0 and dc0 = dc_last (the running cotangents), and zero weight
-  // gradients (which they accumulate).
+  // Group g's arguments of the backward pass, all but the panels and the
+  // block of steps (block_begin, step_stride, dgates, h_in). Writes the
+  // starting values of what the blocks update: dh0 = 0 and dc0 = dc_last
+  // (the running cotangents), and zero weight gradients (they accumulate).
   BackwardArgs BackwardGroup(int64_t g) const;
 };
 
