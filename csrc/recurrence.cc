@@ -1,6 +1,7 @@
 // The LSTM recurrence (recurrence.h), compiled once per instruction set:
 // CMake builds this file with BRNN_ISA=3 (AVX-512), 2 (AVX2 + FMA) and 1
-// (portable), each into its own namespace, and ffi.cc picks one at run time.
+// (portable), each into its own namespace, and dispatch.cc picks one at run
+// time.
 //
 // Per time step and row the four gate pre-activations of `width` units are
 // summed in registers, `bias + x_t @ kernel + h @ recurrent_kernel`, by a
@@ -22,7 +23,15 @@
 #include <type_traits>
 
 #if BRNN_ISA >= 2
+// GCC 12's AVX-512 intrinsics give the unused source operand of a masked
+// instruction as `__m512 __Y = __Y;`, and once inlined here it warns that
+// this variable is used uninitialised, pointing into its own header (GCC bug
+// 105593, fixed in later releases). Only the header's lines are exempt.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
 #endif
 
 #include "recurrence.h"
@@ -259,10 +268,10 @@ void forward(const ForwardArgs& a, int64_t begin, int64_t end, int64_t block_beg
     for (int64_t j = 0; j < count; ++j) {
       const int64_t block = block_begin + (first + j) % count;
       // Every block is ready once this thread has visited it at t = 0.
-      const float* panel =
-          t == 0 ? ready_panel(a.panels, block, block_size,
-                               [&](float* out) { pack_forward_block(a, block, out); })
-                 : a.panels.packed + block * block_size;
+      const float* panel = t == 0
+                               ? ready_panel(a.panels, block, block_size,
+                                             [&](float* out) { pack_forward_block(a, block, out); })
+                               : a.panels.packed + block * block_size;
       over_tiles(begin, end, [&](auto m, int64_t row) {
         forward_tile<decltype(m)::value>(s, panel, row, block * W);
       });
@@ -405,9 +414,7 @@ void over_transposed_blocks(const BackwardArgs& a, int64_t t, const Panels& pane
                                         pack_transposed_block(matrix, count, a.units, block, out);
                                       })
                         : panels.packed + block * size;
-    over_tiles(begin, end, [&](auto m, int64_t row) {
-      tile(m, row, panel, block * kGates * W);
-    });
+    over_tiles(begin, end, [&](auto m, int64_t row) { tile(m, row, panel, block * kGates * W); });
   }
 }
 
@@ -418,8 +425,7 @@ void backward(const BackwardArgs& a, int64_t t_begin, int64_t t_end, int64_t beg
     for (int64_t r = begin; r < end; ++r) gate_gradients(a, t, r, dh_now + (r - begin) * H);
     over_transposed_blocks(a, t, a.panels, a.recurrent, H, begin, end,
                            [&](auto m, int64_t row, const float* panel, int64_t unit) {
-                             hidden_tile<decltype(m)::value>(a, t, dh_now, begin, panel, row,
-                                                             unit);
+                             hidden_tile<decltype(m)::value>(a, t, dh_now, begin, panel, row, unit);
                            });
     if (a.dx != nullptr) {
       over_transposed_blocks(a, t, a.input_panels, a.kernel, a.features, begin, end,
@@ -517,21 +523,29 @@ void weight_gradients(const BackwardArgs& a, int64_t t_begin, int64_t t_end, int
   }
 }
 
-constexpr Kernel kKernel{
-    BRNN_NAME,         W,        kRowTile,         forward_blocks,
-    forward_packed_size, transposed_blocks, transposed_packed_size, forward,
-    backward,          weight_gradients, kGates * W,
+constexpr IsaBuild kBuild{
+    BRNN_NAME,
+    W,
+    kRowTile,
+    forward_blocks,
+    forward_packed_size,
+    transposed_blocks,
+    transposed_packed_size,
+    forward,
+    backward,
+    weight_gradients,
+    kGates * W,
 };
 
 }  // namespace
 }  // namespace BRNN_NAMESPACE
 
 #if BRNN_ISA == 3
-const Kernel* const kAvx512Kernel = &avx512::kKernel;
+const IsaBuild* const kAvx512 = &avx512::kBuild;
 #elif BRNN_ISA == 2
-const Kernel* const kAvx2Kernel = &avx2::kKernel;
+const IsaBuild* const kAvx2 = &avx2::kBuild;
 #else
-const Kernel* const kPortableKernel = &portable::kKernel;
+const IsaBuild* const kPortable = &portable::kBuild;
 #endif
 
 }  // namespace banded_rnn

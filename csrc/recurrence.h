@@ -1,6 +1,6 @@
 // The LSTM recurrence over one chunk of time, for a range of independent rows
 // (sequence, band): the interface between the instruction-set builds of
-// recurrence.cc and the XLA FFI handlers in ffi.cc.
+// recurrence.cc and the XLA FFI handlers in handlers.cc.
 //
 // Layouts (row-major, time-major, as the Python side passes them):
 //   x        [time, rows, features]      the layer's inputs
@@ -103,8 +103,9 @@ struct BackwardArgs {
   float* dbias;       // [4 * units], accumulated
 };
 
-// One instruction set's build of the kernel.
-struct Kernel {
+// One instruction set's build of the recurrence: its vector width and tile,
+// and its functions.
+struct IsaBuild {
   const char* name;
   int width;     // floats per vector
   int row_tile;  // rows per microkernel tile
@@ -136,10 +137,10 @@ struct Kernel {
 inline std::size_t forward_scratch(std::int64_t units) { return units; }
 inline std::size_t backward_scratch(std::int64_t units) { return units; }
 
-// Defined in the instruction-set builds; null where this build has none.
-extern const Kernel* const kAvx512Kernel;
-extern const Kernel* const kAvx2Kernel;
-extern const Kernel* const kPortableKernel;
+// Defined in the instruction-set builds; the AVX builds exist only on x86-64.
+extern const IsaBuild* const kAvx512;
+extern const IsaBuild* const kAvx2;
+extern const IsaBuild* const kPortable;
 
 }  // namespace banded_rnn
 
