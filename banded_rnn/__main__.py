@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def describe(details: dict) -> str:
-    """One line: the path float32 calls on this machine take, and why."""
+    """The path float32 calls on this machine take, and why: one line, and a
+    second with the cache sizes the native kernel's blocking plans with."""
     import jax
 
     from ._backends._cudnn import platform_supported
@@ -39,12 +40,32 @@ def describe(details: dict) -> str:
         )
     if details["kernel"] != "built":
         return f"banded_rnn: XLA scan (native kernel not built: {details['error']})"
+    caches, detected = details["caches"], details["caches_detected"]
+    source = (
+        "as the CPU reports" if caches == detected else f"set; the CPU reports {_sizes(detected)}"
+    )
     return (
         f"banded_rnn: native CPU kernel, {details['isa']} "
-        f"({details['vector_floats']} floats per vector; this CPU can run "
-        f"{', '.join(details['isas'])}), threads per call: {details['threads']}; "
-        f"JAX backend: {jax.default_backend()}"
+        f"({details['vector_floats']} floats per vector, {details['tile']} tile; this CPU can "
+        f"run {', '.join(details['isas'])}), threads per call: {details['threads']}; "
+        f"JAX backend: {jax.default_backend()}\n"
+        f"caches planned with: {_sizes(caches)} ({source})"
     )
+
+
+def _sizes(caches: dict) -> str:
+    """``L1d 48 KiB, L2 1 MiB, L3 32 MiB``; ``?`` for a size not known."""
+
+    def size(value: int) -> str:
+        if value <= 0:
+            return "?"
+        unit = "MiB" if value >= 1 << 20 else "KiB"
+        return f"{value / (1 << (20 if unit == 'MiB' else 10)):g} {unit}"
+
+    return ", ".join(f"{name} {size(caches[key])}" for name, key in _LEVELS)
+
+
+_LEVELS = (("L1d", "l1d"), ("L2", "l2"), ("L3", "l3"))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ tests/test_layout.py checks that no package reaches past it.
 from . import _validate as validate
 from ._backends._chunking import scan_chunks as scan_chunks
 from ._backends._cudnn import platform_supported as cudnn_platform_supported
+from ._backends._native import row_block as kernel_row_block
 from ._cell import ACTIVATIONS as ACTIVATIONS
 from ._demo import run_demo as run_demo
 from ._init import unit_forget_bias as unit_forget_bias
@@ -23,6 +24,7 @@ __all__ = [
     "chunks_in_time_order",
     "cudnn_platform_supported",
     "forward_chunks",
+    "kernel_row_block",
     "reset_state",
     "run_demo",
     "scan_chunks",

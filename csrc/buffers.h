@@ -72,7 +72,7 @@ class PackedWeights {
   std::int64_t blocks_;
 };
 
-// Weights packed ahead of the call, by XLA (see banded_rnn/_kernel.py,
+// Weights packed ahead of the call, by XLA (see banded_rnn/_backends/_packed.py,
 // `pack_forward`): every block is ready.
 class ReadyPanels {
  public:

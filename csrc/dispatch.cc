@@ -5,6 +5,7 @@
 #include <string_view>
 #include <vector>
 
+#include "caches.h"
 #include "recurrence.h"
 
 namespace banded_rnn {
@@ -63,6 +64,14 @@ void SetThreadSetting(int threads) { g_threads.store(threads, std::memory_order_
 int LastThreads() { return g_last_threads.load(std::memory_order_relaxed); }
 
 void SetLastThreads(int threads) { g_last_threads.store(threads, std::memory_order_relaxed); }
+
+std::int64_t ForwardRowBlock(const IsaBuild& isa, std::int64_t features, std::int64_t units,
+                             std::int64_t rows) {
+  const std::int64_t panel_bytes = static_cast<std::int64_t>(
+      isa.forward_packed_size(features, units) * sizeof(float) / isa.forward_blocks(units));
+  return RowBlock(rows, features, units, panel_bytes, 4 / isa.tile_vectors, isa.row_tile,
+                  PlannedCacheSizes().l2);
+}
 
 std::int64_t Calls() { return g_calls.load(std::memory_order_relaxed); }
 

@@ -31,6 +31,12 @@ void SetThreadSetting(int threads);
 int LastThreads();
 void SetLastThreads(int threads);
 
+// Rows per L2 block of `isa`'s forward over `rows` rows (one thread's share)
+// with `features` inputs and `units` units, for the cache sizes planned with
+// (caches.h).
+std::int64_t ForwardRowBlock(const IsaBuild& isa, std::int64_t features, std::int64_t units,
+                             std::int64_t rows);
+
 // Forward calls so far in this process.
 std::int64_t Calls();
 void CountCall();

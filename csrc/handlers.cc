@@ -46,7 +46,8 @@ void ForwardOverThreads(ffi::ThreadPool& pool, const IsaBuild& isa, const Forwar
     }
     if (begin >= end || first >= last) return;
     Buffer<ScratchTag> scratch(static_cast<std::size_t>(end - begin) * forward_scratch(H));
-    isa.forward(args, begin, end, first, last, scratch.data());
+    const int64_t row_block = ForwardRowBlock(isa, args.features, H, end - begin);
+    isa.forward(args, begin, end, first, last, row_block, scratch.data());
   });
 }
 
@@ -259,24 +260,27 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const std::size_t packed_size = isa.forward_packed_size(F, H);
   bool has_prepacked = prepacked != nullptr && prepacked->element_count() != 0;
   if (has_prepacked) {
-    // [groups..., blocks, 1 + features + units, 4, width]. The width names the
-    // instruction set the weights were laid out for: after a switch to a set of
-    // another width they are not read, and this call packs its own.
+    // [groups..., blocks, 4 / vectors, 1 + features + units, vectors, width].
+    // The last two name the instruction set the weights were laid out for:
+    // after a switch to a set with another tile they are not read, and this
+    // call packs its own.
     const auto d = prepacked->dimensions();
     const std::size_t n = d.size();
-    const int64_t blocks = isa.forward_blocks(H);
-    if (n < 4) {
-      return ffi::Error::InvalidArgument(
-          "packed: expected [..., blocks, 1 + features + units, 4, width]; received rank " +
-          std::to_string(n));
+    const int64_t blocks = isa.forward_blocks(H), passes = 4 / isa.tile_vectors;
+    const char* const layout =
+        "packed: expected [..., blocks, 4 / vectors, 1 + features + units, vectors, width]";
+    if (n < 5) {
+      return ffi::Error::InvalidArgument(std::string(layout) + "; received rank " +
+                                         std::to_string(n));
     }
-    if (d[n - 1] != isa.width) {
+    if (d[n - 1] != isa.width || d[n - 2] != isa.tile_vectors) {
       has_prepacked = false;
-    } else if (d[n - 2] != 4 || d[n - 3] != 1 + F + H || d[n - 4] != blocks) {
+    } else if (d[n - 3] != 1 + F + H || d[n - 4] != passes || d[n - 5] != blocks) {
       return ffi::Error::InvalidArgument(
-          "packed: expected [..., blocks, 1 + features + units, 4, width] = [..., " +
-          std::to_string(blocks) + ", " + std::to_string(1 + F + H) + ", 4, " +
-          std::to_string(isa.width) + "]; received [..., " + std::to_string(d[n - 4]) + ", " +
+          std::string(layout) + " = [..., " + std::to_string(blocks) + ", " +
+          std::to_string(passes) + ", " + std::to_string(1 + F + H) + ", " +
+          std::to_string(isa.tile_vectors) + ", " + std::to_string(isa.width) +
+          "]; received [..., " + std::to_string(d[n - 5]) + ", " + std::to_string(d[n - 4]) + ", " +
           std::to_string(d[n - 3]) + ", " + std::to_string(d[n - 2]) + ", " +
           std::to_string(d[n - 1]) + "]");
     } else {

@@ -5,10 +5,10 @@
 //
 // Per time step and row the four gate pre-activations of `width` units are
 // summed in registers, `bias + x_t @ kernel + h @ recurrent_kernel`, by a
-// microkernel over a tile of `kRowTile` rows whose weights are packed once
-// per call (block by block, on first use) so that each k reads four
-// consecutive vectors; the gate maths and the state update follow in the
-// same registers. Nothing is written per step but the outputs.
+// microkernel over a tile of `kRowTile` rows by `kTileVectors` vectors whose
+// weights are packed once per call (block by block, on first use) so that
+// each k reads consecutive vectors; the gate maths and the state update
+// follow on the tile. Nothing is written per step but the outputs.
 //
 // The backward pass walks each block of steps in reverse with the same
 // microkernel (dh = dgates @ recurrent^T, and dx = dgates @ kernel^T), then
@@ -59,9 +59,18 @@ namespace {
 
 constexpr int W = kWidth;
 constexpr int kGates = 4;
-// Rows per tile: the tile keeps kRowTile * 4 accumulators in registers
-// (32 vector registers with AVX-512, 16 otherwise).
-constexpr int kRowTile = BRNN_ISA == 3 ? 6 : 2;
+// The register tile of every product: kRowTile rows by kTileVectors vectors
+// of accumulators. Each vector of weights loaded then serves kRowTile rows,
+// and each float of a row broadcast serves kTileVectors vectors. AVX-512 has
+// 32 vector registers: 6 x 4 = 24 accumulators, 4 weights and a broadcast,
+// the four gates of a block of units at once. AVX2 and the portable build
+// have 16: 6 x 2 = 12, 2 weights and a broadcast, a block's gates in two
+// halves. (A 2 x 4 tile there loaded a weight vector per two multiply-adds and
+// ran at half the rate of this one, at the load ports' limit; NOTES entry 19.)
+constexpr int kRowTile = 6;
+constexpr int kTileVectors = BRNN_ISA == 3 ? 4 : 2;
+constexpr int kGateGroups = kGates / kTileVectors;  // passes over the k-rows per block
+static_assert(kGates % kTileVectors == 0, "a pass sums whole gates");
 
 using std::int64_t;
 
@@ -163,8 +172,10 @@ inline void store_units(float* p, Vec v, int n) {
 
 // ----------------------------------------------------------------- forward
 
-// packed[block][k][gate][lane]: k = 0 is the bias, 1..features the kernel,
-// then the recurrent kernel; lanes past `units` are zero.
+// packed[block][group][k][v][lane] holds gate group * kTileVectors + v: k =
+// 0 is the bias, 1..features the kernel, then the recurrent kernel; lanes
+// past `units` are zero. Each pass of a tile reads one group's k-rows in
+// order, kTileVectors consecutive vectors each.
 int64_t forward_blocks(int64_t units) { return blocks(units, W); }
 
 std::size_t forward_packed_size(int64_t features, int64_t units) {
@@ -174,12 +185,15 @@ std::size_t forward_packed_size(int64_t features, int64_t units) {
 void pack_forward_block(const ForwardArgs& a, int64_t block, float* packed) {
   const int64_t F = a.features, H = a.units, gates = kGates * H, unit = block * W;
   const int n = static_cast<int>(std::min<int64_t>(W, H - unit));
-  for (int64_t k = 0; k < 1 + F + H; ++k) {
-    const float* source = k == 0   ? a.bias
-                          : k <= F ? a.kernel + (k - 1) * gates
-                                   : a.recurrent + (k - 1 - F) * gates;
-    for (int gate = 0; gate < kGates; ++gate, packed += W) {
-      store(packed, load_units(source + gate * H + unit, n));  // zero past `units`
+  for (int group = 0; group < kGateGroups; ++group) {
+    for (int64_t k = 0; k < 1 + F + H; ++k) {
+      const float* source = k == 0   ? a.bias
+                            : k <= F ? a.kernel + (k - 1) * gates
+                                     : a.recurrent + (k - 1 - F) * gates;
+      for (int v = 0; v < kTileVectors; ++v, packed += W) {
+        const int gate = group * kTileVectors + v;
+        store(packed, load_units(source + gate * H + unit, n));  // zero past `units`
+      }
     }
   }
 }
@@ -201,16 +215,23 @@ void forward_tile(const ForwardStep& s, const float* block, int64_t row, int64_t
   const ForwardArgs& a = *s.args;
   const int64_t R = a.rows, F = a.features, H = a.units;
   const int n = static_cast<int>(std::min<int64_t>(W, H - unit));
-  Vec acc[M][kGates];
-  for (int m = 0; m < M; ++m) {
-    for (int gate = 0; gate < kGates; ++gate) acc[m][gate] = load(block + gate * W);
-  }
   Rows<M> parts[2] = {{{}, 1, F}, {{}, 1, H}};  // x_t, then h: the packed k-rows' order
   for (int m = 0; m < M; ++m) {
     parts[0].rows[m] = a.x + (s.t * R + row + m) * F;
     parts[1].rows[m] = s.h_in + (row + m - s.h_in_origin) * s.h_in_row;
   }
-  multiply_add<M, kGates>(acc, parts, block + kGates * W, kGates * W);
+  Vec acc[M][kGates];
+  for (int group = 0; group < kGateGroups; ++group) {
+    const float* panel = block + group * (1 + F + H) * kTileVectors * W;
+    Vec sums[M][kTileVectors];
+    for (int m = 0; m < M; ++m) {
+      for (int v = 0; v < kTileVectors; ++v) sums[m][v] = load(panel + v * W);  // the bias
+    }
+    multiply_add<M, kTileVectors>(sums, parts, panel + kTileVectors * W, kTileVectors * W);
+    for (int m = 0; m < M; ++m) {
+      for (int v = 0; v < kTileVectors; ++v) acc[m][group * kTileVectors + v] = sums[m][v];
+    }
+  }
 
   for (int m = 0; m < M; ++m) {
     const int64_t r = row + m;
@@ -236,7 +257,7 @@ void forward_tile(const ForwardStep& s, const float* block, int64_t row, int64_t
 }
 
 void forward(const ForwardArgs& a, int64_t begin, int64_t end, int64_t block_begin,
-             int64_t block_end, float* scratch) {
+             int64_t block_end, int64_t row_block, float* scratch) {
   const int64_t R = a.rows, F = a.features, H = a.units;
   const int64_t block_size = (1 + F + H) * kGates * W, count = block_end - block_begin;
   const int64_t first = first_block(begin, R, count);
@@ -265,55 +286,64 @@ void forward(const ForwardArgs& a, int64_t begin, int64_t end, int64_t block_beg
       s.h_in = s.h_prev;
       s.h_in_row = s.h_prev_row;
     }
-    for (int64_t j = 0; j < count; ++j) {
-      const int64_t block = block_begin + (first + j) % count;
-      // Every block is ready once this thread has visited it at t = 0.
-      const float* panel = t == 0
-                               ? ready_panel(a.panels, block, block_size,
-                                             [&](float* out) { pack_forward_block(a, block, out); })
-                               : a.panels.packed + block * block_size;
-      over_tiles(begin, end, [&](auto m, int64_t row) {
-        forward_tile<decltype(m)::value>(s, panel, row, block * W);
-      });
+    // A block of rows with every block of units before the next block of
+    // rows: the rows' inputs and state stay in L2 while every unit block's
+    // weights pass over them. No row depends on another, so the order does
+    // not change any result.
+    for (int64_t rows = begin; rows < end; rows += row_block) {
+      const int64_t rows_end = std::min(end, rows + row_block);
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t block = block_begin + (first + j) % count;
+        // Every block is ready once this thread has visited it at t = 0.
+        const float* panel =
+            t == 0 ? ready_panel(a.panels, block, block_size,
+                                 [&](float* out) { pack_forward_block(a, block, out); })
+                   : a.panels.packed + block * block_size;
+        over_tiles(rows, rows_end, [&](auto m, int64_t row) {
+          forward_tile<decltype(m)::value>(s, panel, row, block * W);
+        });
+      }
     }
   }
 }
 
 // ---------------------------------------------------------------- backward
 
-// packed[block][j][vector][lane] = matrix[i][j] with i = block * 4W + vector *
-// W + lane (zero past `count`): `matrix` [count, 4 * units] transposed, for
-// dh = dgates @ recurrent^T (count = units) and dx = dgates @ kernel^T
-// (count = features).
-int64_t transposed_blocks(int64_t count) { return blocks(count, kGates * W); }
+// packed[block][j][vector][lane] = matrix[i][j] with i = block * B + vector *
+// W + lane, B = kTileVectors * W (zero past `count`): `matrix` [count, 4 *
+// units] transposed, for dh = dgates @ recurrent^T (count = units) and dx =
+// dgates @ kernel^T (count = features).
+constexpr int64_t kTransposedBlock = kTileVectors * W;
+
+int64_t transposed_blocks(int64_t count) { return blocks(count, kTransposedBlock); }
 
 std::size_t transposed_packed_size(int64_t count, int64_t units) {
-  return static_cast<std::size_t>(transposed_blocks(count) * kGates * units * kGates * W);
+  return static_cast<std::size_t>(transposed_blocks(count) * kGates * units * kTransposedBlock);
 }
 
 void pack_transposed_block(const float* matrix, int64_t count, int64_t units, int64_t block,
                            float* packed) {
   const int64_t gates = kGates * units;
   for (int64_t j = 0; j < gates; ++j) {
-    for (int lane = 0; lane < kGates * W; ++lane) {
-      const int64_t i = block * kGates * W + lane;
+    for (int lane = 0; lane < kTransposedBlock; ++lane) {
+      const int64_t i = block * kTransposedBlock + lane;
       *packed++ = i < count ? matrix[i * gates + j] : 0.0f;
     }
   }
 }
 
 // acc = dgates rows [row, row + M) of step t @ the panel's transposed block:
-// 4W outputs per row.
+// kTransposedBlock outputs per row.
 template <int M>
 void transposed_product(const BackwardArgs& a, int64_t t, const float* panel, int64_t row,
-                        Vec (&acc)[M][kGates]) {
+                        Vec (&acc)[M][kTileVectors]) {
   const int64_t G = kGates * a.units;
   Rows<M> dgates[1] = {{{}, 1, G}};
   for (int m = 0; m < M; ++m) {
-    for (int v = 0; v < kGates; ++v) acc[m][v] = splat(0.0f);
+    for (int v = 0; v < kTileVectors; ++v) acc[m][v] = splat(0.0f);
     dgates[0].rows[m] = a.dgates + (t - a.block_begin) * a.step_stride + (row + m) * G;
   }
-  multiply_add<M, kGates>(acc, dgates, panel, kGates * W);
+  multiply_add<M, kTileVectors>(acc, dgates, panel, kTileVectors * W);
 }
 
 // dh before step t: (dgates_t @ recurrent^T) * dropmask for a valid row; a
@@ -322,12 +352,12 @@ template <int M>
 void hidden_tile(const BackwardArgs& a, int64_t t, const float* dh_now, int64_t begin,
                  const float* panel, int64_t row, int64_t unit0) {
   const int64_t R = a.rows, H = a.units;
-  Vec acc[M][kGates];
+  Vec acc[M][kTileVectors];
   transposed_product<M>(a, t, panel, row, acc);
   for (int m = 0; m < M; ++m) {
     const int64_t r = row + m;
     const bool valid = a.valid == nullptr || a.valid[t * R + r];
-    for (int v = 0; v < kGates; ++v) {
+    for (int v = 0; v < kTileVectors; ++v) {
       const int64_t unit = unit0 + v * W;
       if (unit >= H) break;
       const int n = static_cast<int>(std::min<int64_t>(W, H - unit));
@@ -347,11 +377,11 @@ template <int M>
 void input_tile(const BackwardArgs& a, int64_t t, const float* panel, int64_t row,
                 int64_t feature0) {
   const int64_t F = a.features;
-  Vec acc[M][kGates];
+  Vec acc[M][kTileVectors];
   transposed_product<M>(a, t, panel, row, acc);
   for (int m = 0; m < M; ++m) {
     float* dx = a.dx + (t * a.rows + row + m) * F;
-    for (int v = 0; v < kGates; ++v) {
+    for (int v = 0; v < kTileVectors; ++v) {
       const int64_t feature = feature0 + v * W;
       if (feature >= F) break;
       store_units(dx + feature, acc[m][v], static_cast<int>(std::min<int64_t>(W, F - feature)));
@@ -403,7 +433,7 @@ template <class Tile>
 void over_transposed_blocks(const BackwardArgs& a, int64_t t, const Panels& panels,
                             const float* matrix, int64_t count, int64_t begin, int64_t end,
                             Tile&& tile) {
-  const int64_t size = kGates * a.units * kGates * W, total = transposed_blocks(count);
+  const int64_t size = kGates * a.units * kTransposedBlock, total = transposed_blocks(count);
   const int64_t first = first_block(begin, a.rows, total);
   for (int64_t j = 0; j < total; ++j) {
     const int64_t block = (first + j) % total;
@@ -414,7 +444,8 @@ void over_transposed_blocks(const BackwardArgs& a, int64_t t, const Panels& pane
                                         pack_transposed_block(matrix, count, a.units, block, out);
                                       })
                         : panels.packed + block * size;
-    over_tiles(begin, end, [&](auto m, int64_t row) { tile(m, row, panel, block * kGates * W); });
+    over_tiles(begin, end,
+               [&](auto m, int64_t row) { tile(m, row, panel, block * kTransposedBlock); });
   }
 }
 
@@ -437,8 +468,9 @@ void backward(const BackwardArgs& a, int64_t t_begin, int64_t t_end, int64_t beg
 }
 
 // k-rows (step, row) of a weight-gradient GEMM summed in registers before
-// they are added to the gradient in memory: 64 k-rows of 4 vectors of gate
-// gradients (16 KiB) stay in L1 while every row tile of the output reads them.
+// they are added to the gradient in memory: 64 k-rows of kTileVectors vectors
+// of gate gradients (at most 16 KiB) stay in L1 while every row tile of the
+// output reads them.
 constexpr int64_t kDepthChunk = 64;
 
 // Columns [column_begin, column_end) of the weight gradients, over the k-rows
@@ -454,15 +486,15 @@ void accumulate_weight_gradients(const BackwardArgs& a, const float* x, const fl
   const int64_t F = a.features, H = a.units, G = kGates * H;
   for (int64_t k0 = 0; k0 < k_rows; k0 += kDepthChunk) {
     const int64_t chunk = std::min(kDepthChunk, k_rows - k0);
-    for (int64_t j = column_begin; j < column_end; j += kGates * W) {
-      const int64_t width = std::min<int64_t>(kGates * W, column_end - j);
+    for (int64_t j = column_begin; j < column_end; j += kTileVectors * W) {
+      const int64_t width = std::min<int64_t>(kTileVectors * W, column_end - j);
       const int last = static_cast<int>(width - (width - 1) / W * W);  // lanes of the last vector
-      with_count<kGates>(static_cast<int>((width + W - 1) / W), [&](auto vectors) {
+      with_count<kTileVectors>(static_cast<int>((width + W - 1) / W), [&](auto vectors) {
         constexpr int V = decltype(vectors)::value;
         // The chunk's V vectors of each k-row, side by side: rows of dgates
         // lie 4 * units floats apart, a power-of-two stride that maps them
         // onto a few sets of L1, where every row tile would miss them.
-        alignas(64) float panel[kDepthChunk * kGates * W];
+        alignas(64) float panel[kDepthChunk * kTileVectors * W];
         for (int64_t k = 0; k < chunk; ++k) {
           for (int v = 0; v < V; ++v) {
             store(panel + (k * V + v) * W, load(dgates + (k0 + k) * G + j + v * W));
@@ -524,17 +556,12 @@ void weight_gradients(const BackwardArgs& a, int64_t t_begin, int64_t t_end, int
 }
 
 constexpr IsaBuild kBuild{
-    BRNN_NAME,
-    W,
-    kRowTile,
-    forward_blocks,
-    forward_packed_size,
-    transposed_blocks,
-    transposed_packed_size,
-    forward,
-    backward,
-    weight_gradients,
-    kGates * W,
+    BRNN_NAME,         W,
+    kRowTile,          kTileVectors,
+    forward_blocks,    forward_packed_size,
+    transposed_blocks, transposed_packed_size,
+    forward,           backward,
+    weight_gradients,  kTileVectors * W,
 };
 
 }  // namespace

@@ -107,8 +107,9 @@ struct BackwardArgs {
 // and its functions.
 struct IsaBuild {
   const char* name;
-  int width;     // floats per vector
-  int row_tile;  // rows per microkernel tile
+  int width;         // floats per vector
+  int row_tile;      // rows per microkernel tile
+  int tile_vectors;  // vectors per microkernel tile: gates per pass of the forward
   // Blocks and floats of packed weights: forward, and the transposed layout
   // of dh = dgates @ recurrent^T (count = units) and dx = dgates @ kernel^T
   // (count = features).
@@ -117,11 +118,14 @@ struct IsaBuild {
   std::int64_t (*transposed_blocks)(std::int64_t count);
   std::size_t (*transposed_packed_size)(std::int64_t count, std::int64_t units);
   // Rows [begin, end) and the units of forward blocks [block_begin,
-  // block_end) over every time step. `scratch` holds forward_scratch(units)
-  // floats per row. A call that runs more than one step needs every block
-  // (each step reads the whole h of the step before).
+  // block_end) over every time step, `row_block` rows at a time (each row
+  // block with every unit block before the next: dispatch.h's
+  // ForwardRowBlock). `scratch` holds forward_scratch(units) floats per row.
+  // A call that runs more than one step needs every block (each step reads
+  // the whole h of the step before).
   void (*forward)(const ForwardArgs& args, std::int64_t begin, std::int64_t end,
-                  std::int64_t block_begin, std::int64_t block_end, float* scratch);
+                  std::int64_t block_begin, std::int64_t block_end, std::int64_t row_block,
+                  float* scratch);
   // Steps [t_begin, t_end) of the block at args.block_begin, last first, for
   // rows [begin, end). `scratch` holds backward_scratch(units) floats per row.
   void (*backward)(const BackwardArgs& args, std::int64_t t_begin, std::int64_t t_end,

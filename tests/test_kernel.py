@@ -511,11 +511,12 @@ def test_a_packed_layout_of_another_width_is_not_read_and_a_wrong_one_is_refused
     variables, x = _variables(model, (1, 2, 4, 4))
     packed = _packed.pack_forward(*_layer_weights(variables))
     _, expected = lstm_reference(params_from_variables(variables), x)
-    narrower = packed.reshape(*packed.shape[:-2], 8, -1)  # as many floats, half the width
+    vectors, width = packed.shape[-2:]
+    narrower = packed.reshape(*packed.shape[:-2], 2 * vectors, width // 2)  # another tile
     hs, _ = _one_layer_call(variables, x, narrower)  # packs its own instead
     np.testing.assert_allclose(np.moveaxis(np.asarray(hs), 0, 1)[None], expected, atol=2e-6)
-    swapped = jnp.swapaxes(packed, 0, 1)  # this width, blocks and rows exchanged
-    with pytest.raises(Exception, match=r"packed: expected \[\.\.\., blocks, 1 \+ features"):
+    swapped = jnp.swapaxes(packed, 0, 2)  # this tile, blocks and rows exchanged
+    with pytest.raises(Exception, match=r"packed: expected \[\.\.\., blocks, 4 / vectors"):
         jax.block_until_ready(_one_layer_call(variables, x, swapped))
 
 

@@ -42,21 +42,25 @@ def packing_requested() -> bool:
     return _packing.get()
 
 
-def packed_shape(features: int, units: int) -> tuple[int, int, int, int]:
+def packed_shape(features: int, units: int) -> tuple[int, int, int, int, int]:
     """The shape of one layer's packed forward weights for the instruction
-    set in use: ``[blocks, 1 + features + units, 4, width]``."""
-    width = _native.width()
-    return (-(-units // width), 1 + features + units, 4, width)
+    set in use: ``[blocks, passes, 1 + features + units, vectors, width]``,
+    ``vectors`` the gates one pass of its microkernel sums (``passes * vectors
+    == 4``)."""
+    width, vectors = _native.width(), _native.tile_vectors()
+    return (-(-units // width), 4 // vectors, 1 + features + units, vectors, width)
 
 
 def pack_forward(kernel: jax.Array, recurrent: jax.Array, bias: jax.Array) -> jax.Array:
     """The layout the forward kernel reads its weights in, computed by XLA:
-    ``packed[block, k, gate, lane] = [bias; kernel; recurrent][k, gate * u +
-    block * width + lane]``, zero past ``units``. Given to :func:`recurrence`,
-    it spares the kernel packing them on every call (0.9 ms of a 3.8 ms
-    frame for two layers of 384 units, benchmarks/NOTES.md entry 14)."""
+    ``packed[block, p, k, v, lane] = [bias; kernel; recurrent][k, (p * vectors
+    + v) * u + block * width + lane]``, zero past ``units``. Given to
+    :func:`~._native_layer.recurrence`, it spares the kernel packing them on
+    every call (0.9 ms of a 3.8 ms frame for two layers of 384 units,
+    benchmarks/NOTES.md entry 14)."""
     features, units = kernel.shape[0], recurrent.shape[0]
-    blocks, rows, gates, width = packed_shape(features, units)
-    stacked = jnp.concatenate([bias[None], kernel, recurrent], axis=0).reshape(rows, gates, units)
+    blocks, passes, rows, vectors, width = packed_shape(features, units)
+    stacked = jnp.concatenate([bias[None], kernel, recurrent], axis=0).reshape(rows, 4, units)
     stacked = jnp.pad(stacked, ((0, 0), (0, 0), (0, blocks * width - units)))
-    return stacked.reshape(rows, gates, blocks, width).transpose(2, 0, 1, 3)
+    stacked = stacked.reshape(rows, passes, vectors, blocks, width)
+    return stacked.transpose(3, 1, 0, 2, 4)
