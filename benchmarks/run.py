@@ -2,6 +2,9 @@
 
     python -m benchmarks.run [--quick] [--only CONFIG ...] [--out benchmarks/RESULTS.md]
 
+The report names the CPU, the native kernel's instruction set, register tile
+and cache sizes, and goes to ``--out`` and to ``benchmarks/results/<cpu>.md``.
+
 Per configuration: identical weights go into ours and every baseline, outputs
 (or, for training, the loss and the gradients) are checked to agree with ours
 to 1e-5 before anything is timed, then every row is timed round-robin in this
@@ -17,6 +20,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # before anything imports keras
+
+from banded_rnn import kernel_info  # noqa: E402
+from banded_rnn._internal import kernel_row_block  # noqa: E402
 
 from . import _baselines, _ours  # noqa: E402
 from ._configs import CONFIGS, MEMORY_REMAT_CHUNK, MEMORY_TIME, Config  # noqa: E402
@@ -34,6 +40,9 @@ from ._harness import (  # noqa: E402
 from ._report import machine, render  # noqa: E402
 from ._weights import random_data, random_weights  # noqa: E402
 
+RESULTS_DIR = Path(__file__).parent / "results"
+"""One report per CPU and kernel path, the latest run of each: every CPU the
+project has run on stays measured."""
 SGEMM_SIZE = 2048
 FULL_REPEATS = 20
 FULL_WARMUP = 2
@@ -124,6 +133,30 @@ def measure_memory(config: Config) -> dict[str, dict[str, int]]:
     return memory
 
 
+def blocking_plans(names: list[str]) -> dict[str, str]:
+    """Per configuration, the rows per L2 block the native kernel's forward
+    takes in each layer: one frame's rows split the units between threads, a
+    longer call's rows are split between them (as many as this machine has
+    cores); empty when the kernel is not built."""
+    if kernel_info()["kernel"] != "built":
+        return {}
+    plans = {}
+    for name in names:
+        config = CONFIGS[name]
+        threads = 1 if config.time == 1 else max(1, min(os.cpu_count() or 1, config.rows // 6))
+        rows = -(-config.rows // threads)
+        layers = []
+        for layer in range(config.layers):
+            features = config.layer_inputs(layer)
+            block = kernel_row_block(features, config.units, rows)
+            layers.append(
+                f"layer {layer} ({features} + {config.units}): {rows} rows, "
+                + ("all" if block >= rows else f"blocks of {block}")
+            )
+        plans[name] = "; ".join(layers)
+    return plans
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run", description=__doc__.split("\n")[0]
@@ -157,6 +190,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         default=Path(__file__).parent / "RESULTS.md",
         help="markdown file to write (default: benchmarks/RESULTS.md)",
+    )
+    parser.add_argument(
+        "--keep",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also keep the report as benchmarks/results/<cpu>-<isa>.md, one file per CPU "
+        "and kernel path (default: on)",
     )
     args = parser.parse_args(argv)
     if args.cpu_devices < 1:
@@ -203,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         counts = [QUICK_REPEATS.get(name, QUICK_DEFAULT) for name in names]
         repeats_label = f"{min(counts)} to {max(counts)}"
+    info = {**machine(), "devices": device_label(devices)}
     report = render(
         results,
         rates,
@@ -210,12 +251,18 @@ def main(argv: list[str] | None = None) -> int:
         quick=args.quick,
         repeats=repeats_label,
         elapsed=time.perf_counter() - start,
-        info={**machine(), "devices": device_label(devices)},
+        info=info,
         sgemm_size=SGEMM_SIZE,
+        blocking=blocking_plans(names),
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+    outputs = [args.out]
+    if args.keep:
+        outputs.append(RESULTS_DIR / f"{info['slug']}.md")
+    for out in outputs:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report)
     print(report)
+    print("written: " + ", ".join(str(out) for out in outputs), file=sys.stderr)
     failed = [
         f"{r.config.name}/{row.name}"
         for r in results
