@@ -11,6 +11,7 @@ state that is any pytree whose leaves are ``[batch, bands, ...]``, and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -190,6 +191,30 @@ def stream_step(model: nn.Module) -> StepFn:
     >>> y.shape                                        # [batch, bands, time, units]
     (2, 3, 1, 8)
     """
+    jitted = jitted_step(model)
+    seen: list[Any] = [None, None]  # the last variables given, and one of their leaves
+
+    @functools.wraps(jitted)
+    def step(variables, state, chunk, reset=None, seq_lengths=None):
+        # A jitted call traces before it sees a device, then refuses committed
+        # arrays on different devices naming its own arguments: a chunk on the
+        # device is named here (a NumPy chunk goes where the variables are). The
+        # variables are flattened once while the same object comes back.
+        if isinstance(chunk, jax.Array):
+            if seen[0] is not variables:
+                seen[:] = variables, jax.tree.leaves(variables)[:1]
+            _validate.check_devices(
+                variables=seen[1], state=state, chunk=chunk, reset=reset, seq_lengths=seq_lengths
+            )
+        return jitted(variables, state, chunk, reset, seq_lengths)
+
+    step.lower = jitted.lower
+    return step
+
+
+def jitted_step(model: nn.Module) -> StepFn:
+    """:func:`stream_step` without its device check (``Stream`` moves every
+    array to one device itself): the jitted function alone."""
     return jax.jit(partial(stream_apply, check_model(model)), donate_argnums=1)
 
 

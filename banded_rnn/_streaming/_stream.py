@@ -17,9 +17,9 @@ from .._state import all_finite, batch_mask, nonfinite_rows, reset_state
 from . import _file
 from ._compile_count import CompileCounter
 from ._step import (
+    jitted_step,
     stream_apply,
     stream_spec,
-    stream_step,
     with_packed_weights,
     without_packed_weights,
 )
@@ -148,7 +148,7 @@ class Stream:
         self.check_finite = bool(check_finite)
         # With check_finite, a refused call must leave the state it started from.
         self._compiled_step = (
-            jax.jit(partial(stream_apply, model)) if check_finite else stream_step(model)
+            jax.jit(partial(stream_apply, model)) if check_finite else jitted_step(model)
         )
         self._all_finite = jax.jit(all_finite)
         self._lock = threading.Lock()

@@ -49,7 +49,10 @@ class Checkpointer:
     A checkpoint holds the parameters, the optimiser state and the step count
     of the ``TrainState``, the carried recurrent ``state``, the dropout ``rng``
     and, when given, the position of a :class:`ChunkStream` (which sequence and
-    chunk every batch entry is at), with a checksum of all of them. Restoring
+    chunk every batch entry is at), with a checksum of all of them: a CRC-32
+    when one process holds every array, else a sum over every element of the
+    global arrays that each process adds its own shards to (any change of one
+    bit changes it, whatever devices and processes hold the arrays). Restoring
     all of them and going on gives the losses of the uninterrupted run, bit for
     bit; :meth:`restore` passes over damaged checkpoints.
 
@@ -106,11 +109,11 @@ class Checkpointer:
         step = int(train_state.step)
         items = self._items(train_state, state, rng, stream)
         checksum = _checksum(items)
-        self._manager.save(
-            step,
-            args=ocp.args.StandardSave(items),
-            custom_metadata={} if checksum is None else {"crc32": checksum},
-        )
+        if checksum is None:  # arrays split over several processes
+            metadata = {"sum64": _global_sum(items)}
+        else:
+            metadata = {"crc32": checksum}
+        self._manager.save(step, args=ocp.args.StandardSave(items), custom_metadata=metadata)
         return step
 
     def restore(
@@ -232,9 +235,14 @@ class Checkpointer:
             for path, leaf in jax.tree_util.tree_leaves_with_path(items[key]):
                 if not _all_finite(leaf):
                     raise _Damaged(f"non-finite values in {key}{jax.tree_util.keystr(path)}")
-        expected = (metadata.custom_metadata or {}).get("crc32")
-        if expected is not None and stored == given:  # not if restored into other dtypes
-            actual = _checksum(items)
+        custom = metadata.custom_metadata or {}
+        if stored == given:  # not if restored into other dtypes
+            expected, actual = custom.get("crc32"), None
+            if expected is not None:
+                actual = _checksum(items)
+            elif custom.get("sum64") is not None:
+                # Every process reads and sums, so every process agrees.
+                expected, actual = custom["sum64"], _global_sum(items)
             if actual is not None and actual != expected:
                 raise _Damaged(f"the arrays differ from their checksum ({actual} != {expected})")
         return items
@@ -270,6 +278,54 @@ def _checksum(items: dict[str, Any]) -> int | None:
         crc = zlib.crc32(f"{array.dtype.str}{array.shape}".encode(), crc)
         crc = zlib.crc32(np.ascontiguousarray(array).view(np.uint8), crc)
     return crc
+
+
+_WORD = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _global_sum(items: dict[str, Any]) -> int:
+    """A checksum of the leaves of ``items`` that does not depend on how they
+    are split over devices and processes: the sum, modulo 2**64, over every
+    element of every leaf of ``bits * (2 * i + 1)``, ``i`` the element's flat
+    index in the global array plus the leaf's offset. Each process adds the
+    shards it holds (one copy of each) and the processes' sums are added up,
+    so every process calls it (the sum is gathered from all of them). A
+    changed element changes ``bits`` by ``d``, and the sum by ``d * (2 * i +
+    1)``, never a multiple of 2**64 for ``0 < |d| < 2**64``."""
+    total, offset = 0, 0
+    for leaf in jax.tree.leaves(items):
+        shape = tuple(np.shape(leaf))
+        if isinstance(leaf, jax.Array):
+            for shard in leaf.addressable_shards:
+                if shard.replica_id == 0:
+                    total += _shard_sum(np.asarray(shard.data), shard.index, shape, offset)
+        elif jax.process_index() == 0:  # on the host, the same on every process
+            total += _shard_sum(np.asarray(leaf), (), shape, offset)
+        offset += int(np.prod(shape))
+    if jax.process_count() > 1:
+        halves = np.array([total >> 32 & 0xFFFFFFFF, total & 0xFFFFFFFF], np.uint32).view(np.int32)
+        gathered = np.asarray(multihost_utils.process_allgather(halves)).view(np.uint32)
+        total = sum(int(high) << 32 | int(low) for high, low in gathered.reshape(-1, 2))
+    return total % (1 << 64)
+
+
+def _shard_sum(data: np.ndarray, index: tuple, shape: tuple, offset: int) -> int:
+    """One shard's part of :func:`_global_sum`: ``data`` at ``index`` (slices)
+    of a leaf of ``shape`` whose first element is number ``offset``."""
+    if data.size == 0:
+        return 0
+    word = _WORD[data.dtype.itemsize]
+    bits = np.ascontiguousarray(data).view(word).astype(np.uint64)
+    flat = np.full((), offset, np.uint64)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        window = index[axis] if axis < len(index) else slice(None)
+        positions = np.arange(shape[axis], dtype=np.uint64)[window]
+        flat = flat + positions.reshape((-1,) + (1,) * (len(shape) - 1 - axis)) * np.uint64(stride)
+        stride *= shape[axis]
+    weights = np.uint64(2) * np.broadcast_to(flat, bits.shape) + np.uint64(1)
+    with np.errstate(over="ignore"):
+        return int(np.sum(bits * weights, dtype=np.uint64))
 
 
 def _all_finite(leaf: Any) -> bool:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -125,6 +126,44 @@ def _keys_as_data(one: Callable[[Any], Any]) -> Callable[[Any], Any]:
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
 
     return through_data
+
+
+def check_same_on_every_process(named: Mapping[str, Any]) -> None:
+    """Raises ``ValueError`` naming the first argument of ``named`` whose host
+    values (NumPy arrays, or arrays of this process's devices) differ between
+    the processes: :func:`place` takes each for the whole global value, so a
+    process passing only its own rows would train on something else, silently.
+
+    Every process calls it with the same names (it gathers one CRC-32 per
+    name from all of them); global arrays, which hold each process's part
+    already, are not read, and nothing is gathered when no leaf is on the host.
+    """
+    checksums, host = [], False
+    for tree in named.values():
+        crc = 0
+        for leaf in jax.tree.leaves(tree):
+            if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+                continue
+            if _validate.is_typed_key(leaf):
+                leaf = jax.random.key_data(leaf)
+            array = np.ascontiguousarray(np.asarray(leaf))
+            crc = zlib.crc32(f"{array.dtype.str}{array.shape}".encode(), crc)
+            crc = zlib.crc32(array.view(np.uint8), crc)
+            host = True
+        checksums.append(crc)
+    if not host:
+        return
+    mine = np.array(checksums, np.uint32).view(np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(checksums))
+    for column, name in enumerate(named):
+        if len(set(every[:, column].tolist())) > 1:
+            raise ValueError(
+                f"{name}: the processes passed different values (CRC-32 per process: "
+                f"{every[:, column].view(np.uint32).tolist()}); with a mesh over several "
+                "processes every process passes the whole global batch (the same NumPy "
+                "arrays), or global arrays made from its own rows by "
+                "banded_rnn.training.global_batch(mesh, rows)"
+            )
 
 
 @_keys_as_data

@@ -28,6 +28,7 @@ from ._model_call import (
     zeros_like_final_state,
 )
 from ._targets import (
+    EXTRAS,
     TARGETS_PER,
     call_loss,
     given_extras,
@@ -134,12 +135,23 @@ class _Step:
         ``extras`` as keywords."""
         extras = tuple(e if e is None or hasattr(e, "shape") else np.asarray(e) for e in extras)
         self._checks.check(train_state, state, inputs, targets, rng, extras, abstract=abstract)
+        if self.mesh is None and isinstance(inputs, jax.Array):
+            # The jitted step would trace, then refuse arrays on different
+            # devices naming its own arguments (a NumPy batch goes anywhere).
+            _validate.check_devices(
+                train_state=train_state, state=state, inputs=inputs, targets=targets, rng=rng
+            )
         *placed, extras = self._place(train_state, state, inputs, targets, rng, extras)
         return placed, given_extras(extras)
 
     def _place(self, train_state, state, inputs, targets, rng, extras=(None, None, None)):
         if self.mesh is None:
             return train_state, state, inputs, targets, rng, extras
+        if _mesh.spans_processes(self.mesh):
+            named = {"train_state": train_state, "state": state, "inputs": inputs}
+            named.update({"targets": targets, "rng": rng})
+            named.update(zip(EXTRAS, extras, strict=True))
+            _mesh.check_same_on_every_process(named)
         data = _mesh.data_sharding(self.mesh)
         rows = _mesh.key_sharding(self.mesh)  # [batch, ...] on "batch" alone
         per_entry = rng is not None and per_entry_keys(rng, _validate.shape_of(inputs)[0])
