@@ -108,40 +108,32 @@ def test_seed_model_streamed_in_random_chunks_matches_apply_stream_and_reference
     assert_close(state, [LSTMState(*s) for s in reference_state])
 
 
-@pytest.mark.parametrize("merge_mode", ["concat", "sum", "mul", "ave"])
-def test_two_layer_bidirectional_stack_on_whole_sequences(merge_mode, tmp_path):
-    model = BandedLSTM(units=5, num_layers=2, bidirectional=True, merge_mode=merge_mode)
+def assert_matches_apply_and_reference(model, variables, state, inputs, final, outputs, **options):
+    """ONNX's ``final`` and ``outputs`` from ``state`` over ``inputs`` equal
+    ``apply``'s and the float64 reference's (``options``: its keywords)."""
+    expected_final, expected = model.apply(variables, state, inputs)
+    assert_close(outputs, expected)
+    assert_close(final, expected_final)
+    reference_state, reference = directional_reference(variables, inputs, state=state, **options)
+    assert_close(outputs, reference)
+    assert_close(final, [LSTMState(*s) for s in reference_state])
+
+
+BACKWARD = [{"bidirectional": True, "merge_mode": m} for m in ("concat", "sum", "mul", "ave")]
+BACKWARD += [{"reverse": True, "keep_order": keep} for keep in (False, True)]
+
+
+@pytest.mark.parametrize("options", BACKWARD, ids=lambda o: "-".join(map(str, o.values())))
+def test_two_layer_bidirectional_and_reversed_stacks_on_whole_sequences(options, tmp_path):
+    model = BandedLSTM(units=5, num_layers=2, **options)
     inputs = random_inputs(2, (2, 3, 11, 4))
     variables = init_model(model, inputs)
     state = random_state(model, 2, 3, seed=3)
     final, outputs = run(session(model, variables, tmp_path, 3), inputs, state)
-
-    expected_final, expected = model.apply(variables, state, inputs)
-    assert_close(outputs, expected)
-    assert_close(final, expected_final)
-    reference_state, reference = directional_reference(
-        variables, inputs, state=state, bidirectional=True, merge=merge_mode
+    reference_options = {"merge" if k == "merge_mode" else k: v for k, v in options.items()}
+    assert_matches_apply_and_reference(
+        model, variables, state, inputs, final, outputs, **reference_options
     )
-    assert_close(outputs, reference)
-    assert_close(final, [LSTMState(*s) for s in reference_state])
-
-
-@pytest.mark.parametrize("keep_order", [False, True])
-def test_reversed_stack_on_whole_sequences(keep_order, tmp_path):
-    model = BandedLSTM(units=6, num_layers=2, reverse=True, keep_order=keep_order)
-    inputs = random_inputs(4, (2, 3, 9, 4))
-    variables = init_model(model, inputs)
-    state = random_state(model, 2, 3, seed=5)
-    final, outputs = run(session(model, variables, tmp_path, 3), inputs, state)
-
-    expected_final, expected = model.apply(variables, state, inputs)
-    assert_close(outputs, expected)
-    assert_close(final, expected_final)
-    reference_state, reference = directional_reference(
-        variables, inputs, state=state, reverse=True, keep_order=keep_order
-    )
-    assert_close(outputs, reference)
-    assert_close(final, [LSTMState(*s) for s in reference_state])
 
 
 def test_model_without_bias_streamed_in_chunks(tmp_path):
@@ -152,13 +144,7 @@ def test_model_without_bias_streamed_in_chunks(tmp_path):
     state = random_state(model, 2, 3, seed=7)
     lengths = random_lengths(8, 30, 7)
     final, outputs = run_onnx_chunks(session(model, variables, tmp_path, 3), inputs, state, lengths)
-
-    expected_final, expected = model.apply(variables, state, inputs)
-    assert_close(outputs, expected)
-    assert_close(final, expected_final)
-    reference_state, reference = directional_reference(variables, inputs, state=state)
-    assert_close(outputs, reference)
-    assert_close(final, [LSTMState(*s) for s in reference_state])
+    assert_matches_apply_and_reference(model, variables, state, inputs, final, outputs)
 
 
 def test_subband_model_with_layers_before_and_after(tmp_path):
