@@ -139,15 +139,12 @@ def lstm_nodes(graph: Any, call: LSTMCall, inputs: str, state: Sequence[str]) ->
             hidden_size=units,
             direction=_onnx_direction(call, count),
             activations=[f[0] for f in functions],
-            activation_alpha=[a for f in functions for a in f[1]] or None,
-            activation_beta=[b for f in functions for b in f[2]] or None,
+            activation_alpha=[alpha for f in functions for alpha in f[1]] or None,
+            activation_beta=[beta for f in functions for beta in f[2]] or None,
         )
-        for hidden, cell in zip(
-            _split_directions(graph, y_h, count), _split_directions(graph, y_c, count), strict=True
-        ):
-            final_state += [_unfolded_state(graph, hidden, bands, units)] + [
-                _unfolded_state(graph, cell, bands, units)
-            ]
+        hidden, cell = (_split_directions(graph, y_h, count), _split_directions(graph, y_c, count))
+        for pair in zip(hidden, cell, strict=True):  # per direction, in the state's order
+            final_state += [_unfolded_state(graph, leaf, bands, units) for leaf in pair]
         sequence = _merged(graph, y, count, call.merge_mode, units)  # [T, N, width]
     if call.reverse and not call.keep_order:  # the outputs in the order the steps ran
         sequence = graph.node(
