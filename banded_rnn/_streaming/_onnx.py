@@ -228,7 +228,8 @@ def export_onnx(
     >>> from banded_rnn import BandedLSTM
     >>> model = BandedLSTM(units=8)
     >>> variables = model.init(jax.random.key(0), None, np.zeros((1, 3, 1, 4), np.float32))
-    >>> path = os.path.join(tempfile.mkdtemp(), "model.onnx")
+    >>> directory = tempfile.TemporaryDirectory()
+    >>> path = os.path.join(directory.name, "model.onnx")
     >>> _ = export_onnx(model, variables, path, num_bands=3)
     >>> session = onnxruntime.InferenceSession(path)     # needs no JAX, elsewhere
     >>> [i.name for i in session.get_inputs()]
@@ -241,6 +242,7 @@ def export_onnx(
     ...                                      "state.0.cell": zeros})
     >>> y.shape, hidden.shape                          # [batch, bands, time, units]
     ((2, 3, 5, 8), (2, 3, 8))
+    >>> directory.cleanup()
     """
     try:
         import onnx

@@ -28,6 +28,7 @@ from helpers import (
     random_lengths,
     random_state,
     run_chunks,
+    run_fresh_process,
 )
 from reference import (
     directional_reference,
@@ -391,3 +392,13 @@ def test_non_float32_models_and_non_modules_are_refused(tmp_path):
             export_onnx(model, variables, tmp_path / "m.onnx", num_bands=3)
     with pytest.raises(TypeError, match=r"^model: expected a Flax module"):
         export_onnx(lambda state, x: (state, x), {}, tmp_path / "m.onnx", num_bands=3)
+
+
+def test_importing_the_package_imports_no_onnx():
+    run_fresh_process(
+        """
+        import sys
+        import banded_rnn
+        assert "onnx" not in sys.modules and "onnxruntime" not in sys.modules
+        """
+    )
