@@ -175,7 +175,8 @@ def report(measured: dict[str, dict[str, dict]], repeats: int, load: tuple[str, 
         f"Load average (1, 5, 15 min) before: {load[0]}; after: {load[1]}.",
         f"Versions: {versions}.",
         "",
-        "| config | ours (`Stream`) | ONNX Runtime | torch | ONNX vs ours | torch vs ours |",
+        "| config | ours (`Stream`) | ONNX Runtime | torch | ONNX vs ours, max abs diff "
+        "| torch vs ours, max abs diff |",
         "|---|---|---|---|---|---|",
     ]
     for name, results in measured.items():
