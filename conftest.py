@@ -1,8 +1,19 @@
 """Settings for the doctests collected from the packages (tests/conftest.py holds the rest)."""
 
+import importlib.util
+
 import jax
 import pytest
 from _pytest.doctest import DoctestItem
+
+# The ONNX export's modules import onnx, and its example runs onnxruntime: both
+# are in the test extra (and the onnx extra); without them, their doctests are
+# not collected rather than failing to import.
+collect_ignore = (
+    []
+    if importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxruntime")
+    else [f"banded_rnn/_streaming/_onnx{part}.py" for part in ("", "_graph", "_lstm", "_rules")]
+)
 
 
 @pytest.fixture(autouse=True)

@@ -47,7 +47,7 @@ def cpu_identity() -> dict[str, str]:
     """The CPU's model name, vendor, family and model (``/proc/cpuinfo``; a
     virtual machine may show only a generic name, and the family and model
     then tell the generation: AMD family 25 is Zen 3 or 4, 26 Zen 5)."""
-    fields = {"model name": platform.processor() or "unknown"}
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -59,7 +59,8 @@ def cpu_identity() -> dict[str, str]:
                     break  # the first processor's block is enough
     except OSError:
         pass
-    return fields
+    fields.setdefault("model name", platform.processor() or "unknown")
+    return {"model name": fields.pop("model name"), **fields}
 
 
 def cpu_slug(identity: dict[str, str], isa: str) -> str:

@@ -33,7 +33,7 @@ nitpicky = True
 # Names from other projects' docs: no intersphinx (the build is offline), so
 # references to them are left as plain code rather than reported as broken.
 nitpick_ignore_regex = [
-    ("py:.*", r"(jax|jaxlib|flax|optax|orbax|keras|numpy|np|torch|nn|collections|typing)\b.*"),
+    ("py:.*", r"(jax|jaxlib|flax|optax|orbax|keras|numpy|np|torch|nn|onnx|collections|typing)\b.*"),
     ("py:.*", r"(Any|Callable|Sequence|Mapping|NamedTuple|Iterator|Metrics|LossFn|Rng|Shape)"),
     ("py:.*", r"(TrainState|Mesh|NamedSharding|PartitionSpec|State|StepFn|LayerWeights)"),
     ("py:.*", r"(Initializer|Dtype|PRNGKey|Array)"),  # flax's and jax's type aliases
