@@ -195,8 +195,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--keep",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also keep the report as benchmarks/results/<cpu>-<isa>.md, one file per CPU "
-        "and kernel path (default: on)",
+        help="also keep the report as results/<cpu>-<isa>.md beside --out "
+        "(benchmarks/results/ by default), one file per CPU and kernel path (default: on)",
     )
     args = parser.parse_args(argv)
     if args.cpu_devices < 1:
@@ -256,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         blocking=blocking_plans(names),
     )
     outputs = [args.out]
-    if args.keep:
-        outputs.append(RESULTS_DIR / f"{info['slug']}.md")
+    if args.keep:  # beside --out: benchmarks/results/ for the default
+        outputs.append(args.out.parent / RESULTS_DIR.name / f"{info['slug']}.md")
     for out in outputs:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(report)
