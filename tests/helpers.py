@@ -1,19 +1,26 @@
-"""Small shared helpers for the tests: random inputs from fixed keys, and a
-fresh Python process for what must run before JAX starts."""
+"""Small shared helpers for the tests: random inputs from fixed keys, models,
+training steps' pieces, and a fresh Python process for what must run before
+JAX starts."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax.training.train_state import TrainState
 
 from banded_rnn import BandedLSTM
+from banded_rnn.training import Checkpointer
 
 
 def random_inputs(seed: int, shape, dtype=np.float32) -> np.ndarray:
@@ -108,6 +115,105 @@ class TwoInSeries(nn.Module):
         return {"low": low, "high": high}, outputs
 
 
+# -- training --------------------------------------------------------------------------
+
+
+def mse(outputs, targets):
+    return jnp.mean((outputs - targets) ** 2)
+
+
+def capture_grads() -> optax.GradientTransformation:
+    """An "optimiser" that leaves the parameters alone and keeps the last gradient
+    as its state: the step's exact gradient, read from ``opt_state``."""
+
+    def init(params):
+        return jax.tree.map(jnp.zeros_like, params)
+
+    def update(updates, state, params=None):
+        del state, params
+        return jax.tree.map(jnp.zeros_like, updates), updates
+
+    return optax.GradientTransformation(init, update)
+
+
+def random_variables(model, features, seed, dtype=np.float32):
+    """Random parameters in BandedLSTM's layout, drawn with NumPy (nothing to compile),
+    biases included so that every gate slice matters."""
+    rng = np.random.default_rng(seed)
+    params, size = {}, features
+    for layer in range(model.num_layers):
+        params[f"layer_{layer}"] = {
+            "kernel": rng.normal(0, size**-0.5, (size, 4 * model.units)).astype(dtype),
+            "recurrent_kernel": rng.normal(
+                0, model.units**-0.5, (model.units, 4 * model.units)
+            ).astype(dtype),
+            "bias": rng.normal(0, 0.5, 4 * model.units).astype(dtype),
+        }  # fmt: skip
+        size = model.units
+    return {"params": params}
+
+
+# One instance each: the optimiser is part of the TrainState's static structure, so a
+# new instance would mean a new compilation of the step.
+CAPTURE = capture_grads()
+ADAM = optax.adam(1e-2)
+
+
+def new_train_state(model, variables, tx=CAPTURE):
+    params = jax.tree.map(jnp.array, variables["params"])  # on device; the step donates it
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+# -- checkpoints of known values, to damage (tests/training/test_checkpoint_faults.py) --
+
+
+def saved_values(step: int):
+    """The (train_state, state, rng) saved at ``step``: random, so that zstd finds little
+    to compress and the arrays fill most of the checkpoint's data file."""
+    keys = jax.random.split(jax.random.key(step), 4)
+    params = {"w": jax.random.normal(keys[0], (64, 32)), "b": jax.random.normal(keys[1], (32,))}
+    train_state = TrainState.create(apply_fn=None, params=params, tx=optax.adam(1e-2))
+    opt_state = jax.tree.map(lambda x: x + 0.5 * step if x.dtype == jnp.float32 else x + step,
+                             train_state.opt_state)  # fmt: skip
+    train_state = train_state.replace(step=step, opt_state=opt_state)
+    return train_state, {"h": jax.random.normal(keys[2], (2, 3))}, keys[3]
+
+
+def templates():
+    """Zeros in the shapes of ``saved_values``: what restore reads into."""
+    train_state, state, rng = saved_values(0)
+    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
+    train_state = train_state.replace(params=zeros(train_state.params),
+                                      opt_state=zeros(train_state.opt_state))  # fmt: skip
+    return train_state, zeros(state), jax.random.key(99)
+
+
+def save_steps(directory: Path, steps, max_to_keep: int = 3) -> None:
+    with Checkpointer(directory, max_to_keep=max_to_keep) as checkpointer:
+        for step in steps:
+            checkpointer.save(*saved_values(step))
+
+
+def data_file(step_directory: Path) -> Path:
+    """The checkpoint's array data: the largest file that orbax's OCDBT store (one per
+    process) wrote, holding the zstd-compressed chunks of the larger arrays."""
+    files = (step_directory / "default" / "ocdbt.process_0" / "d").iterdir()
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def root_node(step_directory: Path) -> Path:
+    """The root of the checkpoint's OCDBT b-tree (small arrays are stored inline in it)."""
+    (path,) = (step_directory / "default" / "d").iterdir()
+    return path
+
+
+def restore(directory: Path, **kwargs):
+    with Checkpointer(directory) as checkpointer:
+        return checkpointer.restore(*templates(), **kwargs), checkpointer.all_steps()
+
+
+# -- processes ---------------------------------------------------------------------------
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -156,3 +262,44 @@ def finite_differences(params, loss, eps=1e-6):
             g[i] = (up - down) / (2 * eps)
         grads.append(g)
     return jax.tree.unflatten(treedef, grads)
+
+
+# -- code blocks of the README and the documentation's pages ------------------------------
+
+_FENCE = re.compile(r"^(\s*)(```|~~~)\s*(\S*)")
+
+
+class Block(NamedTuple):
+    language: str
+    heading: str
+    line: int
+    code: str
+    page: str = "README.md"
+
+
+def read_blocks(text: str) -> list[Block]:
+    """Every fenced block of ``text``, with the nearest heading above it."""
+    blocks: list[Block] = []
+    heading, opening, lines = "", None, []
+    for number, line in enumerate(text.splitlines(), start=1):
+        fence = _FENCE.match(line)
+        if opening is None:
+            if fence:
+                opening, lines = (number, fence[1], fence[2], fence[3]), []
+            elif line.startswith("#"):
+                heading = line.lstrip("#").strip()
+        elif fence and fence[2] == opening[2] and not fence[3]:
+            start, indent, _, language = opening
+            code = "\n".join(x[len(indent) :] if x.startswith(indent) else x for x in lines)
+            blocks.append(Block(language, heading, start, code + "\n"))
+            opening = None
+        else:
+            lines.append(line)
+    assert opening is None, f"README.md:{opening[0]}: a fence that is never closed"
+    return blocks
+
+
+def page_blocks(page: Path) -> list[Block]:
+    """Every fenced block of the Markdown file ``page``, named by its path from the root."""
+    blocks = read_blocks(page.read_text(encoding="utf-8"))
+    return [block._replace(page=str(page.relative_to(ROOT))) for block in blocks]

@@ -15,7 +15,6 @@ import jax
 import numpy as np
 import optax
 import pytest
-from test_training import ADAM, mse, new_train_state, random_variables
 
 from banded_rnn import BandedLSTM, Stream
 from banded_rnn.training import (
@@ -27,7 +26,17 @@ from banded_rnn.training import (
     make_train_step,
 )
 
-from helpers import ROOT, init_model, random_inputs, rss_bytes, run_fresh_process
+from helpers import (
+    ADAM,
+    ROOT,
+    init_model,
+    mse,
+    new_train_state,
+    random_inputs,
+    random_variables,
+    rss_bytes,
+    run_fresh_process,
+)
 from reference import lstm_reference, params_from_variables
 
 BATCH, BANDS, FEATURES, UNITS = 2, 3, 2, 4

@@ -2,7 +2,6 @@
 
 import gc
 import os
-import pathlib
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ from hypothesis import strategies as st
 from banded_rnn import BandedLSTM, Stream, kernel_info, stream_step
 
 from helpers import (
+    ROOT,
     init_model,
     random_inputs,
     random_lengths,
@@ -31,7 +31,7 @@ MODEL = BandedLSTM(UNITS, num_layers=2)
 X = random_inputs(0, (BATCH, BANDS, 60, FEATURES))
 VARIABLES = init_model(MODEL, X)
 PARAMS = params_from_variables(VARIABLES)
-TESTS = pathlib.Path(__file__).parent
+TESTS = ROOT / "tests"
 
 
 def reference(inputs, state=None):

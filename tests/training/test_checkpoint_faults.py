@@ -19,12 +19,24 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax.training.train_state import TrainState
-from test_training import ADAM, mse, new_train_state, random_variables
 
 from banded_rnn import BandedLSTM
 from banded_rnn.training import Checkpointer, ChunkStream, fit, make_train_step
 
-from helpers import ROOT, random_inputs
+from helpers import (
+    ADAM,
+    ROOT,
+    data_file,
+    mse,
+    new_train_state,
+    random_inputs,
+    random_variables,
+    restore,
+    root_node,
+    save_steps,
+    saved_values,
+    templates,
+)
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a save not yet finished
 NOISE = ("Traceback", "Event loop is closed", "absl", "asyncio", "tensorstore", "orbax")
@@ -36,27 +48,6 @@ def quoted(path: Path) -> str:
 
 def noise(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if any(word in line for word in NOISE)]
-
-
-def saved_values(step: int):
-    """The (train_state, state, rng) saved at ``step``: random, so that zstd finds little
-    to compress and the arrays fill most of the checkpoint's data file."""
-    keys = jax.random.split(jax.random.key(step), 4)
-    params = {"w": jax.random.normal(keys[0], (64, 32)), "b": jax.random.normal(keys[1], (32,))}
-    train_state = TrainState.create(apply_fn=None, params=params, tx=optax.adam(1e-2))
-    opt_state = jax.tree.map(lambda x: x + 0.5 * step if x.dtype == jnp.float32 else x + step,
-                             train_state.opt_state)  # fmt: skip
-    train_state = train_state.replace(step=step, opt_state=opt_state)
-    return train_state, {"h": jax.random.normal(keys[2], (2, 3))}, keys[3]
-
-
-def templates():
-    """Zeros in the shapes of ``saved_values``: what restore reads into."""
-    train_state, state, rng = saved_values(0)
-    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
-    train_state = train_state.replace(params=zeros(train_state.params),
-                                      opt_state=zeros(train_state.opt_state))  # fmt: skip
-    return train_state, zeros(state), jax.random.key(99)
 
 
 def assert_restored_step(restored, step: int) -> None:
@@ -71,12 +62,6 @@ def assert_restored_step(restored, step: int) -> None:
     np.testing.assert_array_equal(jax.random.key_data(restored.rng), jax.random.key_data(rng))
 
 
-def save_steps(directory: Path, steps, max_to_keep: int = 3) -> None:
-    with Checkpointer(directory, max_to_keep=max_to_keep) as checkpointer:
-        for step in steps:
-            checkpointer.save(*saved_values(step))
-
-
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     """Checkpoints of steps 1, 2 and 3, to copy and damage."""
@@ -89,19 +74,6 @@ def copy_of(pristine: Path, tmp_path: Path) -> Path:
     directory = tmp_path / "run"
     shutil.copytree(pristine, directory)
     return directory
-
-
-def data_file(step_directory: Path) -> Path:
-    """The checkpoint's array data: the largest file that orbax's OCDBT store (one per
-    process) wrote, holding the zstd-compressed chunks of the larger arrays."""
-    files = (step_directory / "default" / "ocdbt.process_0" / "d").iterdir()
-    return max(files, key=lambda p: p.stat().st_size)
-
-
-def root_node(step_directory: Path) -> Path:
-    """The root of the checkpoint's OCDBT b-tree (small arrays are stored inline in it)."""
-    (path,) = (step_directory / "default" / "d").iterdir()
-    return path
 
 
 def flip_byte(path: Path, offset: int) -> None:
@@ -120,11 +92,6 @@ def truncate(path: Path) -> None:
 
 def flip(path: Path) -> None:
     flip_byte(path, path.stat().st_size // 8)
-
-
-def restore(directory: Path, **kwargs):
-    with Checkpointer(directory) as checkpointer:
-        return checkpointer.restore(*templates(), **kwargs), checkpointer.all_steps()
 
 
 def read_plainly(step_directory: Path):
@@ -249,7 +216,7 @@ def test_saving_past_a_damaged_step_keeps_the_good_checkpoints(pristine, tmp_pat
 CHILD = """
 import sys
 import jax
-from test_checkpoint_faults import saved_values
+from helpers import saved_values
 from banded_rnn.training import Checkpointer
 
 with Checkpointer(sys.argv[1], max_to_keep=2) as checkpointer:
@@ -304,7 +271,7 @@ def test_a_damaged_checkpoint_leaves_stderr_quiet(tmp_path):
     script = """
     import gc, sys, time, warnings
     from pathlib import Path
-    from test_checkpoint_faults import data_file, restore, root_node, save_steps
+    from helpers import data_file, restore, root_node, save_steps
     directory = Path(sys.argv[1])
     save_steps(directory, [1, 2, 3])
     root_node(directory / "3").unlink()  # every read fails, of the metadata first

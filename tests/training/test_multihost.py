@@ -23,9 +23,8 @@ import jax
 import numpy as np
 import pytest
 from multihost_worker import run
-from test_readme import ALL_BLOCKS
 
-from helpers import ROOT, run_fresh_process
+from helpers import ROOT, page_blocks, run_fresh_process
 
 NUM_STEPS = 12
 
@@ -176,7 +175,7 @@ sys.exit(max(process.wait() for process in processes))
 def test_readme_slurm_script_runs_two_tasks(tmp_path):
     """The guide's train.py under its batch script's command, with an srun that
     starts two tasks on this machine with SLURM's variables, as srun would."""
-    section = [b for b in ALL_BLOCKS if b.page == "docs/guides/hosts.md"]
+    section = page_blocks(ROOT / "docs" / "guides" / "hosts.md")
     script, batch = section[0], section[1]
     assert script.language == "python" and batch.language == "bash"
     (tmp_path / "train.py").write_text(script.code)

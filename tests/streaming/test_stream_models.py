@@ -13,7 +13,15 @@ import pytest
 
 from banded_rnn import BandedLSTM, Stream, export_stream_step, stream_step
 
-from helpers import SubbandMask, TwoInSeries, init_model, random_inputs, random_lengths, run_chunks
+from helpers import (
+    ROOT,
+    SubbandMask,
+    TwoInSeries,
+    init_model,
+    random_inputs,
+    random_lengths,
+    run_chunks,
+)
 from reference import subband_mask_reference, two_in_series_reference
 
 BATCH, BANDS, FEATURES = 3, 4, 6
@@ -169,7 +177,7 @@ def test_save_then_a_new_process_loads_and_continues_like_an_uninterrupted_strea
     uninterrupted = stream(X[:, :, 13:])
     np.savez(tmp_path / "data.npz", inputs=X[:, :, 13:], all_inputs=X)
     (tmp_path / "child.py").write_text(CHILD)
-    tests = os.path.dirname(__file__)
+    tests = str(ROOT / "tests")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
     subprocess.run(
         [sys.executable, str(tmp_path / "child.py")]
