@@ -14,3 +14,8 @@ def _keras_rank_promotion(request):
             yield
     else:
         yield
+
+
+# The scripts that tests run as processes of their own (tests/*/scripts/,
+# benchmarks/scripts/) are no modules to collect: importing one would run it.
+collect_ignore_glob = ["*/scripts/*.py"]

@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,10 +16,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax.training.train_state import TrainState
 
 from banded_rnn import BandedLSTM
-from banded_rnn.training import Checkpointer
+from banded_rnn.training import (
+    Checkpointer,
+    ChunkStream,
+    fit,
+    gather_to_host,
+    make_train_step,
+    masked_mean,
+)
 
 
 def random_inputs(seed: int, shape, dtype=np.float32) -> np.ndarray:
@@ -164,6 +171,47 @@ def new_train_state(model, variables, tx=CAPTURE):
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
+# -- one training run, on one process or several (tests/training/test_multihost.py) ------
+
+MULTIHOST_BATCH, MULTIHOST_CHUNK = 4, 4
+MULTIHOST_MODEL = BandedLSTM(5, dropout=0.2, recurrent_dropout=0.2)
+MULTIHOST_LENGTHS = [8, 12, 4, 8, 16, 8, 12, 8]  # evaluated too: 4 of length 8 split over the mesh
+MULTIHOST_PADDED_LENGTHS = [8, 11, 3, 8, 14, 7, 12, 5]
+
+
+def multihost_data(lengths, bands=2, features=3):
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal((bands, t, features)).astype(np.float32) for t in lengths]
+    units = MULTIHOST_MODEL.units
+    targets = [rng.standard_normal((bands, t, units)).astype(np.float32) for t in lengths]
+    return inputs, targets
+
+
+def multihost_run(num_steps, directory=None, mesh=None, padded=False, **stream_kwargs):
+    """``fit`` on the same data in every process (each takes its part of the
+    batch on ``mesh``); with ``directory``, checkpointed there every 2 steps and
+    resumed from there. Returns the history and the final parameters and
+    carried state, gathered to the host."""
+    lengths = MULTIHOST_PADDED_LENGTHS if padded else MULTIHOST_LENGTHS
+    inputs, targets = multihost_data(lengths)
+    loss_fn = masked_mean(lambda outputs, targets: (outputs - targets) ** 2) if padded else mse
+    params = MULTIHOST_MODEL.init(jax.random.key(0), None, inputs[0][None])["params"]
+    train_state = TrainState.create(apply_fn=MULTIHOST_MODEL.apply, params=params,
+                                    tx=optax.adam(1e-2))  # fmt: skip
+    stream = ChunkStream(inputs, targets, batch_size=MULTIHOST_BATCH, chunk_length=MULTIHOST_CHUNK,
+                         seed=1, **stream_kwargs)  # fmt: skip
+    kwargs = dict(num_steps=num_steps, rng=jax.random.key(2), progress=False,
+                  eval_data=(inputs, targets), eval_every=3)  # fmt: skip
+    if directory is None:
+        result = fit(make_train_step(loss_fn, mesh=mesh), train_state, stream, **kwargs)
+    else:
+        with Checkpointer(directory) as checkpointer:
+            result = fit(make_train_step(loss_fn, mesh=mesh), train_state, stream,
+                         checkpointer=checkpointer, checkpoint_every=2, **kwargs)  # fmt: skip
+    params, state = gather_to_host((result.train_state.params, result.state))
+    return result.history, params, state
+
+
 # -- checkpoints of known values, to damage (tests/training/test_checkpoint_faults.py) --
 
 
@@ -217,25 +265,36 @@ def restore(directory: Path, **kwargs):
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_fresh_process(script: str) -> subprocess.CompletedProcess:
-    """Runs ``script`` in a new Python process from the repository root, with
-    this folder and the root importable and Keras on JAX; for settings JAX
-    takes only before it starts (such as its CPU device count). Fails the
-    test, showing the end of stderr, if the script fails."""
-    env = {
-        **os.environ,
-        "KERAS_BACKEND": "jax",
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+def script_env(**changes: str) -> dict[str, str]:
+    """This process's environment for a script: tests/ and the root importable
+    (``helpers``, ``reference``, ``banded_rnn``, ``benchmarks``), Keras on JAX,
+    then ``changes``."""
+    path = os.pathsep.join([str(ROOT / "tests"), str(ROOT)])
+    return {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": path, **changes}
+
+
+def script_command(script: Path, *args, python_options=()) -> list[str]:
+    """The command that runs the Python file ``script`` with ``args``."""
+    return [sys.executable, *python_options, str(script), *map(str, args)]
+
+
+def run_script(script: Path, *args, env=None, cwd=ROOT, timeout=600, check=True,
+               python_options=()) -> subprocess.CompletedProcess:  # fmt: skip
+    """Runs the Python file ``script`` (most are in a ``scripts/`` folder beside
+    the tests that start them) with ``args`` in a fresh process: for what must
+    happen before JAX starts (its CPU device count), in a process of its own
+    (a kill, a clean stderr, modules never imported), or in a new environment.
+    ``env`` defaults to ``script_env()``. Unless ``check`` is false, a script
+    that fails fails the test with its command and the end of its stderr."""
+    command = script_command(script, *args, python_options=python_options)
+    done = subprocess.run(command, cwd=cwd, env=script_env() if env is None else env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    if check and done.returncode != 0:
+        pytest.fail(
+            f"{' '.join(command[1:])} exited with {done.returncode}; the end of its stderr:\n"
+            f"{done.stderr[-4000:]}",
+            pytrace=False,
+        )
     return done
 
 

@@ -3,11 +3,9 @@ infinity in chunks, states, files and training batches, damaged and killed
 state files, and two threads on one stream. Every result is checked against the
 float64 NumPy reference or against what was there before the fault."""
 
-import os
+import pickle
 import signal
 import subprocess
-import sys
-import textwrap
 import threading
 import time
 
@@ -35,7 +33,9 @@ from helpers import (
     random_inputs,
     random_variables,
     rss_bytes,
-    run_fresh_process,
+    run_script,
+    script_command,
+    script_env,
 )
 from reference import lstm_reference, params_from_variables
 
@@ -167,24 +167,7 @@ def test_keras_layer_names_bad_inputs():
 
 
 def test_inputs_on_another_device_than_the_variables_are_named():
-    run_fresh_process(
-        """
-        import jax
-        jax.config.update("jax_num_cpu_devices", 2)
-        import numpy as np, pytest
-        from banded_rnn import BandedLSTM
-        from helpers import init_model, random_inputs
-
-        x = random_inputs(1, (2, 3, 5, 2))
-        for implementation in ("kernel", "scan"):
-            model = BandedLSTM(4, implementation=implementation)
-            variables = jax.device_put(init_model(model, x), jax.devices()[0])
-            with pytest.raises(ValueError, match=r"^inputs: on device\\(s\\) \\[1\\], but "
-                               r"variables on \\[0\\]"):
-                model.apply(variables, None, jax.device_put(x, jax.devices()[1]))
-            model.apply(variables, None, x)  # uncommitted inputs go where the variables are
-        """
-    )
+    run_script(ROOT / "tests" / "core" / "scripts" / "inputs_on_another_device.py")
 
 
 # -- NaN and infinity in streams and state files ------------------------------------------------
@@ -315,21 +298,6 @@ def test_damaged_state_files_raise_value_error_naming_the_file(tmp_path):
         fresh.load(tmp_path / "array.npy")
 
 
-SAVER = """
-import sys
-import numpy as np
-from banded_rnn import BandedLSTM, Stream
-from test_faults import BANDS, BATCH, MODEL, VARIABLES, X
-
-stream = Stream(MODEL, VARIABLES, BATCH, BANDS)
-for steps in range(1, 200):  # states after 1, 2, 3, ... steps; each save replaces the file
-    stream(X[:, :, :1])
-    stream.save(sys.argv[1])
-    if steps == 1:
-        print("ready", flush=True)
-"""
-
-
 def test_state_file_survives_sigkill_during_save(tmp_path):
     """Kill a process that saves in a loop, at random moments: the file always
     loads, as the state after some whole number of steps; the partial file a
@@ -340,14 +308,14 @@ def test_state_file_survives_sigkill_during_save(tmp_path):
     for steps in range(1, 200):
         stream(X[:, :, :1])
         expected[steps] = np.asarray(stream.state[0].hidden)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    inputs = tmp_path / "inputs.pkl"
+    inputs.write_bytes(pickle.dumps((UNITS, jax.device_get(VARIABLES), X[:, :, :1])))
+    saver = script_command(ROOT / "tests" / "streaming" / "scripts" / "save_state_in_a_loop.py",
+                           inputs, path)  # fmt: skip
     rng = np.random.default_rng(6)
     reader = Stream(MODEL, VARIABLES, BATCH, BANDS)
     for _ in range(3):
-        child = subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(SAVER), str(path)],
-            stdout=subprocess.PIPE, env=env, cwd=ROOT,
-        )  # fmt: skip
+        child = subprocess.Popen(saver, stdout=subprocess.PIPE, env=script_env(), cwd=ROOT)
         assert child.stdout.readline().strip() == b"ready"
         time.sleep(rng.uniform(0.05, 0.4))
         child.send_signal(signal.SIGKILL)

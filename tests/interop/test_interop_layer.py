@@ -7,8 +7,7 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import importlib.util
-import subprocess
-import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +19,11 @@ import interop
 from banded_rnn import BandedLSTM, LSTMState
 from interop import BandedLSTMLayer
 
-from helpers import init_model, random_inputs
+from helpers import init_model, random_inputs, run_script, script_env
 from reference import lstm_reference, params_from_variables
 
 ATOL = 1e-5
+SCRIPTS = Path(__file__).parent / "scripts"
 
 
 @pytest.fixture(autouse=True)
@@ -432,11 +432,7 @@ def test_loading_without_import_interop_names_the_package(tmp_path):
     fails; its message shows the registered name and module, which say what to import."""
     inputs = keras.Input((3, None, 4))
     keras.Model(inputs, BandedLSTMLayer(2)(inputs)).save(tmp_path / "model.keras")
-    code = f"import keras\nkeras.saving.load_model({str(tmp_path / 'model.keras')!r})\n"
-    env = {**os.environ, "KERAS_BACKEND": "jax"}
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
-    )
+    done = run_script(SCRIPTS / "load_keras_model.py", tmp_path / "model.keras", check=False)
     assert done.returncode != 0
     assert "Could not locate class 'BandedLSTMLayer'" in done.stderr
     assert "'registered_name': 'interop>BandedLSTMLayer'" in done.stderr
@@ -602,11 +598,8 @@ def test_reset_state_indices_are_checked_like_stream_reset():
 
 
 def test_other_backend_is_a_clear_error_at_construction():
-    code = "import interop\ninterop.BandedLSTMLayer(3)\n"
-    env = {**os.environ, "KERAS_BACKEND": "numpy"}
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
-    )
+    env = script_env(KERAS_BACKEND="numpy")
+    done = run_script(SCRIPTS / "make_a_layer.py", env=env, timeout=300, check=False)
     assert done.returncode != 0
     assert "RuntimeError" in done.stderr
     assert "'numpy' backend" in done.stderr and "KERAS_BACKEND=jax" in done.stderr
@@ -616,14 +609,8 @@ def test_other_backend_is_a_clear_error_at_construction():
     importlib.util.find_spec("tensorflow") is not None, reason="needs TensorFlow absent"
 )
 def test_backend_that_cannot_import_is_a_clear_error_at_import():
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
-    done = subprocess.run(
-        [sys.executable, "-c", "import interop"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    env = script_env(KERAS_BACKEND="tensorflow")
+    done = run_script(SCRIPTS / "make_a_layer.py", env=env, timeout=300, check=False)
     assert done.returncode != 0
     last_line = done.stderr.strip().splitlines()[-1]
     assert last_line.startswith("ImportError: interop runs Keras on its JAX backend")

@@ -7,8 +7,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -33,8 +31,11 @@ from helpers import (
     random_variables,
     restore,
     root_node,
+    run_script,
     save_steps,
     saved_values,
+    script_command,
+    script_env,
     templates,
 )
 
@@ -213,22 +214,7 @@ def test_saving_past_a_damaged_step_keeps_the_good_checkpoints(pristine, tmp_pat
         assert_restored_step(restore(directory)[0], 4)
 
 
-CHILD = """
-import sys
-import jax
-from helpers import saved_values
-from banded_rnn.training import Checkpointer
-
-with Checkpointer(sys.argv[1], max_to_keep=2) as checkpointer:
-    for step in range((checkpointer.latest_step() or 0) + 1, 1000):
-        values = saved_values(step)
-        print("saving", step, flush=True)
-        checkpointer.save(*values)
-"""
-
-
-def child_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def test_a_save_killed_midway_leaves_the_newest_complete_checkpoint(tmp_path):
@@ -239,8 +225,8 @@ def test_a_save_killed_midway_leaves_the_newest_complete_checkpoint(tmp_path):
     for _ in range(3):
         with open(tmp_path / "errors", "w") as errors:
             child = subprocess.Popen(
-                [sys.executable, "-c", textwrap.dedent(CHILD), str(directory)],
-                stdout=subprocess.PIPE, stderr=errors, text=True, cwd=ROOT, env=child_env(),
+                script_command(SCRIPTS / "checkpoint_in_a_loop.py", directory),
+                stdout=subprocess.PIPE, stderr=errors, text=True, cwd=ROOT, env=script_env(),
             )  # fmt: skip
         lines = []
         while len(lines) < 3:  # at least two saves complete, then into a third
@@ -268,26 +254,7 @@ def test_a_save_killed_midway_leaves_the_newest_complete_checkpoint(tmp_path):
 def test_a_damaged_checkpoint_leaves_stderr_quiet(tmp_path):
     """In a fresh process, whose whole stderr is seen: no tracebacks of tensorstore
     callbacks into orbax's closed event loop, no orbax logs, even a while later."""
-    script = """
-    import gc, sys, time, warnings
-    from pathlib import Path
-    from helpers import data_file, restore, root_node, save_steps
-    directory = Path(sys.argv[1])
-    save_steps(directory, [1, 2, 3])
-    root_node(directory / "3").unlink()  # every read fails, of the metadata first
-    (directory / "3" / "_CHECKPOINT_METADATA").unlink()  # orbax logs a warning
-    data_file(directory / "2").unlink()  # the reads of the larger arrays fail
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        restored, steps = restore(directory)
-    print(int(restored.train_state.step), steps, len(caught))
-    time.sleep(1.0)  # reads still in flight land now
-    gc.collect()  # and the reading coroutines left unfinished go
-    """
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script), str(tmp_path / "run")],
-                          capture_output=True, text=True, cwd=ROOT, env=child_env(),
-                          timeout=120)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_script(SCRIPTS / "restore_damaged_checkpoints.py", tmp_path / "run", timeout=120)
     assert done.stdout.split() == ["1", "[1]", "2"]
     assert [line for line in done.stderr.splitlines() if "xla_bridge" not in line] == []
 
