@@ -77,6 +77,33 @@ def run_chunks(stream, inputs, lengths) -> np.ndarray:
     return np.concatenate(outputs, axis=2)
 
 
+def leaves_equal(a, b):
+    """Asserts that the pytrees ``a`` and ``b`` hold the same arrays, bit for bit."""
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def bad_inputs(x: np.ndarray) -> list:
+    """Inputs of every wrong kind in place of ``x``: ``(bad, error, message)``,
+    the message as it follows the argument's name (``inputs: ``, ``chunk: ``)."""
+    return [
+        (None, TypeError, "expected an array; received NoneType"),
+        ("abc", TypeError, "expected an array; received str"),
+        ([[1.0], [1.0, 2.0]], ValueError, r"expected a rectangular array.*ragged"),
+        (
+            jax.ShapeDtypeStruct(x.shape, x.dtype),
+            TypeError,
+            r"expected an array with values; received a jax.ShapeDtypeStruct",
+        ),
+        (
+            np.ma.masked_array(x, mask=x > 1),
+            TypeError,
+            "expected an array; received a NumPy masked array",
+        ),
+        (np.full(x.shape, "a"), TypeError, "expected a floating dtype; received <U1"),
+    ]
+
+
 class WithHead(nn.Module):
     """A banded LSTM followed by a linear head ``units -> 1``, with BandedLSTM's
     call signature (what ``make_train_step`` expects of ``apply_fn``)."""

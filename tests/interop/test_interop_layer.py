@@ -19,7 +19,7 @@ import interop
 from banded_rnn import BandedLSTM, LSTMState
 from interop import BandedLSTMLayer
 
-from helpers import init_model, random_inputs, run_script, script_env
+from helpers import bad_inputs, init_model, random_inputs, run_script, script_env
 from reference import lstm_reference, params_from_variables
 
 ATOL = 1e-5
@@ -498,6 +498,17 @@ def test_layer_is_clean_under_strict_rank_promotion():
 
 
 # -- bad input ------------------------------------------------------------------------------
+
+
+def test_keras_layer_names_bad_inputs():
+    """As ``apply`` names them, under rank promotion "raise" (tests/core/test_faults.py)."""
+    x = random_inputs(1, (2, 3, 7, 2))
+    bad_ones = bad_inputs(x)
+    layer = BandedLSTMLayer(4)
+    with jax.numpy_rank_promotion("raise"):
+        for bad, error, message in bad_ones[:3] + bad_ones[4:5]:
+            with pytest.raises(error, match=f"^inputs: {message}"):
+                layer(bad)
 
 
 def test_wrong_rank_is_a_clear_error():

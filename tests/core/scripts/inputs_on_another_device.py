@@ -1,5 +1,5 @@
 """Inputs on another device than the variables are refused by name, on both
-paths (tests/test_faults.py); uncommitted inputs go where the variables are.
+paths (tests/core/test_faults.py); uncommitted inputs go where the variables are.
 
 JAX fixes its CPU device count before it runs anything, so this runs in a
 process of its own.

@@ -1,5 +1,5 @@
 """Saves a stream's state after every step, over and over, for the test of
-state files that survive a SIGKILL during a save (tests/test_faults.py).
+state files that survive a SIGKILL during a save (tests/streaming/test_stream_faults.py).
 
 Usage: ``python save_state_in_a_loop.py INPUTS STATE_FILE``: INPUTS, a pickle
 of ``(units, variables, chunk)``, gives a ``BandedLSTM(units)`` with
