@@ -1,11 +1,6 @@
 """Weights from and to a real keras.layers.LSTM and a real torch.nn.LSTM: every band
 of BandedLSTMLayer then equals that LSTM run on the band alone."""
 
-import os
-
-# Keras reads its backend once, at its first import.
-os.environ.setdefault("KERAS_BACKEND", "jax")
-
 from pathlib import Path
 
 import jax
@@ -22,13 +17,6 @@ from helpers import init_model, random_inputs, run_script
 torch = pytest.importorskip("torch")
 
 ATOL = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def keras_rank_promotion():
-    """keras.layers.LSTM relies on implicit rank promotion, an error under conftest."""
-    with jax.numpy_rank_promotion("allow"):
-        yield
 
 
 def _keras_weights(layer):

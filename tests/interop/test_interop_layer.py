@@ -1,11 +1,6 @@
 """BandedLSTMLayer against the float64 reference, a real keras.layers.LSTM, and itself
 across Keras's compiled predict, evaluate and fit loops."""
 
-import os
-
-# Keras reads its backend once, at its first import.
-os.environ.setdefault("KERAS_BACKEND", "jax")
-
 import importlib.util
 from pathlib import Path
 
@@ -24,15 +19,6 @@ from reference import lstm_reference, params_from_variables
 
 ATOL = 1e-5
 SCRIPTS = Path(__file__).parent / "scripts"
-
-
-@pytest.fixture(autouse=True)
-def keras_rank_promotion():
-    """Keras's own layers (LSTM, Dense, Masking) and losses rely on implicit rank
-    promotion, which conftest makes an error; the interop code itself is checked
-    under "raise" in test_layer_is_clean_under_strict_rank_promotion."""
-    with jax.numpy_rank_promotion("allow"):
-        yield
 
 
 def _built_layer(x, units=3, num_layers=1, seed=0, **kwargs):
