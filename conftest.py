@@ -25,3 +25,19 @@ def _keras_rank_promotion(request):
             yield
     else:
         yield
+
+
+# The scripts that tests run as processes of their own (tests/*/scripts/,
+# benchmarks/scripts/) are no modules to collect: importing one would run it.
+collect_ignore_glob = ["*/scripts/*.py"]
+
+
+def pytest_addoption(parser, pluginmanager):
+    """pyproject.toml's addopts start xdist's workers; with xdist blocked
+    (``-p no:xdist``) its options there are taken here and ignored, and the
+    suite runs in this one process, as with ``-n 0``."""
+    if not pluginmanager.has_plugin("xdist"):
+        group = parser.getgroup("xdist", "xdist's options, ignored: xdist is blocked")
+        group.addoption("--numprocesses", dest="numprocesses")
+        group.addoption("--maxprocesses", dest="maxprocesses")
+        group.addoption("--dist", dest="dist")

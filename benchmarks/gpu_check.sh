@@ -37,7 +37,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   # Parity with the scan and the float64 reference, gradients, training steps,
   # chunked == whole: cuDNN itself, at precision "highest".
   python3 -m pytest -q -p no:cacheprovider -o addopts="" -W default::DeprecationWarning \
-    tests/test_cudnn.py
+    tests/kernel/test_cudnn.py
 } 2>&1 | tee "$out/gpu-tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || [ "$status" -ne 0 ] || status=1
 # What TF32 (cuDNN's default precision) changes: the largest deviation of the

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -18,7 +19,7 @@ from benchmarks._configs import CONFIGS, Config
 from benchmarks._harness import OURS, OURS_SHARDED, Impl, Row, benchmark, time_interleaved
 from benchmarks._weights import random_data, random_weights
 
-from helpers import run_fresh_process
+from helpers import run_script
 
 pytest.importorskip("torch")
 pytest.importorskip("keras")
@@ -135,35 +136,9 @@ def test_compiled_memory_drops_with_remat():
     assert np.all([v >= 0 for v in whole.values()])
 
 
-SHARDED_SCRIPT = """
-import dataclasses, jax
-jax.config.update("jax_num_cpu_devices", 2)
-from benchmarks import _baselines, _ours
-from benchmarks._configs import Config
-from benchmarks._harness import OURS_SHARDED, benchmark
-from benchmarks._weights import random_data, random_weights
-
-for name, mode in (("seed", "inference"), ("train", "train")):
-    config = Config(name, 4, 3, 5, 4, 6, 1, mode)
-    weights = random_weights(config, seed=3)
-    inputs, targets = random_data(config, seed=4)
-    impls = [_ours.build(config, weights, inputs, targets)]
-    impls.append(_ours.build_sharded(config, weights, inputs, targets))
-    impls.append(_baselines.build_flax(config, weights, inputs, targets))
-    wrong = _ours.build_sharded(config, weights.perturbed(1e-2), inputs, targets)
-    impls.append(dataclasses.replace(wrong, name="sharded-perturbed"))
-    result = benchmark(config, impls, repeats=1, warmup=0)
-    row = result.row(OURS_SHARDED)
-    assert row.error is None and row.times, row.error
-    assert "2 CPU devices" in row.note, row.note
-    assert result.row("sharded-perturbed").error.startswith("PARITY FAILED")
-    print(name, row.parity)
-"""
-
-
 def test_sharded_rows_run_on_two_cpu_devices_and_are_checked():
     """In a fresh process with two CPU devices (the setting must precede JAX's
     start), ours with the batch split over them agrees with ours on one."""
-    done = run_fresh_process(SHARDED_SCRIPT)
+    done = run_script(Path(__file__).parent / "scripts" / "sharded_rows.py")
     assert done.stdout.splitlines()[0].startswith("seed ")
     assert done.stdout.splitlines()[1].startswith("train ")

@@ -1,19 +1,33 @@
-"""Small shared helpers for the tests: random inputs from fixed keys, and a
-fresh Python process for what must run before JAX starts."""
+"""Small shared helpers for the tests: random inputs from fixed keys, models,
+training steps' pieces, and a fresh Python process for what must run before
+JAX starts."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
+from flax.training.train_state import TrainState
 
 from banded_rnn import BandedLSTM
+from banded_rnn.training import (
+    Checkpointer,
+    ChunkStream,
+    fit,
+    gather_to_host,
+    make_train_step,
+    masked_mean,
+)
 
 
 def random_inputs(seed: int, shape, dtype=np.float32) -> np.ndarray:
@@ -63,6 +77,33 @@ def run_chunks(stream, inputs, lengths) -> np.ndarray:
     return np.concatenate(outputs, axis=2)
 
 
+def leaves_equal(a, b):
+    """Asserts that the pytrees ``a`` and ``b`` hold the same arrays, bit for bit."""
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def bad_inputs(x: np.ndarray) -> list:
+    """Inputs of every wrong kind in place of ``x``: ``(bad, error, message)``,
+    the message as it follows the argument's name (``inputs: ``, ``chunk: ``)."""
+    return [
+        (None, TypeError, "expected an array; received NoneType"),
+        ("abc", TypeError, "expected an array; received str"),
+        ([[1.0], [1.0, 2.0]], ValueError, r"expected a rectangular array.*ragged"),
+        (
+            jax.ShapeDtypeStruct(x.shape, x.dtype),
+            TypeError,
+            r"expected an array with values; received a jax.ShapeDtypeStruct",
+        ),
+        (
+            np.ma.masked_array(x, mask=x > 1),
+            TypeError,
+            "expected an array; received a NumPy masked array",
+        ),
+        (np.full(x.shape, "a"), TypeError, "expected a floating dtype; received <U1"),
+    ]
+
+
 class WithHead(nn.Module):
     """A banded LSTM followed by a linear head ``units -> 1``, with BandedLSTM's
     call signature (what ``make_train_step`` expects of ``apply_fn``)."""
@@ -108,28 +149,179 @@ class TwoInSeries(nn.Module):
         return {"low": low, "high": high}, outputs
 
 
+# -- training --------------------------------------------------------------------------
+
+
+def mse(outputs, targets):
+    return jnp.mean((outputs - targets) ** 2)
+
+
+def capture_grads() -> optax.GradientTransformation:
+    """An "optimiser" that leaves the parameters alone and keeps the last gradient
+    as its state: the step's exact gradient, read from ``opt_state``."""
+
+    def init(params):
+        return jax.tree.map(jnp.zeros_like, params)
+
+    def update(updates, state, params=None):
+        del state, params
+        return jax.tree.map(jnp.zeros_like, updates), updates
+
+    return optax.GradientTransformation(init, update)
+
+
+def random_variables(model, features, seed, dtype=np.float32):
+    """Random parameters in BandedLSTM's layout, drawn with NumPy (nothing to compile),
+    biases included so that every gate slice matters."""
+    rng = np.random.default_rng(seed)
+    params, size = {}, features
+    for layer in range(model.num_layers):
+        params[f"layer_{layer}"] = {
+            "kernel": rng.normal(0, size**-0.5, (size, 4 * model.units)).astype(dtype),
+            "recurrent_kernel": rng.normal(
+                0, model.units**-0.5, (model.units, 4 * model.units)
+            ).astype(dtype),
+            "bias": rng.normal(0, 0.5, 4 * model.units).astype(dtype),
+        }  # fmt: skip
+        size = model.units
+    return {"params": params}
+
+
+# One instance each: the optimiser is part of the TrainState's static structure, so a
+# new instance would mean a new compilation of the step.
+CAPTURE = capture_grads()
+ADAM = optax.adam(1e-2)
+
+
+def new_train_state(model, variables, tx=CAPTURE):
+    params = jax.tree.map(jnp.array, variables["params"])  # on device; the step donates it
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+# -- one training run, on one process or several (tests/training/test_multihost.py) ------
+
+MULTIHOST_BATCH, MULTIHOST_CHUNK = 4, 4
+MULTIHOST_MODEL = BandedLSTM(5, dropout=0.2, recurrent_dropout=0.2)
+MULTIHOST_LENGTHS = [8, 12, 4, 8, 16, 8, 12, 8]  # evaluated too: 4 of length 8 split over the mesh
+MULTIHOST_PADDED_LENGTHS = [8, 11, 3, 8, 14, 7, 12, 5]
+
+
+def multihost_data(lengths, bands=2, features=3):
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal((bands, t, features)).astype(np.float32) for t in lengths]
+    units = MULTIHOST_MODEL.units
+    targets = [rng.standard_normal((bands, t, units)).astype(np.float32) for t in lengths]
+    return inputs, targets
+
+
+def multihost_run(num_steps, directory=None, mesh=None, padded=False, **stream_kwargs):
+    """``fit`` on the same data in every process (each takes its part of the
+    batch on ``mesh``); with ``directory``, checkpointed there every 2 steps and
+    resumed from there. Returns the history and the final parameters and
+    carried state, gathered to the host."""
+    lengths = MULTIHOST_PADDED_LENGTHS if padded else MULTIHOST_LENGTHS
+    inputs, targets = multihost_data(lengths)
+    loss_fn = masked_mean(lambda outputs, targets: (outputs - targets) ** 2) if padded else mse
+    params = MULTIHOST_MODEL.init(jax.random.key(0), None, inputs[0][None])["params"]
+    train_state = TrainState.create(apply_fn=MULTIHOST_MODEL.apply, params=params,
+                                    tx=optax.adam(1e-2))  # fmt: skip
+    stream = ChunkStream(inputs, targets, batch_size=MULTIHOST_BATCH, chunk_length=MULTIHOST_CHUNK,
+                         seed=1, **stream_kwargs)  # fmt: skip
+    kwargs = dict(num_steps=num_steps, rng=jax.random.key(2), progress=False,
+                  eval_data=(inputs, targets), eval_every=3)  # fmt: skip
+    if directory is None:
+        result = fit(make_train_step(loss_fn, mesh=mesh), train_state, stream, **kwargs)
+    else:
+        with Checkpointer(directory) as checkpointer:
+            result = fit(make_train_step(loss_fn, mesh=mesh), train_state, stream,
+                         checkpointer=checkpointer, checkpoint_every=2, **kwargs)  # fmt: skip
+    params, state = gather_to_host((result.train_state.params, result.state))
+    return result.history, params, state
+
+
+# -- checkpoints of known values, to damage (tests/training/test_checkpoint_faults.py) --
+
+
+def saved_values(step: int):
+    """The (train_state, state, rng) saved at ``step``: random, so that zstd finds little
+    to compress and the arrays fill most of the checkpoint's data file."""
+    keys = jax.random.split(jax.random.key(step), 4)
+    params = {"w": jax.random.normal(keys[0], (64, 32)), "b": jax.random.normal(keys[1], (32,))}
+    train_state = TrainState.create(apply_fn=None, params=params, tx=optax.adam(1e-2))
+    opt_state = jax.tree.map(lambda x: x + 0.5 * step if x.dtype == jnp.float32 else x + step,
+                             train_state.opt_state)  # fmt: skip
+    train_state = train_state.replace(step=step, opt_state=opt_state)
+    return train_state, {"h": jax.random.normal(keys[2], (2, 3))}, keys[3]
+
+
+def templates():
+    """Zeros in the shapes of ``saved_values``: what restore reads into."""
+    train_state, state, rng = saved_values(0)
+    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
+    train_state = train_state.replace(params=zeros(train_state.params),
+                                      opt_state=zeros(train_state.opt_state))  # fmt: skip
+    return train_state, zeros(state), jax.random.key(99)
+
+
+def save_steps(directory: Path, steps, max_to_keep: int = 3) -> None:
+    with Checkpointer(directory, max_to_keep=max_to_keep) as checkpointer:
+        for step in steps:
+            checkpointer.save(*saved_values(step))
+
+
+def data_file(step_directory: Path) -> Path:
+    """The checkpoint's array data: the largest file that orbax's OCDBT store (one per
+    process) wrote, holding the zstd-compressed chunks of the larger arrays."""
+    files = (step_directory / "default" / "ocdbt.process_0" / "d").iterdir()
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def root_node(step_directory: Path) -> Path:
+    """The root of the checkpoint's OCDBT b-tree (small arrays are stored inline in it)."""
+    (path,) = (step_directory / "default" / "d").iterdir()
+    return path
+
+
+def restore(directory: Path, **kwargs):
+    with Checkpointer(directory) as checkpointer:
+        return checkpointer.restore(*templates(), **kwargs), checkpointer.all_steps()
+
+
+# -- processes ---------------------------------------------------------------------------
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_fresh_process(script: str) -> subprocess.CompletedProcess:
-    """Runs ``script`` in a new Python process from the repository root, with
-    this folder and the root importable and Keras on JAX; for settings JAX
-    takes only before it starts (such as its CPU device count). Fails the
-    test, showing the end of stderr, if the script fails."""
-    env = {
-        **os.environ,
-        "KERAS_BACKEND": "jax",
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+def script_env(**changes: str) -> dict[str, str]:
+    """This process's environment for a script: tests/ and the root importable
+    (``helpers``, ``reference``, ``banded_rnn``, ``benchmarks``), Keras on JAX,
+    then ``changes``."""
+    path = os.pathsep.join([str(ROOT / "tests"), str(ROOT)])
+    return {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": path, **changes}
+
+
+def script_command(script: Path, *args, python_options=()) -> list[str]:
+    """The command that runs the Python file ``script`` with ``args``."""
+    return [sys.executable, *python_options, str(script), *map(str, args)]
+
+
+def run_script(script: Path, *args, env=None, cwd=ROOT, timeout=600, check=True,
+               python_options=()) -> subprocess.CompletedProcess:  # fmt: skip
+    """Runs the Python file ``script`` (most are in a ``scripts/`` folder beside
+    the tests that start them) with ``args`` in a fresh process: for what must
+    happen before JAX starts (its CPU device count), in a process of its own
+    (a kill, a clean stderr, modules never imported), or in a new environment.
+    ``env`` defaults to ``script_env()``. Unless ``check`` is false, a script
+    that fails fails the test with its command and the end of its stderr."""
+    command = script_command(script, *args, python_options=python_options)
+    done = subprocess.run(command, cwd=cwd, env=script_env() if env is None else env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    if check and done.returncode != 0:
+        pytest.fail(
+            f"{' '.join(command[1:])} exited with {done.returncode}; the end of its stderr:\n"
+            f"{done.stderr[-4000:]}",
+            pytrace=False,
+        )
     return done
 
 
@@ -156,3 +348,44 @@ def finite_differences(params, loss, eps=1e-6):
             g[i] = (up - down) / (2 * eps)
         grads.append(g)
     return jax.tree.unflatten(treedef, grads)
+
+
+# -- code blocks of the README and the documentation's pages ------------------------------
+
+_FENCE = re.compile(r"^(\s*)(```|~~~)\s*(\S*)")
+
+
+class Block(NamedTuple):
+    language: str
+    heading: str
+    line: int
+    code: str
+    page: str = "README.md"
+
+
+def read_blocks(text: str) -> list[Block]:
+    """Every fenced block of ``text``, with the nearest heading above it."""
+    blocks: list[Block] = []
+    heading, opening, lines = "", None, []
+    for number, line in enumerate(text.splitlines(), start=1):
+        fence = _FENCE.match(line)
+        if opening is None:
+            if fence:
+                opening, lines = (number, fence[1], fence[2], fence[3]), []
+            elif line.startswith("#"):
+                heading = line.lstrip("#").strip()
+        elif fence and fence[2] == opening[2] and not fence[3]:
+            start, indent, _, language = opening
+            code = "\n".join(x[len(indent) :] if x.startswith(indent) else x for x in lines)
+            blocks.append(Block(language, heading, start, code + "\n"))
+            opening = None
+        else:
+            lines.append(line)
+    assert opening is None, f"README.md:{opening[0]}: a fence that is never closed"
+    return blocks
+
+
+def page_blocks(page: Path) -> list[Block]:
+    """Every fenced block of the Markdown file ``page``, named by its path from the root."""
+    blocks = read_blocks(page.read_text(encoding="utf-8"))
+    return [block._replace(page=str(page.relative_to(ROOT))) for block in blocks]

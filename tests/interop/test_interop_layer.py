@@ -1,14 +1,8 @@
 """BandedLSTMLayer against the float64 reference, a real keras.layers.LSTM, and itself
 across Keras's compiled predict, evaluate and fit loops."""
 
-import os
-
-# Keras reads its backend once, at its first import.
-os.environ.setdefault("KERAS_BACKEND", "jax")
-
 import importlib.util
-import subprocess
-import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,19 +14,11 @@ import interop
 from banded_rnn import BandedLSTM, LSTMState
 from interop import BandedLSTMLayer
 
-from helpers import init_model, random_inputs
+from helpers import bad_inputs, init_model, random_inputs, run_script, script_env
 from reference import lstm_reference, params_from_variables
 
 ATOL = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def keras_rank_promotion():
-    """Keras's own layers (LSTM, Dense, Masking) and losses rely on implicit rank
-    promotion, which conftest makes an error; the interop code itself is checked
-    under "raise" in test_layer_is_clean_under_strict_rank_promotion."""
-    with jax.numpy_rank_promotion("allow"):
-        yield
+SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def _built_layer(x, units=3, num_layers=1, seed=0, **kwargs):
@@ -432,11 +418,7 @@ def test_loading_without_import_interop_names_the_package(tmp_path):
     fails; its message shows the registered name and module, which say what to import."""
     inputs = keras.Input((3, None, 4))
     keras.Model(inputs, BandedLSTMLayer(2)(inputs)).save(tmp_path / "model.keras")
-    code = f"import keras\nkeras.saving.load_model({str(tmp_path / 'model.keras')!r})\n"
-    env = {**os.environ, "KERAS_BACKEND": "jax"}
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
-    )
+    done = run_script(SCRIPTS / "load_keras_model.py", tmp_path / "model.keras", check=False)
     assert done.returncode != 0
     assert "Could not locate class 'BandedLSTMLayer'" in done.stderr
     assert "'registered_name': 'interop>BandedLSTMLayer'" in done.stderr
@@ -502,6 +484,17 @@ def test_layer_is_clean_under_strict_rank_promotion():
 
 
 # -- bad input ------------------------------------------------------------------------------
+
+
+def test_keras_layer_names_bad_inputs():
+    """As ``apply`` names them, under rank promotion "raise" (tests/core/test_faults.py)."""
+    x = random_inputs(1, (2, 3, 7, 2))
+    bad_ones = bad_inputs(x)
+    layer = BandedLSTMLayer(4)
+    with jax.numpy_rank_promotion("raise"):
+        for bad, error, message in bad_ones[:3] + bad_ones[4:5]:
+            with pytest.raises(error, match=f"^inputs: {message}"):
+                layer(bad)
 
 
 def test_wrong_rank_is_a_clear_error():
@@ -602,11 +595,8 @@ def test_reset_state_indices_are_checked_like_stream_reset():
 
 
 def test_other_backend_is_a_clear_error_at_construction():
-    code = "import interop\ninterop.BandedLSTMLayer(3)\n"
-    env = {**os.environ, "KERAS_BACKEND": "numpy"}
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
-    )
+    env = script_env(KERAS_BACKEND="numpy")
+    done = run_script(SCRIPTS / "make_a_layer.py", env=env, timeout=300, check=False)
     assert done.returncode != 0
     assert "RuntimeError" in done.stderr
     assert "'numpy' backend" in done.stderr and "KERAS_BACKEND=jax" in done.stderr
@@ -616,14 +606,8 @@ def test_other_backend_is_a_clear_error_at_construction():
     importlib.util.find_spec("tensorflow") is not None, reason="needs TensorFlow absent"
 )
 def test_backend_that_cannot_import_is_a_clear_error_at_import():
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
-    done = subprocess.run(
-        [sys.executable, "-c", "import interop"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    env = script_env(KERAS_BACKEND="tensorflow")
+    done = run_script(SCRIPTS / "make_a_layer.py", env=env, timeout=300, check=False)
     assert done.returncode != 0
     last_line = done.stderr.strip().splitlines()[-1]
     assert last_line.startswith("ImportError: interop runs Keras on its JAX backend")

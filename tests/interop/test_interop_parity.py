@@ -4,11 +4,6 @@ every band alone, across Keras's arguments, masks, regularizers, constraints in 
 saving and symbolic shapes. Every number is checked against Keras, never against our
 own output."""
 
-import os
-
-# Keras reads its backend once, at its first import.
-os.environ.setdefault("KERAS_BACKEND", "jax")
-
 import dataclasses
 from functools import partial
 
@@ -31,13 +26,6 @@ MASK_VALUE = 0.5
 _SAVING_WARNING = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
 )
-
-
-@pytest.fixture(autouse=True)
-def keras_rank_promotion():
-    """keras.layers.LSTM relies on implicit rank promotion, an error under conftest."""
-    with jax.numpy_rank_promotion("allow"):
-        yield
 
 
 def _scaled_tanh(x):

@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_training import ADAM, mse, new_train_state, random_variables
 
 from banded_rnn import BandedLSTM
 from banded_rnn.training import (
@@ -19,7 +18,7 @@ from banded_rnn.training import (
     make_train_step,
 )
 
-from helpers import random_inputs
+from helpers import ADAM, mse, new_train_state, random_inputs, random_variables
 from reference import lstm_reference, params_from_variables
 
 BANDS, FEATURES, UNITS, CHUNK = 2, 2, 3, 4

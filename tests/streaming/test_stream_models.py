@@ -1,10 +1,7 @@
 """Streaming whole models (layers before and after one or more BandedLSTM, any
 state pytree) against float64 NumPy references of those models."""
 
-import os
-import subprocess
-import sys
-import textwrap
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -13,7 +10,15 @@ import pytest
 
 from banded_rnn import BandedLSTM, Stream, export_stream_step, stream_step
 
-from helpers import SubbandMask, TwoInSeries, init_model, random_inputs, random_lengths, run_chunks
+from helpers import (
+    SubbandMask,
+    TwoInSeries,
+    init_model,
+    random_inputs,
+    random_lengths,
+    run_chunks,
+    run_script,
+)
 from reference import subband_mask_reference, two_in_series_reference
 
 BATCH, BANDS, FEATURES = 3, 4, 6
@@ -23,6 +28,7 @@ MASK_VARIABLES = init_model(MASK_MODEL, X)
 SERIES_MODEL = TwoInSeries()
 SERIES_VARIABLES = init_model(SERIES_MODEL, X)
 ATOL = 2e-5
+SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def mask_reference(inputs, state=None, seq_lengths=None):
@@ -145,39 +151,14 @@ def test_export_of_a_model_with_head_runs_without_its_code():
     )
 
 
-CHILD = textwrap.dedent(
-    """
-    import sys
-    import numpy as np
-    from banded_rnn import Stream
-    from helpers import SubbandMask, init_model
-
-    data = np.load(sys.argv[1])
-    model = SubbandMask(hidden=7, units=5)
-    variables = init_model(model, data["all_inputs"])
-    stream = Stream(model, variables, {batch}, {bands}, max_chunk=8, features={features})
-    stream.load(sys.argv[2])
-    np.save(sys.argv[3], np.asarray(stream(data["inputs"])))
-    """
-).format(batch=BATCH, bands=BANDS, features=FEATURES)
-
-
 def test_save_then_a_new_process_loads_and_continues_like_an_uninterrupted_stream(tmp_path):
     stream = Stream(MASK_MODEL, MASK_VARIABLES, BATCH, BANDS, max_chunk=8, features=FEATURES)
     run_chunks(stream, X[:, :, :13], [6, 7])
     stream.save(tmp_path / "state.npz")
     uninterrupted = stream(X[:, :, 13:])
-    np.savez(tmp_path / "data.npz", inputs=X[:, :, 13:], all_inputs=X)
-    (tmp_path / "child.py").write_text(CHILD)
-    tests = os.path.dirname(__file__)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
-    subprocess.run(
-        [sys.executable, str(tmp_path / "child.py")]
-        + [str(tmp_path / name) for name in ("data.npz", "state.npz", "continued.npy")],
-        check=True,
-        env=env,
-        timeout=300,
-    )
+    np.savez(tmp_path / "data.npz", inputs=X[:, :, 13:], lengths=[X.shape[2] - 13])  # one call
+    files = [tmp_path / name for name in ("data.npz", "state.npz", "continued.npy")]
+    run_script(SCRIPTS / "continue_stream.py", "subband_mask", *files)
     continued = np.load(tmp_path / "continued.npy")
     np.testing.assert_array_equal(continued, uninterrupted)
     np.testing.assert_allclose(continued, mask_reference(X)[1][:, :, 13:], atol=ATOL)

@@ -1,8 +1,6 @@
 """export_stream_step: a serialised step that a process with only jax and numpy can run."""
 
-import subprocess
-import sys
-import textwrap
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -10,7 +8,7 @@ import pytest
 
 from banded_rnn import BandedLSTM, export_stream_step
 
-from helpers import init_model, random_inputs
+from helpers import init_model, random_inputs, run_script
 from reference import lstm_reference, params_from_variables
 
 BATCH, BANDS, FEATURES, UNITS, CHUNK = 2, 3, 4, 6, 3
@@ -62,45 +60,11 @@ def test_signature_is_flat_arrays(blob):
     ]
 
 
-FRESH_PROCESS = textwrap.dedent(
-    """
-    import sys
-    import jax
-    import numpy as np
-
-    with open(sys.argv[1], "rb") as file:
-        exported = jax.export.deserialize(file.read())
-    data = np.load(sys.argv[2])
-    inputs, resets, chunk = data["inputs"], data["resets"], int(data["chunk"])
-    state = tuple(np.zeros(a.shape, a.dtype) for a in exported.in_avals[:-2])
-    outputs = []
-    for k in range(len(resets)):
-        state, y = exported.call(state, inputs[:, :, k * chunk : (k + 1) * chunk], resets[k])
-        outputs.append(np.asarray(y))
-    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("flax", "banded_rnn", "optax"))
-    assert not loaded, loaded
-    np.savez(sys.argv[3], outputs=np.concatenate(outputs, axis=2),
-             state=np.stack([np.asarray(a) for a in state]))
-    """
-)
-
-
 def test_a_fresh_process_with_only_jax_and_numpy_reproduces_the_outputs_exactly(blob, tmp_path):
     (tmp_path / "step.jax").write_bytes(blob)
     np.savez(tmp_path / "data.npz", inputs=X, resets=RESETS, chunk=CHUNK)
-    (tmp_path / "run.py").write_text(FRESH_PROCESS)
-    subprocess.run(
-        [
-            sys.executable,
-            str(tmp_path / "run.py"),
-            str(tmp_path / "step.jax"),
-            str(tmp_path / "data.npz"),
-            str(tmp_path / "out.npz"),
-        ],
-        check=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+    files = [tmp_path / name for name in ("step.jax", "data.npz", "out.npz")]
+    run_script(Path(__file__).parent / "scripts" / "run_exported_step.py", *files, cwd=tmp_path)
     fresh = np.load(tmp_path / "out.npz")
     outputs, state = run_exported(jax.export.deserialize(blob))
     np.testing.assert_array_equal(fresh["outputs"], outputs)

@@ -17,67 +17,22 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from multihost_worker import run
-from test_readme import ALL_BLOCKS
 
-from helpers import ROOT, run_fresh_process
+from helpers import ROOT, multihost_run, page_blocks, run_script, script_command, script_env
 
 NUM_STEPS = 12
 
-LAUNCHER = """
-import os, signal, subprocess, sys, time
-
-subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-with open("/proc/net/dev") as dev:
-    interfaces = [line.split(":")[0].strip() for line in dev.readlines()[2:]]
-assert interfaces == ["lo"], f"expected loopback only, found {interfaces}"
-
-scenario, directory, num_steps = sys.argv[1], sys.argv[2], sys.argv[3]
-env = {**os.environ, "PYTHONPATH": os.pathsep.join(["tests", "."])}
-
-
-def start(num_processes, devices, bands, *extra):
-    return [
-        subprocess.Popen(
-            [sys.executable, "tests/multihost_worker.py", str(i), str(num_processes), "12355",
-             directory, num_steps, str(devices), str(bands), *extra],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for i in range(num_processes)
-    ]
-
-
-def finish(processes):
-    for process in processes:
-        out, err = process.communicate(timeout=240)
-        assert process.returncode == 0 and "done" in out, err[-3000:]
-
-
-if scenario == "whole":
-    finish(start(4, 1, 1))
-else:  # killed: one process SIGKILLed once step 4 is saved; all restarted (padded data)
-    processes = start(2, 2, 2, "padded")
-    while not os.path.isdir(os.path.join(directory, "4")):
-        assert all(p.poll() is None for p in processes), processes[0].communicate()[1][-3000:]
-        time.sleep(0.05)
-    processes[1].send_signal(signal.SIGKILL)
-    time.sleep(0.5)
-    for process in processes:  # the other one waits in a collective for its peer
-        process.kill()
-        process.communicate()
-    finish(start(2, 2, 2, "padded"))
-print("launched", flush=True)
-"""
+SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def one_process(padded):
     """One process, one device, the same global batch: losses, parameters, state."""
-    history, params, state = run(NUM_STEPS, padded=padded)
+    history, params, state = multihost_run(NUM_STEPS, padded=padded)
     return history, jax.tree.leaves((params, state))
 
 
@@ -106,11 +61,8 @@ def in_loopback_namespace(command, **kwargs):
 
 
 def launch(scenario, directory):
-    done = in_loopback_namespace(
-        [sys.executable, "-c", textwrap.dedent(LAUNCHER), scenario, str(directory),
-         str(NUM_STEPS)],
-        cwd=ROOT,
-    )  # fmt: skip
+    launcher = script_command(SCRIPTS / "multihost_launcher.py", scenario, directory, NUM_STEPS)
+    done = in_loopback_namespace(launcher, cwd=ROOT, env=script_env())
     assert done.returncode == 0 and "launched" in done.stdout, done.stderr[-4000:]
     return np.load(directory / "result.npz")
 
@@ -142,48 +94,21 @@ def test_two_processes_killed_and_restarted_resume_the_run(tmp_path, padded_refe
 def test_one_process_of_two_devices_resumes_on_its_mesh(tmp_path, reference):
     """It failed with "incompatible devices": restored arrays on one device, the
     carried state on two."""
-    run_fresh_process(
-        f"""
-        import jax
-        jax.config.update("jax_num_cpu_devices", 2)
-        import numpy as np
-        from banded_rnn.training import make_mesh
-        from multihost_worker import run
-
-        run(6, "{tmp_path}", mesh=make_mesh())  # interrupted here, say
-        history, params, state = run({NUM_STEPS}, "{tmp_path}", mesh=make_mesh())
-        np.savez("{tmp_path}/result.npz", *jax.tree.leaves((params, state)), **history)
-        """
-    )
+    run_script(SCRIPTS / "resume_on_two_devices.py", tmp_path, NUM_STEPS)
     check_against(np.load(tmp_path / "result.npz"), reference, first_step=7)
-
-
-FAKE_SRUN = """
-import os, subprocess, sys
-
-tasks = int(os.environ["FAKE_SRUN_TASKS"])
-slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": str(tasks),
-         "SLURM_STEP_NUM_NODES": str(tasks)}
-processes = [
-    subprocess.Popen(sys.argv[1:], env={**os.environ, **slurm, "SLURM_PROCID": str(task),
-                                        "SLURM_LOCALID": str(task)})
-    for task in range(tasks)
-]
-sys.exit(max(process.wait() for process in processes))
-"""
 
 
 def test_readme_slurm_script_runs_two_tasks(tmp_path):
     """The guide's train.py under its batch script's command, with an srun that
     starts two tasks on this machine with SLURM's variables, as srun would."""
-    section = [b for b in ALL_BLOCKS if b.page == "docs/guides/hosts.md"]
+    section = page_blocks(ROOT / "docs" / "guides" / "hosts.md")
     script, batch = section[0], section[1]
     assert script.language == "python" and batch.language == "bash"
     (tmp_path / "train.py").write_text(script.code)
     (tmp_path / ".venv").symlink_to(sys.prefix)  # the environment running this test
     (tmp_path / "bin").mkdir()
     srun = tmp_path / "bin" / "srun"
-    srun.write_text(f"#!{sys.executable}\n" + textwrap.dedent(FAKE_SRUN))
+    srun.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{SCRIPTS / "fake_srun.py"}" "$@"\n')
     srun.chmod(0o755)
     (tmp_path / "batch.sh").write_text(batch.code)
     only_loopback = 'test "$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d " ")" = lo'

@@ -7,8 +7,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -19,12 +17,27 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax.training.train_state import TrainState
-from test_training import ADAM, mse, new_train_state, random_variables
 
 from banded_rnn import BandedLSTM
 from banded_rnn.training import Checkpointer, ChunkStream, fit, make_train_step
 
-from helpers import ROOT, random_inputs
+from helpers import (
+    ADAM,
+    ROOT,
+    data_file,
+    mse,
+    new_train_state,
+    random_inputs,
+    random_variables,
+    restore,
+    root_node,
+    run_script,
+    save_steps,
+    saved_values,
+    script_command,
+    script_env,
+    templates,
+)
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a save not yet finished
 NOISE = ("Traceback", "Event loop is closed", "absl", "asyncio", "tensorstore", "orbax")
@@ -36,27 +49,6 @@ def quoted(path: Path) -> str:
 
 def noise(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if any(word in line for word in NOISE)]
-
-
-def saved_values(step: int):
-    """The (train_state, state, rng) saved at ``step``: random, so that zstd finds little
-    to compress and the arrays fill most of the checkpoint's data file."""
-    keys = jax.random.split(jax.random.key(step), 4)
-    params = {"w": jax.random.normal(keys[0], (64, 32)), "b": jax.random.normal(keys[1], (32,))}
-    train_state = TrainState.create(apply_fn=None, params=params, tx=optax.adam(1e-2))
-    opt_state = jax.tree.map(lambda x: x + 0.5 * step if x.dtype == jnp.float32 else x + step,
-                             train_state.opt_state)  # fmt: skip
-    train_state = train_state.replace(step=step, opt_state=opt_state)
-    return train_state, {"h": jax.random.normal(keys[2], (2, 3))}, keys[3]
-
-
-def templates():
-    """Zeros in the shapes of ``saved_values``: what restore reads into."""
-    train_state, state, rng = saved_values(0)
-    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
-    train_state = train_state.replace(params=zeros(train_state.params),
-                                      opt_state=zeros(train_state.opt_state))  # fmt: skip
-    return train_state, zeros(state), jax.random.key(99)
 
 
 def assert_restored_step(restored, step: int) -> None:
@@ -71,12 +63,6 @@ def assert_restored_step(restored, step: int) -> None:
     np.testing.assert_array_equal(jax.random.key_data(restored.rng), jax.random.key_data(rng))
 
 
-def save_steps(directory: Path, steps, max_to_keep: int = 3) -> None:
-    with Checkpointer(directory, max_to_keep=max_to_keep) as checkpointer:
-        for step in steps:
-            checkpointer.save(*saved_values(step))
-
-
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     """Checkpoints of steps 1, 2 and 3, to copy and damage."""
@@ -89,19 +75,6 @@ def copy_of(pristine: Path, tmp_path: Path) -> Path:
     directory = tmp_path / "run"
     shutil.copytree(pristine, directory)
     return directory
-
-
-def data_file(step_directory: Path) -> Path:
-    """The checkpoint's array data: the largest file that orbax's OCDBT store (one per
-    process) wrote, holding the zstd-compressed chunks of the larger arrays."""
-    files = (step_directory / "default" / "ocdbt.process_0" / "d").iterdir()
-    return max(files, key=lambda p: p.stat().st_size)
-
-
-def root_node(step_directory: Path) -> Path:
-    """The root of the checkpoint's OCDBT b-tree (small arrays are stored inline in it)."""
-    (path,) = (step_directory / "default" / "d").iterdir()
-    return path
 
 
 def flip_byte(path: Path, offset: int) -> None:
@@ -120,11 +93,6 @@ def truncate(path: Path) -> None:
 
 def flip(path: Path) -> None:
     flip_byte(path, path.stat().st_size // 8)
-
-
-def restore(directory: Path, **kwargs):
-    with Checkpointer(directory) as checkpointer:
-        return checkpointer.restore(*templates(), **kwargs), checkpointer.all_steps()
 
 
 def read_plainly(step_directory: Path):
@@ -246,22 +214,7 @@ def test_saving_past_a_damaged_step_keeps_the_good_checkpoints(pristine, tmp_pat
         assert_restored_step(restore(directory)[0], 4)
 
 
-CHILD = """
-import sys
-import jax
-from test_checkpoint_faults import saved_values
-from banded_rnn.training import Checkpointer
-
-with Checkpointer(sys.argv[1], max_to_keep=2) as checkpointer:
-    for step in range((checkpointer.latest_step() or 0) + 1, 1000):
-        values = saved_values(step)
-        print("saving", step, flush=True)
-        checkpointer.save(*values)
-"""
-
-
-def child_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def test_a_save_killed_midway_leaves_the_newest_complete_checkpoint(tmp_path):
@@ -272,8 +225,8 @@ def test_a_save_killed_midway_leaves_the_newest_complete_checkpoint(tmp_path):
     for _ in range(3):
         with open(tmp_path / "errors", "w") as errors:
             child = subprocess.Popen(
-                [sys.executable, "-c", textwrap.dedent(CHILD), str(directory)],
-                stdout=subprocess.PIPE, stderr=errors, text=True, cwd=ROOT, env=child_env(),
+                script_command(SCRIPTS / "checkpoint_in_a_loop.py", directory),
+                stdout=subprocess.PIPE, stderr=errors, text=True, cwd=ROOT, env=script_env(),
             )  # fmt: skip
         lines = []
         while len(lines) < 3:  # at least two saves complete, then into a third
@@ -301,26 +254,7 @@ def test_a_save_killed_midway_leaves_the_newest_complete_checkpoint(tmp_path):
 def test_a_damaged_checkpoint_leaves_stderr_quiet(tmp_path):
     """In a fresh process, whose whole stderr is seen: no tracebacks of tensorstore
     callbacks into orbax's closed event loop, no orbax logs, even a while later."""
-    script = """
-    import gc, sys, time, warnings
-    from pathlib import Path
-    from test_checkpoint_faults import data_file, restore, root_node, save_steps
-    directory = Path(sys.argv[1])
-    save_steps(directory, [1, 2, 3])
-    root_node(directory / "3").unlink()  # every read fails, of the metadata first
-    (directory / "3" / "_CHECKPOINT_METADATA").unlink()  # orbax logs a warning
-    data_file(directory / "2").unlink()  # the reads of the larger arrays fail
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        restored, steps = restore(directory)
-    print(int(restored.train_state.step), steps, len(caught))
-    time.sleep(1.0)  # reads still in flight land now
-    gc.collect()  # and the reading coroutines left unfinished go
-    """
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script), str(tmp_path / "run")],
-                          capture_output=True, text=True, cwd=ROOT, env=child_env(),
-                          timeout=120)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_script(SCRIPTS / "restore_damaged_checkpoints.py", tmp_path / "run", timeout=120)
     assert done.stdout.split() == ["1", "[1]", "2"]
     assert [line for line in done.stderr.splitlines() if "xla_bridge" not in line] == []
 

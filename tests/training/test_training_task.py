@@ -8,7 +8,7 @@ from flax.training.train_state import TrainState
 
 from banded_rnn.training import ChunkStream, fit, make_train_step
 
-from helpers import WithHead
+from helpers import WithHead, mse
 
 BANDS, LENGTH, CHUNK, UNITS, BATCH, STEPS = 4, 64, 8, 16, 16, 800
 
@@ -24,10 +24,6 @@ def cue_recall(num_sequences, seed):
     inputs[:, :, 1:, 0] = 0.1 * rng.standard_normal((num_sequences, BANDS, LENGTH - 1))
     targets = np.broadcast_to(cue[:, :, None, None], (num_sequences, BANDS, LENGTH, 1))
     return inputs, targets.astype(np.float32)
-
-
-def mse(outputs, targets):
-    return jnp.mean((outputs - targets) ** 2)
 
 
 def test_carried_state_beats_reset_state():

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT
+
 CSRC = ROOT / "csrc"
 SOURCES = sorted([*CSRC.glob("*.cc"), *CSRC.glob("*.h")])  # not third_party/
 CMAKE = (ROOT / "CMakeLists.txt").read_text()

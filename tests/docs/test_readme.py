@@ -17,11 +17,11 @@ import pathlib
 import re
 import subprocess
 import sys
-from typing import NamedTuple
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from helpers import ROOT, Block, page_blocks, read_blocks
+
 README = ROOT / "README.md"
 PAGES = [README] + [
     page
@@ -45,38 +45,6 @@ LANGUAGES = ("python", "bash")
 NOT_RUN_HERE = ("text",)  # and {directives}, in the docs' pages
 TIMEOUT_S = 300
 
-_FENCE = re.compile(r"^(\s*)(```|~~~)\s*(\S*)")
-
-
-class Block(NamedTuple):
-    language: str
-    heading: str
-    line: int
-    code: str
-    page: str = "README.md"
-
-
-def read_blocks(text: str) -> list[Block]:
-    """Every fenced block of ``text``, with the nearest heading above it."""
-    blocks: list[Block] = []
-    heading, opening, lines = "", None, []
-    for number, line in enumerate(text.splitlines(), start=1):
-        fence = _FENCE.match(line)
-        if opening is None:
-            if fence:
-                opening, lines = (number, fence[1], fence[2], fence[3]), []
-            elif line.startswith("#"):
-                heading = line.lstrip("#").strip()
-        elif fence and fence[2] == opening[2] and not fence[3]:
-            start, indent, _, language = opening
-            code = "\n".join(x[len(indent) :] if x.startswith(indent) else x for x in lines)
-            blocks.append(Block(language, heading, start, code + "\n"))
-            opening = None
-        else:
-            lines.append(line)
-    assert opening is None, f"README.md:{opening[0]}: a fence that is never closed"
-    return blocks
-
 
 def _ids(blocks: list[Block]) -> list[str]:
     counts: dict[str, int] = {}
@@ -90,11 +58,7 @@ def _ids(blocks: list[Block]) -> list[str]:
 
 
 BLOCKS = read_blocks(README.read_text(encoding="utf-8"))  # the README's own
-ALL_BLOCKS = [
-    block._replace(page=str(page.relative_to(ROOT)))
-    for page in PAGES
-    for block in read_blocks(page.read_text(encoding="utf-8"))
-]
+ALL_BLOCKS = [block for page in PAGES for block in page_blocks(page)]
 PYTHON = [block for block in ALL_BLOCKS if block.language == "python"]
 BASH = [block for block in ALL_BLOCKS if block.language == "bash"]
 

@@ -1,24 +1,10 @@
 """`python -m interop demo`: the problem in Keras, then the fix in Keras and in JAX."""
 
 import os
-
-# Keras reads its backend once, at its first import.
-os.environ.setdefault("KERAS_BACKEND", "jax")
-
 import subprocess
 import sys
 
-import jax
-import pytest
-
 from interop._demo import run_keras_demo
-
-
-@pytest.fixture(autouse=True)
-def keras_rank_promotion():
-    """keras.layers.LSTM relies on implicit rank promotion, an error under conftest."""
-    with jax.numpy_rank_promotion("allow"):
-        yield
 
 
 def test_keras_demo_shows_the_bug_and_the_fix(capsys):

@@ -6,61 +6,22 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from flax.training.train_state import TrainState
 
 from banded_rnn import BandedLSTM, LSTMState
 from banded_rnn.training import make_eval_step, make_train_step
 
-from helpers import WithHead, finite_differences, random_inputs, random_state
+from helpers import (
+    ADAM,
+    WithHead,
+    finite_differences,
+    mse,
+    new_train_state,
+    random_inputs,
+    random_state,
+    random_variables,
+)
 from reference import lstm_reference, params_from_variables
-
-
-def mse(outputs, targets):
-    return jnp.mean((outputs - targets) ** 2)
-
-
-def capture_grads() -> optax.GradientTransformation:
-    """An "optimiser" that leaves the parameters alone and keeps the last gradient
-    as its state: the step's exact gradient, read from ``opt_state``."""
-
-    def init(params):
-        return jax.tree.map(jnp.zeros_like, params)
-
-    def update(updates, state, params=None):
-        del state, params
-        return jax.tree.map(jnp.zeros_like, updates), updates
-
-    return optax.GradientTransformation(init, update)
-
-
-def random_variables(model, features, seed, dtype=np.float32):
-    """Random parameters in BandedLSTM's layout, drawn with NumPy (nothing to compile),
-    biases included so that every gate slice matters."""
-    rng = np.random.default_rng(seed)
-    params, size = {}, features
-    for layer in range(model.num_layers):
-        params[f"layer_{layer}"] = {
-            "kernel": rng.normal(0, size**-0.5, (size, 4 * model.units)).astype(dtype),
-            "recurrent_kernel": rng.normal(
-                0, model.units**-0.5, (model.units, 4 * model.units)
-            ).astype(dtype),
-            "bias": rng.normal(0, 0.5, 4 * model.units).astype(dtype),
-        }  # fmt: skip
-        size = model.units
-    return {"params": params}
-
-
-# One instance each: the optimiser is part of the TrainState's static structure, so a
-# new instance would mean a new compilation of the step.
-CAPTURE = capture_grads()
-ADAM = optax.adam(1e-2)
-
-
-def new_train_state(model, variables, tx=CAPTURE):
-    params = jax.tree.map(jnp.array, variables["params"])  # on device; the step donates it
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
 def tree_allclose(a, b, rtol, atol):

@@ -8,10 +8,10 @@ differences of the float64 reference, results do not depend on the number of
 threads, and a NaN stays in its row.
 """
 
-import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +22,10 @@ import banded_rnn
 from banded_rnn import BandedLSTM
 from banded_rnn._backends import _native, _native_layer, _packed
 
-from helpers import SubbandMask, random_inputs, random_state
+from helpers import SubbandMask, random_inputs, random_state, run_script, script_env
 from reference import lstm_reference, params_from_variables
+
+SCRIPTS = Path(__file__).parent / "scripts"
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "cpu", reason="the native kernel runs on the CPU backend"
@@ -592,33 +594,15 @@ def test_without_the_extension_auto_warns_once_and_runs_the_scan(monkeypatch):
     "variable, value", [("BANDED_RNN_ISA", "sse9"), ("BANDED_RNN_THREADS", "two")]
 )
 def test_a_bad_environment_setting_is_a_clear_error(variable, value):
-    code = "import banded_rnn; banded_rnn.kernel_info()"
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, variable: value},
-    )
+    env = script_env(**{variable: value})
+    done = run_script(SCRIPTS / "kernel_info.py", env=env, timeout=120, check=False)
     assert done.returncode != 0
     assert f"ValueError: {variable}: expected" in done.stderr and repr(value) in done.stderr
 
 
 def test_environment_settings_apply():
-    code = (
-        "import jax, banded_rnn\n"
-        "from banded_rnn import BandedLSTM\n"
-        "x = jax.numpy.ones((4, 9, 5, 3))\n"
-        "m = BandedLSTM(8)\n"
-        "m.apply(m.init(jax.random.key(0), None, x), None, x)\n"
-        "info = banded_rnn.kernel_info()\n"
-        "print(info['isa'], info['threads'], info['last_call_threads'])\n"
-    )
-    env = {**os.environ, "BANDED_RNN_ISA": "portable", "BANDED_RNN_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
-    )
-    assert done.returncode == 0, done.stderr
+    env = script_env(BANDED_RNN_ISA="portable", BANDED_RNN_THREADS="1")
+    done = run_script(SCRIPTS / "kernel_settings.py", env=env, timeout=120)
     assert done.stdout.split() == ["portable", "1", "1"]
 
 

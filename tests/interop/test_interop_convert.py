@@ -1,13 +1,7 @@
 """Weights from and to a real keras.layers.LSTM and a real torch.nn.LSTM: every band
 of BandedLSTMLayer then equals that LSTM run on the band alone."""
 
-import os
-
-# Keras reads its backend once, at its first import.
-os.environ.setdefault("KERAS_BACKEND", "jax")
-
-import subprocess
-import sys
+from pathlib import Path
 
 import jax
 import keras
@@ -18,18 +12,11 @@ import interop
 from banded_rnn import BandedLSTM, LSTMState
 from interop import BandedLSTMLayer
 
-from helpers import init_model, random_inputs
+from helpers import init_model, random_inputs, run_script
 
 torch = pytest.importorskip("torch")
 
 ATOL = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def keras_rank_promotion():
-    """keras.layers.LSTM relies on implicit rank promotion, an error under conftest."""
-    with jax.numpy_rank_promotion("allow"):
-        yield
 
 
 def _keras_weights(layer):
@@ -282,17 +269,7 @@ def test_to_torch_lstm_loads_into_torch_and_round_trips_exactly(num_layers):
 
 
 def test_numpy_state_dicts_never_import_torch():
-    code = (
-        "import sys, numpy as np, interop\n"
-        "rng = np.random.default_rng(0)\n"
-        "sd = {'weight_ih_l0': rng.standard_normal((8, 3)), 'weight_hh_l0': "
-        "rng.standard_normal((8, 2)), 'bias_ih_l0': np.ones(8), 'bias_hh_l0': np.ones(8)}\n"
-        "v = interop.from_torch_lstm(sd)\n"
-        "interop.from_torch_lstm(interop.to_torch_lstm(v, tensors=False))\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    run_script(Path(__file__).parent / "scripts" / "numpy_state_dicts.py", timeout=300)
 
 
 def test_unsupported_torch_options_are_clear_errors():

@@ -1,12 +1,11 @@
 """The repository stays ruff-clean (lint and format), as configured in pyproject.toml."""
 
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).parent.parent
+from helpers import ROOT
 
 
 @pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["check", "format"])
