@@ -1,7 +1,7 @@
 """What the other packages of this repository (``banded_rnn.training``,
 ``interop``, ``benchmarks``) may use of the core's private modules, and
 nothing else: docs/guides/internals.md lists it with its contracts, and
-tests/test_layout.py checks that no package reaches past it.
+tests/docs/test_layout.py checks that no package reaches past it.
 """
 
 from . import _validate as validate

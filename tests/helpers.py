@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -322,6 +323,20 @@ def run_script(script: Path, *args, env=None, cwd=ROOT, timeout=600, check=True,
             f"{done.stderr[-4000:]}",
             pytrace=False,
         )
+    return done
+
+
+def in_loopback_namespace(command, **kwargs):
+    """Runs ``command`` in a new network namespace (``unshare -rn``); skips
+    the test where none can be made."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        pytest.skip("needs unshare and ip, to run the processes on loopback only")
+    done = subprocess.run(
+        ["unshare", "-rn", *command], capture_output=True, text=True, timeout=300, **kwargs
+    )
+    first = (done.stderr.splitlines() or [""])[0]
+    if done.returncode and first.startswith("unshare"):
+        pytest.skip(f"no network namespace here: {first}")
     return done
 
 

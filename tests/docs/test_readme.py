@@ -7,7 +7,7 @@ names left over from another block. A warning fails the block, as it fails
 the rest of the suite. The ```bash blocks are commands that other
 tests run; a new one must be added to BASH_COMMANDS with the test that runs it.
 In the docs' pages, ```{directive} blocks are Sphinx's (executable cells run
-when the site is built, tests/test_docs.py) and ```text blocks are not code.
+when the site is built, tests/docs/test_docs.py) and ```text blocks are not code.
 """
 
 from __future__ import annotations
@@ -30,15 +30,16 @@ PAGES = [README] + [
 ]
 
 BASH_COMMANDS = {
-    # tests/test_interop_demo.py::test_demo_command_line_runs_jax_then_keras runs the demo.
+    # tests/interop/test_interop_demo.py::test_demo_command_line_runs_jax_then_keras runs the demo.
     "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/python -m interop demo",
     # CI runs the suite itself.
     "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest",
-    # tests/test_multihost.py::test_readme_slurm_script_runs_two_tasks runs it with two tasks.
+    # tests/training/test_multihost.py::test_readme_slurm_script_runs_two_tasks runs it
+    # with two tasks.
     "srun .venv/bin/python train.py",
-    # tests/test_kernel.py::test_info_command_reports_the_kernel runs it.
+    # tests/kernel/test_kernel.py::test_info_command_reports_the_kernel runs it.
     ".venv/bin/python -m banded_rnn info",
-    # tests/test_docs.py builds the site and serves it (CI installs the docs extra).
+    # tests/docs/test_docs.py builds the site and serves it (CI installs the docs extra).
     ".venv/bin/pip install -e '.[docs]' && .venv/bin/python docs/build.py --serve",
 }
 LANGUAGES = ("python", "bash")

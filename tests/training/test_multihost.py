@@ -14,8 +14,6 @@ other network to reach. The launcher checks that before it starts anything.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +21,15 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import ROOT, multihost_run, page_blocks, run_script, script_command, script_env
+from helpers import (
+    ROOT,
+    in_loopback_namespace,
+    multihost_run,
+    page_blocks,
+    run_script,
+    script_command,
+    script_env,
+)
 
 NUM_STEPS = 12
 
@@ -44,20 +50,6 @@ def reference():
 @pytest.fixture(scope="module")
 def padded_reference():
     return one_process(padded=True)
-
-
-def in_loopback_namespace(command, **kwargs):
-    """Runs ``command`` in a new network namespace (``unshare -rn``); skips
-    the test where none can be made."""
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        pytest.skip("needs unshare and ip, to run the processes on loopback only")
-    done = subprocess.run(
-        ["unshare", "-rn", *command], capture_output=True, text=True, timeout=300, **kwargs
-    )
-    first = (done.stderr.splitlines() or [""])[0]
-    if done.returncode and first.startswith("unshare"):
-        pytest.skip(f"no network namespace here: {first}")
-    return done
 
 
 def launch(scenario, directory):

@@ -17,6 +17,7 @@ from banded_rnn.training import (
     NonFiniteError,
     TrainStep,
     fit,
+    make_eval_step,
     make_train_step,
 )
 
@@ -58,6 +59,17 @@ def test_empty_training_batches_are_refused_before_anything_runs(time_steps, bat
     y = np.zeros((batch, BANDS, time_steps, UNITS), np.float32)
     with pytest.raises(ValueError, match=r"inputs: expected at least one sequence, band and time"):
         make_train_step(mse)(train_state, None, x, y)
+    assert int(train_state.step) == 0
+    leaves_equal(train_state.params, VARIABLES["params"])
+
+
+@pytest.mark.parametrize("kind", ["train", "eval"])
+def test_missing_targets_are_named_and_nothing_is_donated(kind):
+    """``None`` targets would otherwise reach the loss inside the trace."""
+    train_state = new_train_state(MODEL, VARIABLES, ADAM)
+    step = make_train_step(mse) if kind == "train" else make_eval_step(mse)
+    with pytest.raises(ValueError, match=r"^targets: the (training|evaluation) step needs"):
+        step(train_state, None, X, None)
     assert int(train_state.step) == 0
     leaves_equal(train_state.params, VARIABLES["params"])
 

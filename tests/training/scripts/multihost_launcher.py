@@ -6,7 +6,9 @@ interface.
 Usage: ``python multihost_launcher.py SCENARIO DIRECTORY NUM_STEPS``: ``whole``,
 4 processes of one device each; ``killed``, 2 processes of two devices each on
 padded sequences, one SIGKILLed once step 4 is saved, then both restarted to
-resume from the checkpoints in DIRECTORY. Prints ``launched`` when the run is done.
+resume from the checkpoints in DIRECTORY; ``agree``, the 2 processes of
+processes_must_agree.py, whose output it prints. Prints ``launched`` when the
+run is done.
 """
 
 import os
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 WORKER = Path(__file__).parent / "multihost_worker.py"
+AGREE = Path(__file__).parent / "processes_must_agree.py"
 
 subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 with open("/proc/net/dev") as dev:
@@ -46,7 +49,17 @@ def finish(processes):
         assert process.returncode == 0 and "done" in out, err[-3000:]
 
 
-if scenario == "whole":
+if scenario == "agree":
+    processes = [
+        subprocess.Popen([sys.executable, str(AGREE), str(i), "12356", directory],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]  # fmt: skip
+    for i, process in enumerate(processes):
+        out, err = process.communicate(timeout=240)
+        assert process.returncode == 0, err[-3000:]
+        print("".join(f"process {i}: {line}\n" for line in out.splitlines()), end="")
+elif scenario == "whole":
     finish(start(4, 1, 1))
 else:  # killed: one process SIGKILLed once step 4 is saved; all restarted (padded data)
     processes = start(2, 2, 2, "padded")

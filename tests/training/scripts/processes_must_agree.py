@@ -42,7 +42,8 @@ targets = rng.standard_normal((4, 3, 6, 4)).astype(np.float32)
 params = model.init(jax.random.key(0), None, inputs)["params"]
 mesh = make_mesh()
 step = make_train_step(lambda outputs, target: jnp.mean((outputs - target) ** 2), mesh=mesh)
-train_state, _ = step.place(TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1)))
+created = TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1))
+train_state, _ = step.place(created)
 
 # 1. The whole global batch, the same on both: trains.
 train_state, state, metrics = step(train_state, None, inputs, targets)
