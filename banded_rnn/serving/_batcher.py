@@ -59,7 +59,7 @@ class SequenceBatcher:
     >>> from banded_rnn import BandedLSTM
     >>> model = BandedLSTM(units=8)
     >>> variables = model.init(jax.random.key(0), None, np.zeros((1, 3, 1, 4), np.float32))
-    >>> with SequenceBatcher(model, variables, num_slots=4, num_bands=3) as batcher:
+    >>> with SequenceBatcher(model, variables, num_slots=2, num_bands=3) as batcher:
     ...     batcher.warmup()
     ...     batcher.start("a")
     ...     frame = np.ones((3, 1, 4), np.float32)            # [bands, time, features]

@@ -7,49 +7,19 @@ import asyncio
 import re
 import threading
 import time
-from functools import partial
 
 import jax
 import numpy as np
 import pytest
 
-from banded_rnn import BandedLSTM, Stream, kernel_info
+from banded_rnn import BandedLSTM
 from banded_rnn.serving import BatcherFullError, SequenceBatcher
 
 from helpers import SubbandMask, TwoInSeries, init_model, random_inputs
 from reference import lstm_reference, params_from_variables
+from served_model import BANDS, FEATURES, MODEL, UNITS, VARIABLES, alone, assert_same, frames_of
 
-BANDS, FEATURES, UNITS, SLOTS = 4, 6, 5, 4
-MODEL = BandedLSTM(UNITS, num_layers=2)
-VARIABLES = init_model(MODEL, random_inputs(0, (1, BANDS, 3, FEATURES)))
-KERNEL = kernel_info()["kernel"] == "built"  # bit for bit: the kernel's rows do not mix
-
-
-def frames_of(seed: int, count: int, frame_length: int = 1) -> np.ndarray:
-    """``count`` random frames ``[bands, frame_length, features]`` of one sequence."""
-    return random_inputs(seed, (count, BANDS, frame_length, FEATURES))
-
-
-_STREAMS: dict = {}
-
-
-def alone(frames, model=MODEL, variables=VARIABLES, features=None):
-    """``frames`` of one sequence run alone through a Stream, from zeros: (outputs, state)."""
-    key = (id(model), id(variables), frames.shape[2])
-    if key not in _STREAMS:  # one per model and frame length: each compiles its step
-        _STREAMS[key] = Stream(model, variables, 1, BANDS, frames.shape[2], features=features)
-    stream = _STREAMS[key]
-    stream.reset()
-    outputs = np.stack([stream(frame[None])[0] for frame in frames])
-    return outputs, jax.tree.map(lambda leaf: np.asarray(leaf)[0], stream.state)
-
-
-def assert_same(received, expected, exact: bool = KERNEL) -> None:
-    if exact:
-        jax.tree.map(np.testing.assert_array_equal, received, expected)
-    else:
-        close = partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
-        jax.tree.map(close, received, expected)
+SLOTS = 4
 
 
 def assert_matches_reference(outputs, frames) -> None:
