@@ -30,11 +30,13 @@ class SequenceBatcher:
     submitted have run. Frames of one sequence run in the order submitted, one
     per tick.
 
-    A tick starts when every live sequence has a frame queued, or
-    ``max_delay`` seconds after the oldest queued frame arrived, whichever
-    comes first: a lone client waits for nobody. It gathers the slots that have
-    a frame into the smallest compiled batch size that holds them (the rest of
-    that batch reads and writes a scratch slot), runs the model once, and
+    A tick starts when every live sequence has a frame queued, when as many
+    have one as the largest batch size holds, or ``max_delay`` seconds after
+    the oldest queued frame arrived, whichever comes first: a lone client
+    waits for nobody. It takes the first queued frame of each sequence, up to
+    the largest batch size (those that have waited longest first), gathers
+    their slots into the smallest compiled batch size that holds them (the
+    rest of that batch reads and writes a scratch slot), runs the model once, and
     scatters their new states back; a slot with no frame in a tick is not
     read or written, so its state stays as it was, bit for bit. After
     :meth:`warmup` no tick compiles (:attr:`compile_count`).
@@ -79,8 +81,10 @@ class SequenceBatcher:
       max_delay: the longest a ready frame waits for the other sequences' frames.
       max_idle: seconds after a sequence's last frame ran (or it started), with
         no frame queued, after which it is ended (None: never).
-      batch_sizes: the batch sizes compiled, ending with ``num_slots``; by
-        default every size up to 8, then the powers of two, and ``num_slots``.
+      batch_sizes: the batch sizes compiled; the largest is the most frames a
+        tick runs. By default every size up to 8, then the powers of two, and
+        ``num_slots``. Where a frame already fills the cores (batching gains
+        nothing), small ticks keep latency down: ``[1]`` runs one frame per tick.
       check_finite: refuse frames holding a NaN or an infinity, and any frame
         whose new state or outputs would hold one (that sequence's state is
         then left as it was).
@@ -227,9 +231,10 @@ class SequenceBatcher:
         while self._closed is None:
             now = time.monotonic()
             next_expiry = self._table.expire(now, self.max_idle)
-            oldest, everyone = self._table.ready()
-            if oldest is not None and (everyone or now >= oldest + self.max_delay):
-                return self._table.take()
+            oldest, count, everyone = self._table.ready()
+            full = count >= self.batch_sizes[-1]
+            if oldest is not None and (everyone or full or now >= oldest + self.max_delay):
+                return self._table.take(self.batch_sizes[-1])
             due = None if oldest is None else oldest + self.max_delay
             wake = [t for t in (next_expiry, due) if t is not None]
             self._cond.wait(max(min(wake) - now, 0.0) if wake else None)

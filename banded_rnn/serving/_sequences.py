@@ -98,33 +98,38 @@ class SequenceTable:
                 soonest = expires
         return soonest
 
-    def take(self) -> list[tuple[Sequence, bool, np.ndarray, Future]]:
-        """The first queued frame of every sequence that has one, in slot
-        order, as ``(sequence, fresh, frame, future)``; frames whose future was
-        cancelled are dropped. Frees the slots of ended sequences run dry."""
+    def take(self, limit: int) -> list[tuple[Sequence, bool, np.ndarray, Future]]:
+        """The first queued frame of at most ``limit`` sequences, those whose
+        frame has waited longest first, as ``(sequence, fresh, frame,
+        future)``; frames whose future was cancelled are dropped. Frees the
+        slots of ended sequences run dry."""
         batch = []
-        for sequence_id, sequence in sorted(self.live.items(), key=lambda item: item[1].slot):
+        waiting = sorted((s for s in self.live.values() if s.queue), key=lambda s: s.queue[0][2])
+        for sequence in waiting[:limit]:
             while sequence.queue:
                 frame, future, _ = sequence.queue.popleft()
                 if future.set_running_or_notify_cancel():
                     batch.append((sequence, sequence.fresh, frame, future))
                     sequence.fresh = False
                     break
+        for sequence_id, sequence in list(self.live.items()):
             if sequence.ending and not sequence.queue:
                 self._free_slot(sequence_id)
         return batch
 
-    def ready(self) -> tuple[float | None, bool]:
-        """When the oldest queued frame arrived (None: no frame), and whether
-        every sequence that may still send has a frame queued."""
-        oldest, waiting_for_others = None, False
+    def ready(self) -> tuple[float | None, int, bool]:
+        """When the oldest queued frame arrived (None: no frame), how many
+        sequences have a frame queued, and whether every sequence that may
+        still send has one."""
+        oldest, count, waiting_for_others = None, 0, False
         for sequence in self.live.values():
             if sequence.queue:
                 arrived = sequence.queue[0][2]
                 oldest = arrived if oldest is None else min(oldest, arrived)
+                count += 1
             elif not sequence.ending:
                 waiting_for_others = True
-        return oldest, not waiting_for_others
+        return oldest, count, not waiting_for_others
 
     def drain(self) -> list[Future]:
         """Every queued future, the table emptied (the batcher is closing)."""

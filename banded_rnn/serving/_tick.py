@@ -35,14 +35,14 @@ def default_batch_sizes(num_slots: int) -> tuple[int, ...]:
 
 
 def check_batch_sizes(batch_sizes: Any, num_slots: int) -> tuple[int, ...]:
-    """``batch_sizes`` (or the default) as sorted sizes ending with ``num_slots``."""
+    """``batch_sizes`` (or the default) as sorted sizes, none above ``num_slots``."""
     if batch_sizes is None:
         return default_batch_sizes(num_slots)
     sizes = sorted({_validate.positive_int(size, "batch_sizes") for size in batch_sizes})
-    if not sizes or sizes[-1] != num_slots:
+    if not sizes or sizes[-1] > num_slots:
         raise ValueError(
-            f"batch_sizes: expected sizes up to and including num_slots = {num_slots} (a tick "
-            f"runs the smallest size that holds its frames); received {sizes}"
+            f"batch_sizes: expected one or more sizes, none above num_slots = {num_slots} (a "
+            f"tick runs the smallest size that holds its frames); received {sizes}"
         )
     return tuple(sizes)
 

@@ -158,6 +158,17 @@ def test_every_batch_size_compiles_once_in_warmup_and_never_after():
         assert batcher.compile_count == warm
 
 
+@pytest.mark.parametrize("largest", [1, 2])
+def test_ticks_smaller_than_the_slots_run_every_frame_in_order(largest):
+    sequences = {n: frames_of(110 + n, 5) for n in range(SLOTS)}
+    with SequenceBatcher(MODEL, VARIABLES, SLOTS, BANDS, batch_sizes=[largest]) as small:
+        for n in sequences:
+            small.start(n)
+        futures = {n: [small.submit(n, f) for f in frames] for n, frames in sequences.items()}
+        for n, frames in sequences.items():
+            assert_same(np.stack([f.result(30) for f in futures[n]]), alone(frames)[0])
+
+
 @pytest.mark.parametrize(
     "model", [SubbandMask(hidden=6, units=5), TwoInSeries()], ids=["dense-around", "dict-state"]
 )
@@ -352,9 +363,9 @@ def test_start_and_end_refusals_name_the_sequence(strict):
         ({"num_slots": 0}, ValueError, r"num_slots: expected an integer >= 1; received 0"),
         ({"frame_length": 0}, ValueError, r"frame_length: expected an integer >= 1; received 0"),
         (
-            {"batch_sizes": [1, 2]},
+            {"batch_sizes": [1, 5]},
             ValueError,
-            r"batch_sizes: expected sizes up to and including num_slots = 4.*\[1, 2\]",
+            r"batch_sizes: expected one or more sizes, none above num_slots = 4.*\[1, 5\]",
         ),
         (
             {"max_delay": -1},
