@@ -23,7 +23,17 @@ from banded_rnn.serving._protocol import encode_array
 from banded_rnn.serving._server import _Peer
 
 from helpers import ROOT, init_model, random_inputs
-from served_model import BANDS, FEATURES, MODEL, UNITS, VARIABLES, alone, assert_same, frames_of
+from served_model import (
+    BANDS,
+    FEATURES,
+    KERNEL,
+    MODEL,
+    UNITS,
+    VARIABLES,
+    alone,
+    assert_same,
+    frames_of,
+)
 
 websockets = pytest.importorskip("websockets")
 from websockets.sync.client import connect  # noqa: E402
@@ -264,3 +274,18 @@ def _wait_for(condition, seconds: float = 20.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def test_the_example_serves_three_clients_and_stops_by_itself():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "serve_and_stream.py")],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count(" frames, latency p50 ") == 3, done.stdout
+    assert "server exit code: 0" in done.stdout
+    if KERNEL:
+        assert "largest difference from streaming mic0 alone: 0.0\n" in done.stdout
