@@ -15,6 +15,7 @@ from ._state import ROW_AXES as ROW_AXES
 from ._state import batch_mask as batch_mask
 from ._state import reset_state as reset_state
 from ._streaming._compile_count import CompileCounter as CompileCounter
+from ._streaming._step import StreamSpec as StreamSpec
 from ._streaming._step import stream_apply as stream_apply
 from ._streaming._step import stream_spec as stream_spec
 from ._streaming._step import with_packed_weights as with_packed_weights
@@ -24,6 +25,7 @@ from ._time_order import forward_chunks as forward_chunks
 __all__ = [
     "ACTIVATIONS",
     "CompileCounter",
+    "StreamSpec",
     "ROW_AXES",
     "batch_mask",
     "chunks_in_time_order",

@@ -12,9 +12,11 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
+from .._internal import stream_spec
+from .._internal import validate as _validate
 from ._frames import check_frame, check_sequence_id
 from ._sequences import SequenceTable
-from ._tick import Tick
+from ._tick import Tick, check_batch_sizes
 
 
 class SequenceBatcher:
@@ -108,22 +110,16 @@ class SequenceBatcher:
         self.max_delay = _seconds(max_delay, "max_delay")
         self.max_idle = None if max_idle is None else _seconds(max_idle, "max_idle", positive=True)
         self.check_finite = bool(check_finite)
+        self.num_slots = _validate.positive_int(num_slots, "num_slots")
+        self.frame_length = _validate.positive_int(frame_length, "frame_length")
+        self.batch_sizes = check_batch_sizes(batch_sizes, self.num_slots)
+        spec = stream_spec(model, variables, 1, num_bands, dtype, features)
+        self.num_bands, self.features, self.dtype = spec.num_bands, spec.features, spec.dtype
         self._tick = Tick(
-            model,
-            variables,
-            num_slots,
-            num_bands,
-            frame_length,
-            features=features,
-            dtype=dtype,
-            batch_sizes=batch_sizes,
-            check_finite=self.check_finite,
-        )
-        self.num_slots, self.num_bands = self._tick.num_slots, self._tick.num_bands
-        self.frame_length, self.features = self._tick.frame_length, self._tick.features
-        self.dtype, self.batch_sizes = self._tick.dtype, self._tick.batch_sizes
-        self.frame_shape = self._tick.frame_shape
-        self.output_shape = self._tick.output_shape
+            model, variables, spec, self.num_slots, self.frame_length, self.batch_sizes,
+            self.check_finite,
+        )  # fmt: skip
+        self.frame_shape, self.output_shape = self._tick.frame_shape, self._tick.output_shape
         self._table = SequenceTable(self.num_slots)
         self._cond = threading.Condition()
         self._closed: str | None = None  # why, once closed

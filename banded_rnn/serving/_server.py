@@ -64,15 +64,15 @@ class Server:
     that lets more than ``send_queue`` messages wait is disconnected, so a slow
     reader never holds back the others. The server does not close the batcher.
 
-    >>> import jax, numpy as np
-    >>> from banded_rnn import BandedLSTM
-    >>> from banded_rnn.serving import Client, SequenceBatcher
-    >>> model = BandedLSTM(units=8)
-    >>> variables = model.init(jax.random.key(0), None, np.zeros((1, 3, 1, 4), np.float32))
+    The model comes from ``module:function``, as ``python -m banded_rnn serve`` loads it:
+
+    >>> import numpy as np
+    >>> from banded_rnn.serving import Client, SequenceBatcher, load_model
+    >>> model, variables = load_model("banded_rnn.serving._model_file:_example")  # 3 bands
     >>> with SequenceBatcher(model, variables, num_slots=2, num_bands=3) as batcher:
     ...     with Server(batcher) as server, Client(server.url) as client:  # on 127.0.0.1
     ...         client.start("a")
-    ...         client("a", np.ones((3, 1, 4), np.float32)).shape
+    ...         client("a", np.ones(client.frame_shape, np.float32)).shape
     (3, 1, 8)
 
     Args:

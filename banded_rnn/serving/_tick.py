@@ -19,9 +19,9 @@ import numpy as np
 
 from .._internal import (
     CompileCounter,
+    StreamSpec,
     reset_state,
     stream_apply,
-    stream_spec,
     with_packed_weights,
 )
 from .._internal import validate as _validate
@@ -88,22 +88,16 @@ class Tick:
         self,
         model: nn.Module,
         variables: Any,
+        spec: StreamSpec,
         num_slots: int,
-        num_bands: int,
         frame_length: int,
-        *,
-        features: int | None,
-        dtype: Any,
-        batch_sizes: Any,
+        batch_sizes: tuple[int, ...],
         check_finite: bool,
     ) -> None:
-        self.num_slots = _validate.positive_int(num_slots, "num_slots")
-        self.frame_length = _validate.positive_int(frame_length, "frame_length")
-        self.batch_sizes = check_batch_sizes(batch_sizes, self.num_slots)
-        spec = stream_spec(model, variables, 1, num_bands, dtype, features)
-        self.num_bands, self.features, self.dtype = spec.num_bands, spec.features, spec.dtype
-        self.frame_shape = (self.num_bands, self.frame_length, self.features)
-        self._spec = spec
+        """``spec`` checked the model for one sequence (``stream_spec``), the
+        batcher the rest."""
+        self.num_slots, self.batch_sizes, self._spec = num_slots, batch_sizes, spec
+        self.frame_shape, self.dtype = (spec.num_bands, frame_length, spec.features), spec.dtype
         self.compiles = CompileCounter()
         one = np.zeros((1, *self.frame_shape), self.dtype)
         with self.compiles:  # the native kernel's weights, packed once

@@ -3,6 +3,7 @@ alone. Also the model ``python -m banded_rnn serve served_model:make`` serves.""
 
 from __future__ import annotations
 
+import threading
 from functools import partial
 
 import jax
@@ -53,3 +54,23 @@ def assert_same(received, expected, exact: bool = KERNEL) -> None:
     else:
         close = partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
         jax.tree.map(close, received, expected)
+
+
+def run_threads(client, arguments) -> None:
+    """Runs ``client(argument)`` in a thread for each of ``arguments``; raises
+    the first error any of them raised."""
+    errors = []
+
+    def run(argument):
+        try:
+            client(argument)
+        except Exception as error:  # pragma: no cover - raised below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(argument,)) for argument in arguments]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    if errors:
+        raise errors[0]

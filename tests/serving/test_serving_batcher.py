@@ -17,7 +17,17 @@ from banded_rnn.serving import BatcherFullError, SequenceBatcher
 
 from helpers import SubbandMask, TwoInSeries, init_model, random_inputs
 from reference import lstm_reference, params_from_variables
-from served_model import BANDS, FEATURES, MODEL, UNITS, VARIABLES, alone, assert_same, frames_of
+from served_model import (
+    BANDS,
+    FEATURES,
+    MODEL,
+    UNITS,
+    VARIABLES,
+    alone,
+    assert_same,
+    frames_of,
+    run_threads,
+)
 
 SLOTS = 4
 
@@ -40,29 +50,21 @@ def batcher():
 def test_random_arrivals_starts_and_ends_from_threads_equal_each_sequence_alone(batcher):
     sequences = {f"s{n}": frames_of(n, 6 + 3 * (n % 3)) for n in range(10)}
     slots = threading.Semaphore(SLOTS)  # at most SLOTS live at once
-    results, errors = {}, []
+    results = {}
 
     def client(name: str) -> None:
-        rng = np.random.default_rng(hash(name) % 2**32)
+        rng = np.random.default_rng(int(name[1:]))
         with slots:
-            try:
-                batcher.start(name)
-                futures = []
-                for frame in sequences[name]:
-                    futures.append(batcher.submit(name, frame))
-                    if rng.random() < 0.5:  # some frames queue behind others, some wait
-                        time.sleep(float(rng.uniform(0, 0.004)))
-                results[name] = (np.stack([f.result(30) for f in futures]), batcher.state(name))
-                batcher.end(name)
-            except Exception as error:  # pragma: no cover - reported below
-                errors.append(error)
+            batcher.start(name)
+            futures = []
+            for frame in sequences[name]:
+                futures.append(batcher.submit(name, frame))
+                if rng.random() < 0.5:  # some frames queue behind others, some wait
+                    time.sleep(float(rng.uniform(0, 0.004)))
+            results[name] = (np.stack([f.result(30) for f in futures]), batcher.state(name))
+            batcher.end(name)
 
-    threads = [threading.Thread(target=client, args=(name,)) for name in sequences]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors, errors
+    run_threads(client, sequences)
     for name, frames in sequences.items():
         outputs, state = results[name]
         assert_same((outputs, state), alone(frames))

@@ -11,7 +11,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -27,12 +26,12 @@ from served_model import (
     BANDS,
     FEATURES,
     KERNEL,
-    MODEL,
     UNITS,
-    VARIABLES,
     alone,
     assert_same,
     frames_of,
+    make,
+    run_threads,
 )
 
 websockets = pytest.importorskip("websockets")
@@ -44,7 +43,7 @@ FRAME = (BANDS, 1, FEATURES)
 
 @pytest.fixture(scope="module")
 def server():
-    with SequenceBatcher(MODEL, VARIABLES, 4, BANDS, max_delay=0.001) as batcher:
+    with SequenceBatcher(*make(), 4, BANDS, max_delay=0.001) as batcher:
         batcher.warmup()
         with Server(batcher, send_queue=64) as server:
             yield server
@@ -55,35 +54,27 @@ def test_clients_in_threads_get_each_sequence_as_streamed_alone(server):
     sequences = {
         (c, name): frames_of(10 * c + len(name), 7) for c in (0, 1) for name in ("a", "bb")
     }
-    results, errors = {}, []
+    results = {}
 
     def connection(c: int) -> None:
-        try:
-            with Client(server.url) as client:
-                assert client.frame_shape == FRAME and client.output_shape == (BANDS, 1, UNITS)
+        with Client(server.url) as client:
+            assert client.frame_shape == FRAME and client.output_shape == (BANDS, 1, UNITS)
+            for name in ("a", "bb"):
+                client.start(name)
+            numbers = {}
+            for t in range(7):  # interleaved: both sequences' frames before any reply
                 for name in ("a", "bb"):
-                    client.start(name)
-                numbers = {}
-                for t in range(7):  # interleaved: both sequences' frames before any reply
-                    for name in ("a", "bb"):
-                        numbers[name, t] = client.send(name, sequences[c, name][t])
-                received = {}
-                for _ in range(14):
-                    name, number, outputs = client.receive(timeout=30)
-                    received[name, number] = outputs
-                assert numbers == {key: key[1] for key in numbers}
-                for name in ("a", "bb"):
-                    results[c, name] = np.stack([received[name, t] for t in range(7)])
-                    client.end(name)
-        except Exception as error:  # pragma: no cover - reported below
-            errors.append(error)
+                    numbers[name, t] = client.send(name, sequences[c, name][t])
+            received = {}
+            for _ in range(14):
+                name, number, outputs = client.receive(timeout=30)
+                received[name, number] = outputs
+            assert numbers == {key: key[1] for key in numbers}
+            for name in ("a", "bb"):
+                results[c, name] = np.stack([received[name, t] for t in range(7)])
+                client.end(name)
 
-    threads = [threading.Thread(target=connection, args=(c,)) for c in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors, errors
+    run_threads(connection, [0, 1])
     for key, frames in sequences.items():
         assert_same(results[key], alone(frames)[0])
     _wait_for(lambda: server.batcher.sequences == ())
