@@ -9,6 +9,7 @@ from ._configs import FRAME_SECONDS
 
 LABELS = {
     "batcher": "SequenceBatcher (in process)",
+    "batcher-1": "SequenceBatcher, one frame per tick (batch_sizes=[1])",
     "websocket": "SequenceBatcher behind the WebSocket server",
     "stream": "one Stream per client",
     "torch": "one torch.nn.LSTM loop per client (2 threads)",

@@ -6,6 +6,7 @@ every 16 ms at its own phase for a fixed duration, on 127.0.0.1 only, and
 reports the p50 and p99 latency from a frame's due time to its outputs, for:
 
 * ``batcher``: one ``banded_rnn.serving.SequenceBatcher``, in process;
+* ``batcher-1``: the same with ticks of one frame (``batch_sizes=[1]``);
 * ``websocket``: the same batcher behind ``banded_rnn.serving.Server``, each
   client a ``Client`` connection (in this process: its threads share the CPU);
 * ``stream``: one ``banded_rnn.Stream`` per client, each client a thread;
@@ -34,7 +35,7 @@ from ._load_clients import Schedule, blocking_clients, submitting_clients, webso
 from ._report import cpu_identity, machine
 from ._weights import load_torch, random_data, random_weights, to_ours
 
-MODES = ("batcher", "websocket", "stream", "torch")
+MODES = ("batcher", "batcher-1", "websocket", "stream", "torch")
 WARM_FRAMES = 10
 """Each client's first frames, left out of the percentiles (the warm start)."""
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -51,9 +52,14 @@ class Mode:
         self.name, self._close = name, []
         weights = random_weights(config)
         model = BandedLSTM(config.units, num_layers=config.layers)
-        if name in ("batcher", "websocket"):
+        if name in ("batcher", "batcher-1", "websocket"):
             self.batcher = SequenceBatcher(
-                model, to_ours(weights), clients, config.bands, max_idle=None
+                model,
+                to_ours(weights),
+                clients,
+                config.bands,
+                max_idle=None,
+                batch_sizes=[1] if name == "batcher-1" else None,
             )
             self.batcher.warmup()
             self._close.append(self.batcher.close)
@@ -82,7 +88,7 @@ class Mode:
         clients = len(schedule.phases)
         if self.name == "websocket":
             return websocket_clients(self.server.url, frames, schedule)
-        if self.name == "batcher":
+        if self.name in ("batcher", "batcher-1"):
             names = [f"client{c}" for c in range(clients)]
             for name in names:
                 self.batcher.start(name)
