@@ -13,9 +13,10 @@ from .._internal import validate as _validate
 def check_frame(
     frame: Any, shape: tuple[int, int, int], dtype: np.dtype, check_finite: bool
 ) -> np.ndarray:
-    """``frame`` as a NumPy array of ``shape [bands, time, features]`` and
-    ``dtype`` (a floating frame is cast), or ``ValueError`` / ``TypeError``
-    naming ``frame``, the expected and the received shape or dtype."""
+    """``frame`` as a NumPy copy of ``shape [bands, time, features]`` and
+    ``dtype`` (a floating frame is cast; the caller may reuse its buffer), or
+    ``ValueError`` / ``TypeError`` naming ``frame``, the expected and the
+    received shape or dtype."""
     frame = np.asarray(_validate.as_array(frame, "frame"))
     if frame.shape != shape:
         hint = (
@@ -29,7 +30,7 @@ def check_frame(
         raise TypeError(
             f"frame: expected a floating dtype (cast to {dtype}); received {frame.dtype}"
         )
-    frame = frame.astype(dtype, copy=False)
+    frame = frame.astype(dtype)  # a copy: the frame waits in a queue
     if check_finite and not np.isfinite(frame).all():
         where = [int(i) for i in np.argwhere(~np.isfinite(frame))[0]]
         raise ValueError(
