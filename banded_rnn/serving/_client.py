@@ -16,8 +16,8 @@ class Client:
     """A connection to a :class:`Server`, blocking (one thread uses it; open
     one client per thread).
 
-    The server's ``ready`` message sets :attr:`frame_shape` ``[bands, time,
-    features]`` and :attr:`output_shape` ``[bands, time, ...]``. An error
+    The server's ``ready`` message sets ``client.frame_shape`` ``[bands, time,
+    features]`` and ``client.output_shape`` ``[bands, time, ...]``. An error
     message from the server is raised as the error it names (``ValueError``,
     ``TypeError``, ``BatcherFullError`` or ``RuntimeError``), its message
     prefixed with the sequence id and frame number.
@@ -39,7 +39,7 @@ class Client:
     Args:
       url: the server's ``ws://host:port``.
       timeout: seconds to wait for the connection and for each reply of
-        :meth:`start`, :meth:`end` and :meth:`__call__`.
+        :meth:`start`, :meth:`end` and ``client(sequence_id, frame)``.
     """
 
     def __init__(self, url: str, *, timeout: float = 10.0) -> None:

@@ -78,7 +78,7 @@ class Server:
     Args:
       batcher: the batcher to serve.
       host: the address to listen on; the loopback interface by default.
-      port: the port; 0 picks a free one (read :attr:`port`).
+      port: the port; 0 picks a free one (read ``server.port`` once started).
       send_queue: the most messages that may wait to be sent to one client.
     """
 
