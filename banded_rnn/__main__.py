@@ -1,4 +1,5 @@
-"""Command line: ``python -m banded_rnn demo`` and ``python -m banded_rnn info``."""
+"""Command line: ``python -m banded_rnn demo``, ``python -m banded_rnn info`` and
+``python -m banded_rnn serve`` (banded_rnn.serving)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 
 from ._backends._native import info
 from ._demo import run_demo
+from .serving._cli import add_serve_command, run_serve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser(
         "info", help="the path BandedLSTM takes here: native kernel (its ISA), cuDNN or scan"
     )
+    add_serve_command(commands)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return run_serve(args)
     if args.command == "demo":
         run_demo()
     elif args.command == "info":

@@ -1,7 +1,7 @@
 """What the other packages of this repository (``banded_rnn.training``,
-``interop``, ``benchmarks``) may use of the core's private modules, and
-nothing else: docs/guides/internals.md lists it with its contracts, and
-tests/docs/test_layout.py checks that no package reaches past it.
+``banded_rnn.serving``, ``interop``, ``benchmarks``) may use of the core's
+private modules, and nothing else: docs/guides/internals.md lists it with its
+contracts, and tests/docs/test_layout.py checks that no package reaches past it.
 """
 
 from . import _validate as validate
@@ -14,11 +14,18 @@ from ._init import unit_forget_bias as unit_forget_bias
 from ._state import ROW_AXES as ROW_AXES
 from ._state import batch_mask as batch_mask
 from ._state import reset_state as reset_state
+from ._streaming._compile_count import CompileCounter as CompileCounter
+from ._streaming._step import StreamSpec as StreamSpec
+from ._streaming._step import stream_apply as stream_apply
+from ._streaming._step import stream_spec as stream_spec
+from ._streaming._step import with_packed_weights as with_packed_weights
 from ._time_order import chunks_in_time_order as chunks_in_time_order
 from ._time_order import forward_chunks as forward_chunks
 
 __all__ = [
     "ACTIVATIONS",
+    "CompileCounter",
+    "StreamSpec",
     "ROW_AXES",
     "batch_mask",
     "chunks_in_time_order",
@@ -28,6 +35,9 @@ __all__ = [
     "reset_state",
     "run_demo",
     "scan_chunks",
+    "stream_apply",
+    "stream_spec",
     "unit_forget_bias",
     "validate",
+    "with_packed_weights",
 ]

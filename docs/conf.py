@@ -37,6 +37,7 @@ nitpick_ignore_regex = [
     ("py:.*", r"(Any|Callable|Sequence|Mapping|NamedTuple|Iterator|Metrics|LossFn|Rng|Shape)"),
     ("py:.*", r"(TrainState|Mesh|NamedSharding|PartitionSpec|State|StepFn|LayerWeights)"),
     ("py:.*", r"(Initializer|Dtype|PRNGKey|Array)"),  # flax's and jax's type aliases
+    ("py:.*", r"(Hashable|Future|concurrent\..*|asyncio\..*|argparse\..*)"),  # the stdlib's
     ("py:.*", r"(ArrayLike|PathLike|os\..*|int|float|bool|str|bytes|None|dict|list|tuple)"),
     ("py:.*", r".*\._\w+"),  # private helpers named in signatures and base classes
 ]
@@ -62,10 +63,11 @@ def _public_modules() -> None:
     """Documents every public name under the module it is imported from
     (``banded_rnn.training.fit``, not ``banded_rnn.training._loop.fit``), so
     that a docstring's ``:meth:`` and ``:class:`` references resolve there."""
+    import banded_rnn.serving
     import banded_rnn.training
     import interop
 
-    for module in (banded_rnn, banded_rnn.training, interop):
+    for module in (banded_rnn, banded_rnn.training, banded_rnn.serving, interop):
         for name in module.__all__:
             obj = getattr(module, name)
             if getattr(obj, "__module__", "").startswith(module.__name__ + "._"):

@@ -18,6 +18,7 @@ import pytest
 from sphinx.util.inventory import InventoryFile
 
 import banded_rnn
+import banded_rnn.serving
 import banded_rnn.training
 import interop
 
@@ -29,6 +30,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # builders (make_train_step, make_eval_step) carry the examples.
 NO_EXAMPLE = {
     "banded_rnn.State",
+    "banded_rnn.serving.BatcherFullError",
     "banded_rnn.training.Chunk",
     "banded_rnn.training.EvalStep",
     "banded_rnn.training.FitResult",
@@ -66,11 +68,12 @@ def test_the_site_builds_and_renders_every_notebook_with_its_figures(site):
         assert (site / "notebooks" / f"{path.stem}.html").is_file()
     assert "<img" in (site / "getting_started.html").read_text()  # the figure
     assert "<img" in (site / "notebooks" / "training.html").read_text()
+    assert "<img" in (site / "guides" / "serving.html").read_text()  # latency against clients
 
 
 def test_every_public_name_has_a_doctested_example():
     """The examples run as doctests (pytest --doctest-modules)."""
-    for module in (banded_rnn, banded_rnn.training, interop):
+    for module in (banded_rnn, banded_rnn.training, banded_rnn.serving, interop):
         for name in module.__all__:
             if f"{module.__name__}.{name}" not in NO_EXAMPLE:
                 assert ">>>" in (getattr(module, name).__doc__ or ""), f"{module.__name__}.{name}"
@@ -80,7 +83,7 @@ def test_every_public_name_is_in_the_api_reference(site):
     with open(site / "objects.inv", "rb") as file:
         inventory = InventoryFile.load(file, "", lambda base, uri: uri)
     documented = {name for kind in inventory.values() for name in kind}
-    for module in (banded_rnn, banded_rnn.training, interop):
+    for module in (banded_rnn, banded_rnn.training, banded_rnn.serving, interop):
         for name in module.__all__:
             assert f"{module.__name__}.{name}" in documented, f"{module.__name__}.{name}"
             assert getattr(module, name).__doc__, f"{module.__name__}.{name} has no docstring"

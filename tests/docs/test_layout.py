@@ -1,9 +1,9 @@
-"""The packages beside the core (``banded_rnn.training``, ``interop``,
-``benchmarks``) use the core's private modules only through
-``banded_rnn._internal``, which lists what they may use: no
-``from banded_rnn._x import``, no ``from .._x import`` inside
-banded_rnn/training, no ``import banded_rnn._x``, no ``banded_rnn._x``
-attribute. ``banded_rnn.training`` may use its own private modules.
+"""The packages beside the core (``banded_rnn.training``,
+``banded_rnn.serving``, ``interop``, ``benchmarks``) use the core's private
+modules only through ``banded_rnn._internal``, which lists what they may use:
+no ``from banded_rnn._x import``, no ``from .._x import`` inside those
+packages, no ``import banded_rnn._x``, no ``banded_rnn._x`` attribute. A
+package may use its own private modules.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from helpers import ROOT
 
-PACKAGES = ["banded_rnn/training", "interop", "benchmarks"]
+PACKAGES = ["banded_rnn/training", "banded_rnn/serving", "interop", "benchmarks"]
 GATEWAY = "banded_rnn._internal"
 
 

@@ -1,0 +1,141 @@
+"""The batcher's table of live sequences: their slots, queued frames and idle times.
+
+Not thread-safe on its own: the batcher holds its lock around every call.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Hashable
+from concurrent.futures import Future
+
+import numpy as np
+
+_FORGOTTEN = 4096
+"""How many ended sequences the table remembers, to say why an id is unknown."""
+
+
+class BatcherFullError(RuntimeError):
+    """``SequenceBatcher.start`` found every slot taken: end a sequence, or
+    wait for one to end or to be freed after ``max_idle``, and start again."""
+
+
+@dataclasses.dataclass
+class Sequence:
+    """One live sequence: its slot, its frames not yet run (in order), whether
+    its next tick starts it from zeros, when it last sent a frame."""
+
+    slot: int
+    queue: collections.deque[tuple[np.ndarray, Future, float]]
+    fresh: bool = True
+    last_seen: float = 0.0
+    ending: bool = False
+
+
+class SequenceTable:
+    """Which sequence holds which slot."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.live: dict[Hashable, Sequence] = {}
+        self._free = list(range(num_slots))  # lowest first
+        self._gone: collections.OrderedDict[Hashable, str] = collections.OrderedDict()
+
+    def start(self, sequence_id: Hashable) -> Sequence:
+        if sequence_id in self.live:
+            raise ValueError(f"sequence_id: {sequence_id!r} is already started; end it first")
+        if not self._free:
+            raise BatcherFullError(
+                f"start({sequence_id!r}): every one of the {self.num_slots} slots holds a "
+                f"sequence; end one (or wait for one to be freed after max_idle) and start again"
+            )
+        self._gone.pop(sequence_id, None)
+        sequence = Sequence(self._free.pop(0), collections.deque(), last_seen=time.monotonic())
+        self.live[sequence_id] = sequence
+        return sequence
+
+    def accepting(self, sequence_id: Hashable) -> Sequence:
+        """The live sequence ``sequence_id`` if it takes frames, or ``ValueError``."""
+        sequence = self.live.get(sequence_id)
+        if sequence is not None and not sequence.ending:
+            return sequence
+        why = "ended" if sequence is not None else self._gone.get(sequence_id, "never started")
+        raise ValueError(
+            f"sequence_id: expected a started sequence; {sequence_id!r} is {why} (start it with "
+            f"start({sequence_id!r}))"
+        )
+
+    def end(self, sequence_id: Hashable, why: str) -> None:
+        """No more frames for ``sequence_id``; its slot is free once its queue is run."""
+        sequence = self.accepting(sequence_id)
+        sequence.ending = True
+        self._gone[sequence_id] = why
+        if not sequence.queue:
+            self._free_slot(sequence_id)
+
+    def _free_slot(self, sequence_id: Hashable) -> None:
+        sequence = self.live.pop(sequence_id)
+        self._free.append(sequence.slot)
+        self._free.sort()
+        while len(self._gone) > _FORGOTTEN:
+            self._gone.popitem(last=False)
+
+    def expire(self, now: float, max_idle: float | None) -> float | None:
+        """Ends the sequences idle (no frame queued) for more than ``max_idle``
+        seconds; returns when the next one would expire, or None."""
+        if max_idle is None:
+            return None
+        soonest = None
+        for sequence_id, sequence in list(self.live.items()):
+            if sequence.queue or sequence.ending:
+                continue
+            expires = sequence.last_seen + max_idle
+            if expires <= now:
+                self.end(sequence_id, f"freed after {max_idle:g} s without a frame (max_idle)")
+            elif soonest is None or expires < soonest:
+                soonest = expires
+        return soonest
+
+    def take(self, limit: int) -> list[tuple[Sequence, bool, np.ndarray, Future]]:
+        """The first queued frame of at most ``limit`` sequences, those whose
+        frame has waited longest first, as ``(sequence, fresh, frame,
+        future)``; frames whose future was cancelled are dropped. Frees the
+        slots of ended sequences run dry."""
+        batch = []
+        waiting = sorted((s for s in self.live.values() if s.queue), key=lambda s: s.queue[0][2])
+        for sequence in waiting[:limit]:
+            while sequence.queue:
+                frame, future, _ = sequence.queue.popleft()
+                if future.set_running_or_notify_cancel():
+                    batch.append((sequence, sequence.fresh, frame, future))
+                    sequence.fresh = False
+                    break
+        for sequence_id, sequence in list(self.live.items()):
+            if sequence.ending and not sequence.queue:
+                self._free_slot(sequence_id)
+        return batch
+
+    def ready(self) -> tuple[float | None, int, bool]:
+        """When the oldest queued frame arrived (None: no frame), how many
+        sequences have a frame queued, and whether every sequence that may
+        still send has one."""
+        oldest, count, waiting_for_others = None, 0, False
+        for sequence in self.live.values():
+            if sequence.queue:
+                arrived = sequence.queue[0][2]
+                oldest = arrived if oldest is None else min(oldest, arrived)
+                count += 1
+            elif not sequence.ending:
+                waiting_for_others = True
+        return oldest, count, not waiting_for_others
+
+    def drain(self) -> list[Future]:
+        """Every queued future, the table emptied (the batcher is closing)."""
+        futures = [future for s in self.live.values() for _, future, _ in s.queue]
+        for sequence_id in list(self.live):
+            self.live[sequence_id].queue.clear()
+            self._gone[sequence_id] = "in a closed batcher"
+            self._free_slot(sequence_id)
+        return futures
