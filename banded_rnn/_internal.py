@@ -15,6 +15,7 @@ from ._state import ROW_AXES as ROW_AXES
 from ._state import batch_mask as batch_mask
 from ._state import reset_state as reset_state
 from ._streaming._compile_count import CompileCounter as CompileCounter
+from ._streaming._file import write_atomically as write_atomically
 from ._streaming._step import StreamSpec as StreamSpec
 from ._streaming._step import stream_apply as stream_apply
 from ._streaming._step import stream_spec as stream_spec
@@ -40,4 +41,5 @@ __all__ = [
     "unit_forget_bias",
     "validate",
     "with_packed_weights",
+    "write_atomically",
 ]

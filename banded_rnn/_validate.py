@@ -204,6 +204,26 @@ def check_inputs(
     return inputs
 
 
+def refuse_nonfinite(array: Any, name: str, axes: str) -> None:
+    """``ValueError`` naming ``name`` and the first index of ``array`` (its
+    leading axes, ``axes`` as ``"[band, step, feature]"``) that holds a NaN or
+    an infinity (checked on the host); nothing was run."""
+    finite = np.isfinite(np.asarray(array))
+    if not finite.all():
+        where = [int(i) for i in np.argwhere(~finite)[0][: axes.count(",") + 1]]
+        raise ValueError(
+            f"{name}: expected finite values (check_finite=True); received NaN or infinity, "
+            f"first at {axes} = {where}; nothing was run"
+        )
+
+
+def plain_dicts(tree: Any) -> Any:
+    """Nested mappings (Flax's ``FrozenDict`` included) as plain dicts."""
+    if hasattr(tree, "items"):
+        return {key: plain_dicts(value) for key, value in tree.items()}
+    return tree
+
+
 def check_devices(**arrays: Any) -> None:
     """Raises ``ValueError`` when the concrete, committed ``jax.Array`` s among
     the named pytrees ``arrays`` live on different devices (a jitted call would

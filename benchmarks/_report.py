@@ -368,3 +368,12 @@ def render(
         lines.append(f"* {label}: " + "; ".join(items))
     lines.append("")
     return "\n".join(lines)
+
+
+def write_report(path: os.PathLike, text: str) -> None:
+    """Writes ``text`` to ``path`` (UTF-8) atomically, making its folder: an
+    interrupted run leaves the last report whole."""
+    from banded_rnn._internal import write_atomically
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomically(path, lambda file: file.write(text.encode("utf-8")))

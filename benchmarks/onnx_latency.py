@@ -33,7 +33,7 @@ import numpy as np
 from banded_rnn import BandedLSTM, Stream, export_onnx
 
 from ._configs import CONFIGS, Config
-from ._report import machine
+from ._report import machine, write_report
 from ._weights import Weights, load_torch, random_data, random_weights, to_ours
 
 CONFIG_NAMES = ("seed-stream", "subband-stream")
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in CONFIG_NAMES
         }
     text = report(measured, args.repeats, (before, _load()))
-    args.out.write_text(text, encoding="utf-8")
+    write_report(args.out, text)
     print(text)
     return 0
 

@@ -37,7 +37,7 @@ from ._harness import (  # noqa: E402
     sgemm_impls,
     sgemm_rates,
 )
-from ._report import machine, render  # noqa: E402
+from ._report import machine, render, write_report  # noqa: E402
 from ._weights import random_data, random_weights  # noqa: E402
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -259,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep:  # beside --out: benchmarks/results/ for the default
         outputs.append(args.out.parent / RESULTS_DIR.name / f"{info['slug']}.md")
     for out in outputs:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(report)
+        write_report(out, report)
     print(report)
     print("written: " + ", ".join(str(out) for out in outputs), file=sys.stderr)
     failed = [

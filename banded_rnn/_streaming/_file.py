@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import jax
 import numpy as np
@@ -79,9 +80,17 @@ def save(
         _refuse_nonfinite(leaves, f"state: not saved to {path!r}")
     arrays = {"fingerprint": np.asarray(json.dumps(expected, sort_keys=True))}
     arrays.update((f"state_{index}", np.asarray(leaf)) for index, leaf in enumerate(leaves))
+    write_atomically(path, lambda file: np.savez(file, **arrays))
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """Calls ``write(file)`` on ``path + ".partial"`` (replacing one a killed
+    write left), syncs it, renames it over ``path`` and syncs the directory:
+    a crash leaves the old file or the new one, never a half-written one."""
+    path = os.fspath(path)
     partial = f"{path}.partial"
     with open(partial, "wb") as file:
-        np.savez(file, **arrays)
+        write(file)
         file.flush()
         os.fsync(file.fileno())
     os.replace(partial, path)

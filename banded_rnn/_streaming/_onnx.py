@@ -21,6 +21,7 @@ from jax.extend import core as jax_core
 from .. import _validate
 from .._banded import BandedLSTM, _compute_dtype
 from .._state import LSTMState
+from ._file import write_atomically
 from ._step import (
     StreamSpec,
     check_model,
@@ -133,7 +134,7 @@ def _lstm_call(module: BandedLSTM, layer: str, inputs: Any, has_state: bool) -> 
             onnx_activation(module.activation, "activation", layer),
             onnx_activation(module.recurrent_activation, "recurrent_activation", layer),
         ),
-        params=jax.tree.map(np.asarray, _plain(module.variables["params"])),
+        params=jax.tree.map(np.asarray, _validate.plain_dicts(module.variables["params"])),
         has_state=has_state,
     )
 
@@ -158,13 +159,6 @@ def _refuse(module: BandedLSTM, layer: str, **call: Any) -> None:
             f"time_major: the BandedLSTM at {layer} has time_major=True; export_onnx takes "
             "models whose BandedLSTMs read [batch, bands, time, features]"
         )
-
-
-def _plain(params: Any) -> Any:
-    """Flax's (possibly frozen) mappings of parameters as plain dicts."""
-    if hasattr(params, "items"):
-        return {key: _plain(value) for key, value in params.items()}
-    return params
 
 
 def _leaf_names(state: Any, prefix: str) -> list[str]:
@@ -259,7 +253,7 @@ def export_onnx(
     closed = _trace(model, variables, spec, recorder)
     proto = _to_onnx(closed, spec, recorder.calls)
     onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, os.fspath(path))
+    write_atomically(path, lambda file: onnx.save(proto, file))
     return proto
 
 

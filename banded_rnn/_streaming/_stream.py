@@ -209,7 +209,7 @@ class Stream:
             )
         time = shape[2]
         if self.check_finite:
-            _refuse_nonfinite_chunk(chunk)
+            _validate.refuse_nonfinite(chunk, "chunk", "[sequence, band, step]")
         if kind is np.ndarray:
             return (chunk if dtype == self.dtype else chunk.astype(self.dtype)), time
         if dtype == self.dtype and time in self.buckets:
@@ -359,15 +359,3 @@ class Stream:
         )
         with self._lock:
             self._state, self._pending_reset = state, None
-
-
-def _refuse_nonfinite_chunk(chunk: Any) -> None:
-    """``ValueError`` naming the first ``[sequence, band, step]`` of ``chunk``
-    that holds a NaN or an infinity (checked on the host)."""
-    finite = np.isfinite(np.asarray(chunk))
-    if not finite.all():
-        where = tuple(int(i) for i in np.argwhere(~finite)[0][:3])
-        raise ValueError(
-            f"chunk: expected finite values (check_finite=True); received NaN or infinity, "
-            f"first at [sequence, band, step] = {list(where)}; nothing was run"
-        )
