@@ -98,9 +98,12 @@ def submitting_clients(
     return latencies
 
 
-def websocket_clients(url: str, frames: np.ndarray, schedule: Schedule) -> list[list[float]]:
+def websocket_clients(
+    url: str, frames: np.ndarray, schedule: Schedule, kept: list | None = None
+) -> list[list[float]]:
     """Each client its own connection: a thread sends its frames on time, and
-    another receives the outputs; latencies per client."""
+    another receives the outputs; latencies per client, client 0's outputs
+    appended to ``kept``."""
     from banded_rnn.serving import Client
 
     clients = len(schedule.phases)
@@ -118,8 +121,10 @@ def websocket_clients(url: str, frames: np.ndarray, schedule: Schedule) -> list[
 
         def receiver(c: int) -> None:
             for _ in range(schedule.count):
-                _, number, _ = connections[c].receive(timeout=WAIT_S)
+                _, number, outputs = connections[c].receive(timeout=WAIT_S)
                 latencies[c].append(time.perf_counter() - schedule.due(c, number))
+                if kept is not None and c == 0:
+                    kept.append(outputs)
 
         _run_threads(2 * clients, lambda i: (sender if i < clients else receiver)(i % clients))
     finally:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pathlib
 
+from banded_rnn._internal import write_atomically
+
 from ._configs import FRAME_SECONDS
 
 LABELS = {
@@ -66,5 +68,5 @@ def plot(points: list[dict], path: pathlib.Path, title: str) -> None:
     axis.legend(fontsize=7, loc="upper left")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    write_atomically(path, lambda file: figure.savefig(file, format="png"))
     plt.close(figure)

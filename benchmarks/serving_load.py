@@ -32,7 +32,7 @@ import numpy as np
 from . import _load_report
 from ._configs import CONFIGS, FRAME_SECONDS, Config
 from ._load_clients import Schedule, blocking_clients, submitting_clients, websocket_clients
-from ._report import cpu_identity, machine
+from ._report import cpu_identity, machine, write_report
 from ._weights import load_torch, random_data, random_weights, to_ours
 
 MODES = ("batcher", "batcher-1", "websocket", "stream", "torch")
@@ -87,7 +87,7 @@ class Mode:
         """Latencies per client of ``schedule``; client 0's outputs appended to ``kept``."""
         clients = len(schedule.phases)
         if self.name == "websocket":
-            return websocket_clients(self.server.url, frames, schedule)
+            return websocket_clients(self.server.url, frames, schedule, kept)
         if self.name in ("batcher", "batcher-1"):
             names = [f"client{c}" for c in range(clients)]
             for name in names:
@@ -229,9 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     title = f"{config.name}: {cpu_line()}, load {load_at_start.split(',')[0]} at the start"
     _load_report.plot(points, plot_path, title)
     report = _load_report.render(points, header, differences, args.plot)
-    output = ROOT / args.output
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(report, encoding="utf-8")
+    write_report(ROOT / args.output, report)
     print(report)
     return 0
 

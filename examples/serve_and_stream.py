@@ -91,7 +91,10 @@ def main() -> None:
                 thread.join(60)
         finally:
             server.send_signal(signal.SIGTERM)  # the server ends every sequence and exits
-            server.wait(30)
+            try:
+                server.wait(30)
+            finally:
+                server.kill()  # nothing left behind, even if it did not stop in time
     for name, (_, latencies) in sorted(results.items()):
         p50, p99 = np.percentile(latencies[5:], [50, 99]) * 1e3
         print(f"{name}: {len(latencies)} frames, latency p50 {p50:.2f} ms, p99 {p99:.2f} ms")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import Hashable, Sequence
@@ -56,8 +57,11 @@ class SequenceBatcher:
     ``ValueError`` / ``TypeError`` / ``RuntimeError`` set on its own future;
     ``start`` raises ``BatcherFullError`` when every slot is taken (it does not
     queue), ``ValueError`` for an id already started. A sequence that sends no
-    frame for ``max_idle`` seconds is ended. Cancelling a future before its
-    tick drops that frame.
+    frame for ``max_idle`` seconds is ended. A sequence may have at most
+    ``max_queued`` frames waiting; more are refused (``ValueError``) until
+    its outputs catch up. Cancelling a future before its tick drops that
+    frame; ``end(sequence_id, drop_queued=True)`` drops every frame not yet
+    run and frees the slot at once.
 
     >>> import jax, numpy as np
     >>> from banded_rnn import BandedLSTM
@@ -83,6 +87,7 @@ class SequenceBatcher:
       max_delay: the longest a ready frame waits for the other sequences' frames.
       max_idle: seconds after a sequence's last frame ran (or it started), with
         no frame queued, after which it is ended (None: never).
+      max_queued: the most frames one sequence may have waiting to run.
       batch_sizes: the batch sizes compiled; the largest is the most frames a
         tick runs. By default every size up to 8, then the powers of two, and
         ``num_slots``. Where a frame already fills the cores (batching gains
@@ -104,11 +109,13 @@ class SequenceBatcher:
         dtype: Any = np.float32,
         max_delay: float = 0.002,
         max_idle: float | None = 60.0,
+        max_queued: int = 64,
         batch_sizes: Sequence[int] | None = None,
         check_finite: bool = False,
     ) -> None:
         self.max_delay = _seconds(max_delay, "max_delay")
         self.max_idle = None if max_idle is None else _seconds(max_idle, "max_idle", positive=True)
+        self.max_queued = _validate.positive_int(max_queued, "max_queued")
         self.check_finite = bool(check_finite)
         self.num_slots = _validate.positive_int(num_slots, "num_slots")
         self.frame_length = _validate.positive_int(frame_length, "frame_length")
@@ -150,20 +157,27 @@ class SequenceBatcher:
             self._table.start(sequence_id)
             self._cond.notify()  # its idle time runs from now
 
-    def end(self, sequence_id: Hashable) -> None:
+    def end(self, sequence_id: Hashable, *, drop_queued: bool = False) -> None:
         """Ends ``sequence_id``: it takes no more frames, those submitted still
-        run, and its slot is free once they have. ``ValueError`` if it is not live."""
+        run, and its slot is free once they have; with ``drop_queued``, the
+        frames not yet run are dropped (their futures cancelled) and the slot
+        is free now. ``ValueError`` if it is not live."""
         with self._cond:
             self._refuse_if_closed()
-            self._table.end(check_sequence_id(sequence_id), "ended")
+            dropped = self._table.end(check_sequence_id(sequence_id), "ended", drop=drop_queued)
             self._cond.notify()
+        for future in dropped:
+            future.cancel()
 
     def state(self, sequence_id: Hashable) -> Any:
         """A NumPy copy of the state of ``sequence_id`` after its frames run so
-        far: the model's state pytree with leaves ``[bands, ...]``."""
+        far (zeros before its first): the model's state pytree with leaves
+        ``[bands, ...]``."""
         with self._cond:
-            slot = self._table.accepting(check_sequence_id(sequence_id)).slot
-        return self._tick.row_state(slot)
+            sequence = self._table.accepting(check_sequence_id(sequence_id))
+            if not sequence.has_run:  # the slot still holds its last occupant's state
+                return self._tick.zero_row_state()
+        return self._tick.row_state(sequence.slot)
 
     def submit(self, sequence_id: Hashable, frame: Any) -> Future:
         """Queues ``frame [bands, frame_length, features]`` of ``sequence_id``;
@@ -176,6 +190,11 @@ class SequenceBatcher:
             with self._cond:
                 self._refuse_if_closed()
                 sequence = self._table.accepting(sequence_id)
+                if len(sequence.queue) >= self.max_queued:
+                    raise ValueError(
+                        f"frame: {sequence_id!r} has {len(sequence.queue)} frames waiting to run "
+                        f"(max_queued={self.max_queued}); wait for their outputs first"
+                    )
                 now = time.monotonic()
                 sequence.queue.append((frame, future, now))
                 sequence.last_seen = now
@@ -209,17 +228,27 @@ class SequenceBatcher:
             raise RuntimeError(f"{self._closed}: it takes no more sequences or frames")
 
     def _schedule(self) -> None:
-        """The scheduler thread: wait for a tick, run it, until closed."""
-        while True:
+        """The scheduler thread: wait for a tick, run it, until closed. If it
+        fails, the batcher closes, failing every frame not yet run."""
+        try:
+            while True:
+                with self._cond:
+                    batch = self._next_tick()
+                    if batch is None:
+                        break
+                self._run(batch)
+        except BaseException as error:
             with self._cond:
-                batch = self._next_tick()
-                if batch is None:
-                    pending = self._table.drain()
-                    break
-            self._run(batch)
-        error = RuntimeError(f"{self._closed} before this frame ran")
-        for future in pending:
-            future.set_exception(error)
+                self._closed = f"the SequenceBatcher's scheduler stopped on {error!r}"
+            raise
+        finally:
+            with self._cond:
+                self._closed = self._closed or "the SequenceBatcher is closed"
+                pending = self._table.drain()
+            failure = RuntimeError(f"{self._closed} before this frame ran")
+            for future in pending:
+                if not future.done():
+                    future.set_exception(failure)
 
     def _next_tick(self) -> list | None:
         """Waits (the lock held, released while waiting) until a tick is due;
@@ -252,7 +281,7 @@ class SequenceBatcher:
         with self._cond:  # idle time runs from a frame's end, not its submission
             now = time.monotonic()
             for sequence in sequences:
-                sequence.last_seen = now
+                sequence.last_seen, sequence.has_run = now, True
         for row, future in enumerate(futures):
             if finite[row]:
                 future.set_result(outputs[row])
@@ -266,8 +295,13 @@ class SequenceBatcher:
 
 
 def _seconds(value: Any, name: str, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ValueError(f"{name}: expected a number of seconds >= 0; received {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(f"{name}: expected a finite number of seconds >= 0; received {value!r}")
     if positive and value == 0:
         raise ValueError(f"{name}: expected a number of seconds > 0 (or None); received 0")
     return float(value)

@@ -13,8 +13,9 @@ from . import _protocol
 
 
 class Client:
-    """A connection to a :class:`Server`, blocking (one thread uses it; open
-    one client per thread).
+    """A connection to a :class:`Server`, blocking: one thread uses it, except
+    that one thread may :meth:`send` while another :meth:`receive` s (a live
+    source and its consumer). Open one client per thread otherwise.
 
     The server's ``ready`` message sets ``client.frame_shape`` ``[bands, time,
     features]`` and ``client.output_shape`` ``[bands, time, ...]``. An error
@@ -110,6 +111,8 @@ class Client:
         self.close()
 
     def _request(self, kind: str, sequence_id: str) -> None:
+        # Checked here: the server's error for a malformed id names no id to match.
+        sequence_id = _protocol.check_id(sequence_id)
         self._connection.send(_protocol.text(kind, id=sequence_id))
 
         def reply(fields: dict | None, header: tuple[str, int] | None) -> bool:

@@ -31,12 +31,8 @@ def check_frame(
             f"frame: expected a floating dtype (cast to {dtype}); received {frame.dtype}"
         )
     frame = frame.astype(dtype)  # a copy: the frame waits in a queue
-    if check_finite and not np.isfinite(frame).all():
-        where = [int(i) for i in np.argwhere(~np.isfinite(frame))[0]]
-        raise ValueError(
-            f"frame: expected finite values (check_finite=True); received NaN or infinity, first "
-            f"at [band, step, feature] = {where}; nothing was run"
-        )
+    if check_finite:
+        _validate.refuse_nonfinite(frame, "frame", "[band, step, feature]")
     return frame
 
 

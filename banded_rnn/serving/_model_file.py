@@ -15,11 +15,15 @@ import flax.linen as nn
 import numpy as np
 from flax import traverse_util
 
+from .._internal import validate as _validate
+from .._internal import write_atomically
+
 
 def save_variables(path: str | os.PathLike, variables: Mapping) -> None:
     """Writes ``variables`` (nested mappings of arrays) to ``path`` as ``.npz``,
     one array per leaf, keyed by its path joined with ``/``: the file
-    ``python -m banded_rnn serve ... --variables`` reads.
+    ``python -m banded_rnn serve ... --variables`` reads. Written atomically
+    (a crash leaves the old file or the new one), at ``path`` as given.
 
     >>> import tempfile, pathlib, jax
     >>> from banded_rnn import BandedLSTM
@@ -32,8 +36,9 @@ def save_variables(path: str | os.PathLike, variables: Mapping) -> None:
     """
     if not isinstance(variables, Mapping):
         raise TypeError(f"variables: expected nested mappings; received {type(variables).__name__}")
-    flat = traverse_util.flatten_dict(_plain(variables), sep="/")
-    np.savez(path, **{key: np.asarray(value) for key, value in flat.items()})
+    flat = traverse_util.flatten_dict(_validate.plain_dicts(variables), sep="/")
+    arrays = {key: np.asarray(value) for key, value in flat.items()}
+    write_atomically(path, lambda file: np.savez(file, **arrays))
 
 
 def load_model(factory: str, variables: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
@@ -41,7 +46,8 @@ def load_model(factory: str, variables: str | os.PathLike | None = None) -> tupl
     module is imported and the function called with no arguments; it returns
     ``(model, variables)``. Given a ``variables`` file (written by
     :func:`save_variables`), its arrays replace the function's, which must have
-    the same paths and shapes (or be ``None``: the file's are taken as they are).
+    the same paths, shapes and dtypes (or be ``None``: the file's are taken
+    as they are).
 
     >>> model, variables = load_model("banded_rnn.serving._model_file:_example")
     >>> type(model).__name__, variables["params"]["layer_0"]["kernel"].shape
@@ -74,28 +80,19 @@ def _read_variables(path: str | os.PathLike, like: Any) -> dict:
     except (OSError, ValueError) as error:
         raise ValueError(f"variables: cannot read {os.fspath(path)!r} as .npz: {error}") from None
     if like is not None:
-        expected = {
-            key: np.shape(value)
-            for key, value in traverse_util.flatten_dict(_plain(like), sep="/").items()
-        }
-        received = {key: value.shape for key, value in found.items()}
+        flat = traverse_util.flatten_dict(_validate.plain_dicts(like), sep="/")
+        expected = {key: (np.shape(v), np.dtype(v.dtype).name) for key, v in flat.items()}
+        received = {key: (value.shape, value.dtype.name) for key, value in found.items()}
         if expected != received:
             missing = sorted(set(expected) - set(received))
             extra = sorted(set(received) - set(expected))
             shapes = [k for k in expected.keys() & received.keys() if expected[k] != received[k]]
             raise ValueError(
                 f"variables: {os.fspath(path)!r} does not match the model's variables: missing "
-                f"{missing}, unexpected {extra}, other shapes at "
+                f"{missing}, unexpected {extra}, other (shape, dtype) at "
                 f"{[(k, expected[k], received[k]) for k in sorted(shapes)]}"
             )
     return traverse_util.unflatten_dict(found, sep="/")
-
-
-def _plain(tree: Any) -> Any:
-    """Nested mappings (Flax's ``FrozenDict`` included) as plain dicts."""
-    if isinstance(tree, Mapping):
-        return {key: _plain(value) for key, value in tree.items()}
-    return tree
 
 
 def _example() -> tuple[nn.Module, Any]:

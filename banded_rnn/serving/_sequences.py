@@ -25,11 +25,13 @@ class BatcherFullError(RuntimeError):
 @dataclasses.dataclass
 class Sequence:
     """One live sequence: its slot, its frames not yet run (in order), whether
-    its next tick starts it from zeros, when it last sent a frame."""
+    its next tick starts it from zeros, whether a tick has run it (its slot
+    holds its state), when it last sent a frame."""
 
     slot: int
     queue: collections.deque[tuple[np.ndarray, Future, float]]
     fresh: bool = True
+    has_run: bool = False
     last_seen: float = 0.0
     ending: bool = False
 
@@ -67,13 +69,19 @@ class SequenceTable:
             f"start({sequence_id!r}))"
         )
 
-    def end(self, sequence_id: Hashable, why: str) -> None:
-        """No more frames for ``sequence_id``; its slot is free once its queue is run."""
+    def end(self, sequence_id: Hashable, why: str, *, drop: bool = False) -> list[Future]:
+        """No more frames for ``sequence_id``; its slot is free once its queue
+        is run, or now with ``drop``: returns the futures of the frames
+        dropped, for the caller to cancel outside the lock."""
         sequence = self.accepting(sequence_id)
         sequence.ending = True
         self._gone[sequence_id] = why
+        dropped = [future for _, future, _ in sequence.queue] if drop else []
+        if drop:
+            sequence.queue.clear()
         if not sequence.queue:
             self._free_slot(sequence_id)
+        return dropped
 
     def _free_slot(self, sequence_id: Hashable) -> None:
         sequence = self.live.pop(sequence_id)

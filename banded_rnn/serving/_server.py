@@ -26,9 +26,14 @@ class _Key:
         return repr(self.sequence_id)
 
 
+CLOSE_TIMEOUT = 2.0
+"""Seconds a closing connection may take to say goodbye before it is cut."""
+
+
 class _Peer:
     """One connection's messages to send, in order, from a bounded queue: a
-    client that reads too slowly is disconnected, never waited for."""
+    client that reads too slowly is cut off (its socket aborted: a close
+    handshake would wait for the client to read), never waited for."""
 
     def __init__(self, connection: Any, limit: int) -> None:
         self.connection = connection
@@ -42,8 +47,14 @@ class _Peer:
             self.queue.put_nowait(message)
         except asyncio.QueueFull:
             self.dropped = True
-            reason = f"more than {self.queue.maxsize} messages waiting: the client reads too slowly"
-            asyncio.ensure_future(self.connection.close(1013, reason))
+            self.connection.transport.abort()
+
+    async def close(self) -> None:
+        """Closes the connection, cutting it if the client does not answer in time."""
+        try:
+            await asyncio.wait_for(self.connection.close(1001, "server stopping"), CLOSE_TIMEOUT)
+        except (TimeoutError, OSError):
+            self.connection.transport.abort()
 
     async def send_all(self) -> None:
         while True:
@@ -57,12 +68,14 @@ class Server:
     On connecting, a client receives ``{"type": "ready", ...}`` with the
     frame and output shapes; it then sends ``{"type": "start", "id": ...}``,
     binary frames and ``{"type": "end", "id": ...}``, and receives each
-    frame's outputs, or ``{"type": "error", ...}``, in the order of its
-    frames. Ids belong to their connection: two clients may both use ``"a"``.
-    A malformed or refused message gets an error message and the connection
-    stays usable; a client that disconnects has its sequences ended; a client
-    that lets more than ``send_queue`` messages wait is disconnected, so a slow
-    reader never holds back the others. The server does not close the batcher.
+    frame's outputs, in the order of its frames, or ``{"type": "error",
+    ...}`` for a refused one (sent when refused, so it may come before the
+    outputs of earlier frames). Ids belong to their connection: two clients
+    may both use ``"a"``. A malformed or refused message gets an error message
+    and the connection stays usable; a client that disconnects has its
+    sequences ended and their frames not yet run dropped; a client that lets
+    more than ``send_queue`` messages wait is cut off, so a slow reader never
+    holds back the others. The server does not close the batcher.
 
     The model comes from ``module:function``, as ``python -m banded_rnn serve`` loads it:
 
@@ -103,6 +116,7 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._connections = 0
+        self._peers: set[_Peer] = set()
 
     @property
     def url(self) -> str:
@@ -164,6 +178,8 @@ class Server:
         ) as server:
             self._ready.set_result(server.sockets[0].getsockname()[1])
             await self._stop.wait()
+            server.close(close_connections=False)  # accept no more
+            await asyncio.gather(*(peer.close() for peer in list(self._peers)))
 
     async def _handle(self, connection: Any) -> None:
         from websockets.exceptions import ConnectionClosed
@@ -171,6 +187,7 @@ class Server:
         self._connections += 1
         number, live = self._connections, set()
         peer = _Peer(connection, self.send_queue)
+        self._peers.add(peer)
         sender = asyncio.create_task(peer.send_all())
         batcher = self.batcher
         peer.put(
@@ -193,9 +210,10 @@ class Server:
         except ConnectionClosed:
             pass
         finally:
+            self._peers.discard(peer)
             for sequence_id in live:
                 try:
-                    batcher.end(_Key(number, sequence_id))
+                    batcher.end(_Key(number, sequence_id), drop_queued=True)
                 except (ValueError, RuntimeError):  # freed after max_idle, or closed
                     pass
             sender.cancel()
@@ -221,6 +239,8 @@ class Server:
             )
         except _protocol.MessageError as error:
             peer.put(_protocol.error_text(error.sequence_id, error.number, error))
+            return
+        if peer.dropped:  # cut off: nothing more runs for it
             return
         future = self.batcher.submit(_Key(number, sequence_id), frame)
         future.add_done_callback(partial(self._deliver, peer, sequence_id, frame_number))

@@ -157,6 +157,10 @@ class Tick:
                 scratch, outputs, _ = self._step(self._variables, scratch, frames, rows, fresh)
             jax.block_until_ready((scratch, outputs))
 
+    def zero_row_state(self) -> Any:
+        """The state of a sequence before its first frame: zero leaves ``[bands, ...]``."""
+        return jax.tree.map(lambda leaf: np.zeros(leaf.shape[1:], leaf.dtype), self._spec.state)
+
     def row_state(self, slot: int) -> Any:
         """A NumPy copy of the state of ``slot``: leaves ``[bands, ...]``."""
         with self._lock:  # not while a tick donates the state

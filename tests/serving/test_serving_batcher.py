@@ -117,6 +117,8 @@ def test_a_reused_slot_starts_from_zeros(batcher):
         batcher.submit(name, frames_of(40, 1)[0]).result(30)
     batcher.end(names[1])
     batcher.start("next")  # takes the slot names[1] left, with its state
+    zeros = jax.tree.map(np.zeros_like, batcher.state(names[0]))
+    jax.tree.map(np.testing.assert_array_equal, batcher.state("next"), zeros)  # not names[1]'s
     frames = frames_of(41, 4)
     outputs = np.stack([batcher.submit("next", frame).result(30) for frame in frames])
     assert_same(outputs, alone(frames)[0])
@@ -233,6 +235,58 @@ def test_close_fails_the_frames_not_yet_run_and_refuses_more():
     with pytest.raises(RuntimeError, match="closed"):
         batcher.start("c")
     batcher.close()  # again: nothing
+
+
+def test_a_sequence_with_max_queued_frames_waiting_is_refused_more_until_they_run():
+    with SequenceBatcher(MODEL, VARIABLES, 2, BANDS, max_delay=30.0, max_queued=3) as batcher:
+        batcher.start("a")
+        batcher.start("b")  # never sends: "a"'s frames wait for max_delay
+        frames = frames_of(95, 5)
+        queued = [batcher.submit("a", frame) for frame in frames[:3]]
+        refused = batcher.submit("a", frames[3])
+        with pytest.raises(ValueError, match=r"^frame: 'a' has 3 frames waiting.*max_queued=3"):
+            refused.result(30)
+        batcher.end("b")  # "a" is now the only one that may send: its ticks run at once
+        outputs = [future.result(30) for future in queued]
+        outputs.append(batcher.submit("a", frames[4]).result(30))  # taken again
+    assert_same(np.stack(outputs), alone(frames[[0, 1, 2, 4]])[0])
+
+
+def test_ending_with_drop_queued_cancels_the_frames_not_yet_run_and_frees_the_slot():
+    with SequenceBatcher(MODEL, VARIABLES, 1, BANDS, max_delay=30.0) as batcher:
+        batcher.start("a")
+        first = batcher.submit("a", frames_of(96, 1)[0])
+        first.result(30)  # the only live sequence: its frame ran at once
+        with batcher._cond:  # hold the scheduler so frames stay queued
+            waiting = [batcher.submit("a", frame) for frame in frames_of(97, 3)]
+            batcher.end("a", drop_queued=True)
+        assert all(future.cancelled() for future in waiting)
+        assert batcher.sequences == ()
+        batcher.start("c")  # the slot is free at once, from zeros
+        frames = frames_of(98, 2)
+        outputs = np.stack([batcher.submit("c", frame).result(30) for frame in frames])
+    assert_same(outputs, alone(frames)[0])
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_failing_scheduler_closes_the_batcher_and_fails_every_waiting_frame(monkeypatch):
+    batcher = SequenceBatcher(MODEL, VARIABLES, 2, BANDS, max_delay=30.0)
+    batcher.start("a")
+    batcher.start("b")
+    waiting = batcher.submit("a", frames_of(99, 1)[0])
+
+    def broken(*args):
+        raise OverflowError("a broken clock")
+
+    with batcher._cond:
+        monkeypatch.setattr(batcher._table, "ready", broken)
+        batcher._cond.notify()
+    stopped = r"scheduler stopped on OverflowError.*before this frame"
+    with pytest.raises(RuntimeError, match=stopped):
+        waiting.result(30)
+    with pytest.raises(RuntimeError, match=r"scheduler stopped on OverflowError"):
+        batcher.start("c")
+    batcher.close()
 
 
 # Refusals: each named, on its own future or call, and nothing else changes.
@@ -372,9 +426,11 @@ def test_start_and_end_refusals_name_the_sequence(strict):
         (
             {"max_delay": -1},
             ValueError,
-            r"max_delay: expected a number of seconds >= 0; received -1",
+            r"max_delay: expected a finite number of seconds >= 0; received -1",
         ),
         ({"max_idle": 0}, ValueError, r"max_idle: expected a number of seconds > 0 \(or None\)"),
+        ({"max_idle": float("inf")}, ValueError, r"max_idle: expected a finite number.*inf"),
+        ({"max_queued": 0}, ValueError, r"max_queued: expected an integer >= 1; received 0"),
         ({"features": 5}, ValueError, r"features: the variables' kernel is \[6, 4 \* units\]"),
         ({"num_bands": 0}, ValueError, r"num_bands: expected an integer >= 1; received 0"),
         ({"dtype": np.int32}, TypeError, r"dtype: expected a floating dtype; received int32"),
@@ -385,6 +441,8 @@ def test_start_and_end_refusals_name_the_sequence(strict):
         "batch-sizes",
         "max-delay",
         "max-idle",
+        "max-idle-inf",
+        "max-queued",
         "features",
         "bands",
         "dtype",

@@ -28,9 +28,16 @@ def test_a_variables_file_of_another_model_is_refused_naming_the_paths(tmp_path)
     params["layer_0"] = {**params["layer_0"], "bias": np.zeros(3, np.float32)}
     save_variables(tmp_path / "v.npz", {"params": params, "extra": {"x": np.zeros(1)}})
     missing = r"missing \['params/layer_1/bias', .*unexpected \['extra/x'\], "
-    shapes = r"other shapes at \[\('params/layer_0/bias', \(20,\), \(3,\)\)\]"
+    shapes = r"other \(shape, dtype\) at \[\('params/layer_0/bias', \(\(20,\), 'float32'\), "
+    shapes += r"\(\(3,\), 'float32'\)\)\]"
     with pytest.raises(ValueError, match=missing + shapes):
         load_model("served_model:make", tmp_path / "v.npz")
+    as_float64 = jax.tree.map(lambda leaf: np.asarray(leaf, np.float64), dict(variables))
+    save_variables(tmp_path / "f64.npz", as_float64)
+    dtypes = r"other \(shape, dtype\) at \[\('params/layer_0/bias', \(\(20,\), 'float32'\), "
+    dtypes += r"\(\(20,\), 'float64'\)\)"
+    with pytest.raises(ValueError, match=dtypes):
+        load_model("served_model:make", tmp_path / "f64.npz")
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match=r"variables: cannot read .*bad.npz' as .npz"):
         load_model("served_model:make", tmp_path / "bad.npz")

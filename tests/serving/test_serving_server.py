@@ -4,22 +4,24 @@ and the command line."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from banded_rnn import BandedLSTM
 from banded_rnn.serving import BatcherFullError, Client, SequenceBatcher, Server, save_variables
 from banded_rnn.serving._protocol import encode_array
-from banded_rnn.serving._server import _Peer
 
 from helpers import ROOT, init_model, random_inputs, script_env
 from served_model import (
@@ -33,9 +35,6 @@ from served_model import (
     make,
     run_threads,
 )
-
-websockets = pytest.importorskip("websockets")
-from websockets.sync.client import connect  # noqa: E402
 
 HERE = pathlib.Path(__file__).parent
 FRAME = (BANDS, 1, FEATURES)
@@ -200,31 +199,51 @@ def test_a_killed_client_frees_its_slot(server):
             client.start(name)
 
 
-def test_a_client_that_lets_its_replies_pile_up_is_disconnected():
-    class Stuck:
-        """A connection whose sends never finish: a client that reads nothing."""
+def _reading_nothing(port: int):
+    """A real connection that reads nothing after its first message: a small
+    socket receive buffer, and websockets' own buffer of one message."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return connect(
+        f"ws://127.0.0.1:{port}", sock=sock, max_queue=1, open_timeout=10, close_timeout=0.5
+    )
 
-        closed = None
 
-        async def send(self, message):
-            await asyncio.Event().wait()
+def test_a_client_that_reads_nothing_is_cut_off_while_the_others_go_on():
+    with SequenceBatcher(*make(), 2, BANDS, max_delay=0.001) as batcher:
+        batcher.warmup()
+        with Server(batcher, send_queue=8) as server, Client(server.url) as client:
+            with _reading_nothing(server.port) as stuck:
+                stuck.recv(10)  # ready
+                stuck.send(json.dumps({"type": "start", "id": "stuck"}))
+                client.start("live")
+                frames, outputs, cut = frames_of(60, 40), [], False
+                frame = encode_array("stuck", 0, np.zeros(FRAME, np.float32))
+                for live in frames:  # the live client's frames, between the stuck one's bursts
+                    if not cut:
+                        try:
+                            for _ in range(200):
+                                stuck.send(frame)
+                        except (ConnectionClosed, OSError):
+                            cut = True
+                    outputs.append(client("live", live))
+                assert cut, "the connection that reads nothing was never cut off"
+                _wait_for(lambda: [key.sequence_id for key in batcher.sequences] == ["live"])
+                client.end("live")
+    assert_same(np.stack(outputs), alone(frames)[0])
 
-        async def close(self, code, reason):
-            self.closed = (code, reason)
 
-    async def main():
-        connection = Stuck()
-        peer = _Peer(connection, 2)
-        sender = asyncio.create_task(peer.send_all())
-        for number in range(4):  # one in the stuck send, two waiting, one too many
-            peer.put(f"message {number}")
-            await asyncio.sleep(0)
-        await asyncio.sleep(0)
-        sender.cancel()
-        return connection.closed, peer.dropped
-
-    closed, dropped = asyncio.run(main())
-    assert dropped and closed == (1013, "more than 2 messages waiting: the client reads too slowly")
+def test_close_cuts_a_connection_that_does_not_answer_its_close():
+    with SequenceBatcher(*make(), 2, BANDS, max_delay=0.001) as batcher:
+        server = Server(batcher).start()
+        with _reading_nothing(server.port) as silent:  # "ready" waits unread
+            silent.send(json.dumps({"type": "start", "id": "s"}))
+            _wait_for(lambda: batcher.sequences != ())
+            closing = threading.Thread(target=server.close)
+            closing.start()
+            closing.join(30)  # unanswered, the handshake is cut after 2 s
+            assert not closing.is_alive()
+            _wait_for(lambda: batcher.sequences == ())
 
 
 def test_the_serve_command_serves_a_model_and_stops_on_sigterm(tmp_path):
