@@ -23,10 +23,24 @@ def held(points: list[dict], mode: str) -> int:
     return max((p["clients"] for p in points if p["mode"] == mode and p["held"]), default=0)
 
 
-def render(points: list[dict], header: dict, parity: dict[str, float], plot: str) -> str:
+def render(
+    points: list[dict], header: dict, parity: dict[str, float], plot: str, costs: dict
+) -> str:
     modes = list(dict.fromkeys(p["mode"] for p in points))
     lines = ["# Serving under load", ""]
     lines += [f"{key}: {value}" for key, value in header.items()]
+    counts = sorted({n for _, n in costs})
+    if counts:
+        lines += ["", "One call with n frames ready, unloaded (median of 30): the batcher's tick "
+                  "against n Stream calls in a row; per frame in brackets:", ""]  # fmt: skip
+        lines += ["| n | batcher tick | n Stream calls |", "|---|---|---|"]
+        for n in counts:
+            cells = [
+                f"{costs[mode, n] * 1e3:.3f} ms ({costs[mode, n] / n * 1e3:.3f})"
+                if (mode, n) in costs else "-"
+                for mode in ("batcher", "stream")
+            ]  # fmt: skip
+            lines.append(f"| {n} | {cells[0]} | {cells[1]} |")
     lines += ["", "Most clients held in real time (p99 latency under the 16 ms frame):", ""]
     lines += ["| mode | clients held |", "|---|---|"]
     lines += [f"| {LABELS[m]} | {held(points, m)} |" for m in modes]

@@ -13,16 +13,22 @@ reports the p50 and p99 latency from a frame's due time to its outputs, for:
 * ``torch``: one ``torch.nn.LSTM`` loop per client (each its own ``(h, c)``),
   each client a thread, torch limited to 2 threads in all.
 
+``--config seed-stream`` runs the small model (3 bands of 64 units), where a
+frame's arithmetic is a few microseconds and each call's dispatch is most of
+its cost; ``subband-stream`` (the default) is compute-bound: one frame is
+already 257 rows of 1,184 x 1,536 multiply-adds per layer.
+
 A mode's sweep stops after two points in a row miss real time (p99 above the
-frame's 16 ms). The report (``benchmarks/results/serving-load.md``) names the
-CPU and the load average when the run started and ended; the plot goes to
-``docs/_static/serving-load.png``.
+frame's 16 ms). The report (``benchmarks/results/serving-load-<config>.md``)
+names the CPU and the load average when the run started and ended; the plot
+goes to ``docs/_static/serving-load-<config>.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import os
 import pathlib
 import time
@@ -31,11 +37,20 @@ import numpy as np
 
 from . import _load_report
 from ._configs import CONFIGS, FRAME_SECONDS, Config
-from ._load_clients import Schedule, blocking_clients, submitting_clients, websocket_clients
+from ._load_clients import (
+    WAIT_S,
+    Schedule,
+    blocking_clients,
+    submitting_clients,
+    websocket_clients,
+)
 from ._report import cpu_identity, machine, write_report
 from ._weights import load_torch, random_data, random_weights, to_ours
 
 MODES = ("batcher", "batcher-1", "websocket", "stream", "torch")
+DEFAULT_CLIENTS = {"subband-stream": "1,2,3,4,5,6,8", "seed-stream": "1,8,16,32,64,96,128"}
+TIMED_TICKS = 30
+"""Calls timed for each point of ``tick_costs``."""
 WARM_FRAMES = 10
 """Each client's first frames, left out of the percentiles (the warm start)."""
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -183,17 +198,56 @@ def parity(modes: dict[str, Mode], frames: np.ndarray) -> dict[str, float]:
     return {n: float(np.abs(out - base).max()) for n, out in outputs.items() if out is not None}
 
 
+def tick_costs(modes: dict[str, Mode], frames: np.ndarray, counts: list[int]) -> dict:
+    """The median time of one call with ``n`` frames ready, for each ``n`` of
+    ``counts``: the batcher's tick (every sequence's frame submitted at once,
+    timed to the last output) and ``n`` Stream calls one after another. Where
+    a tick of ``n`` costs ``n`` single calls, batching gains nothing."""
+    costs: dict = {}
+    batcher, stream = modes.get("batcher"), modes.get("stream")
+    for n in counts:
+        if batcher is not None:
+            names = [f"cost{c}" for c in range(n)]
+            for name in names:
+                batcher.batcher.start(name)
+            times = []
+            for k in range(TIMED_TICKS):
+                start = time.perf_counter()
+                futures = [batcher.batcher.submit(name, frames[k % len(frames)]) for name in names]
+                for future in futures:
+                    future.result(WAIT_S)
+                times.append(time.perf_counter() - start)
+            for name in names:
+                batcher.batcher.end(name)
+            costs["batcher", n] = float(np.median(times))
+        if stream is not None:
+            times = []
+            for k in range(TIMED_TICKS):
+                start = time.perf_counter()
+                for c in range(n):
+                    stream.streams[c](frames[k % len(frames)][None])
+                times.append(time.perf_counter() - start)
+            costs["stream", n] = float(np.median(times))
+    return costs
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serving_load", description=__doc__)
     parser.add_argument("--config", default="subband-stream", choices=sorted(CONFIGS))
     parser.add_argument(
         "--modes", default=",".join(MODES), help="comma-separated, of " + str(MODES)
     )
-    parser.add_argument("--clients", default="1,2,3,4,5,6,8", help="client counts, ascending")
+    parser.add_argument(
+        "--clients", help="client counts, ascending (default: by --config, DEFAULT_CLIENTS)"
+    )
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per point")
-    parser.add_argument("--output", default="benchmarks/results/serving-load.md")
-    parser.add_argument("--plot", default="docs/_static/serving-load.png")
-    return parser.parse_args(argv)
+    parser.add_argument("--output", help="default: benchmarks/results/serving-load-<config>.md")
+    parser.add_argument("--plot", help="default: docs/_static/serving-load-<config>.png")
+    args = parser.parse_args(argv)
+    args.clients = args.clients or DEFAULT_CLIENTS.get(args.config, "1,2,4,8")
+    args.output = args.output or f"benchmarks/results/serving-load-{args.config}.md"
+    args.plot = args.plot or f"docs/_static/serving-load-{args.config}.png"
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     modes = {name: Mode(name, config, max(counts)) for name in names}
     try:
         differences = parity(modes, frames[:3])
+        costs = tick_costs(modes, frames, [n for n in counts if n <= 8])
+        # As `python -m banded_rnn serve` does after its warmup: what is loaded
+        # stays out of full collections, which stop every thread (~0.1 s here).
+        gc.collect()
+        gc.freeze()
         points = []
         for mode in modes.values():
             points += sweep(mode, frames, counts, args.duration)
@@ -228,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_path = ROOT / args.plot
     title = f"{config.name}: {cpu_line()}, load {load_at_start.split(',')[0]} at the start"
     _load_report.plot(points, plot_path, title)
-    report = _load_report.render(points, header, differences, args.plot)
+    report = _load_report.render(points, header, differences, args.plot, costs)
     write_report(ROOT / args.output, report)
     print(report)
     return 0

@@ -196,9 +196,13 @@ class SequenceBatcher:
                         f"(max_queued={self.max_queued}); wait for their outputs first"
                     )
                 now = time.monotonic()
-                sequence.queue.append((frame, future, now))
                 sequence.last_seen = now
-                self._cond.notify()
+                if self._table.queue_frame(sequence, (frame, future, now)) and (
+                    self._table.ready_count == 1  # the first: its max_delay starts now
+                    or self._table.idle_count == 0  # everyone has a frame
+                    or self._table.ready_count >= self.batch_sizes[-1]  # a full tick
+                ):
+                    self._cond.notify()  # otherwise the scheduler's wait ends in time
         except (ValueError, TypeError, RuntimeError) as error:
             future.set_exception(error)
         return future

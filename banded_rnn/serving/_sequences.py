@@ -37,11 +37,16 @@ class Sequence:
 
 
 class SequenceTable:
-    """Which sequence holds which slot."""
+    """Which sequence holds which slot; and, kept up to date by every method,
+    how many live sequences have a frame queued (``ready``) and how many that
+    may still send have none (``idle``), so that a new frame decides in
+    constant time whether it can start a tick."""
 
     def __init__(self, num_slots: int) -> None:
         self.num_slots = num_slots
         self.live: dict[Hashable, Sequence] = {}
+        self.ready_count = 0
+        self.idle_count = 0
         self._free = list(range(num_slots))  # lowest first
         self._gone: collections.OrderedDict[Hashable, str] = collections.OrderedDict()
 
@@ -56,7 +61,18 @@ class SequenceTable:
         self._gone.pop(sequence_id, None)
         sequence = Sequence(self._free.pop(0), collections.deque(), last_seen=time.monotonic())
         self.live[sequence_id] = sequence
+        self.idle_count += 1
         return sequence
+
+    def queue_frame(self, sequence: Sequence, item: tuple[np.ndarray, Future, float]) -> bool:
+        """Queues ``item`` for the accepting ``sequence``; returns whether the
+        sequence had no frame queued before (it became ready)."""
+        sequence.queue.append(item)
+        if len(sequence.queue) > 1:
+            return False
+        self.ready_count += 1
+        self.idle_count -= 1
+        return True
 
     def accepting(self, sequence_id: Hashable) -> Sequence:
         """The live sequence ``sequence_id`` if it takes frames, or ``ValueError``."""
@@ -77,8 +93,11 @@ class SequenceTable:
         sequence.ending = True
         self._gone[sequence_id] = why
         dropped = [future for _, future, _ in sequence.queue] if drop else []
-        if drop:
+        if not sequence.queue:
+            self.idle_count -= 1  # it may not send any more
+        elif drop:
             sequence.queue.clear()
+            self.ready_count -= 1
         if not sequence.queue:
             self._free_slot(sequence_id)
         return dropped
@@ -120,6 +139,9 @@ class SequenceTable:
                     batch.append((sequence, sequence.fresh, frame, future))
                     sequence.fresh = False
                     break
+            if not sequence.queue:
+                self.ready_count -= 1
+                self.idle_count += 0 if sequence.ending else 1
         for sequence_id, sequence in list(self.live.items()):
             if sequence.ending and not sequence.queue:
                 self._free_slot(sequence_id)
@@ -129,15 +151,14 @@ class SequenceTable:
         """When the oldest queued frame arrived (None: no frame), how many
         sequences have a frame queued, and whether every sequence that may
         still send has one."""
-        oldest, count, waiting_for_others = None, 0, False
-        for sequence in self.live.values():
-            if sequence.queue:
-                arrived = sequence.queue[0][2]
-                oldest = arrived if oldest is None else min(oldest, arrived)
-                count += 1
-            elif not sequence.ending:
-                waiting_for_others = True
-        return oldest, count, not waiting_for_others
+        oldest = min((s.queue[0][2] for s in self.live.values() if s.queue), default=None)
+        return oldest, self.ready_count, self.idle_count == 0
+
+    def counts(self) -> tuple[int, int]:
+        """``(ready, idle)`` counted afresh from the sequences (for the tests)."""
+        ready = sum(1 for s in self.live.values() if s.queue)
+        idle = sum(1 for s in self.live.values() if not s.queue and not s.ending)
+        return ready, idle
 
     def drain(self) -> list[Future]:
         """Every queued future, the table emptied (the batcher is closing)."""
@@ -146,4 +167,5 @@ class SequenceTable:
             self.live[sequence_id].queue.clear()
             self._gone[sequence_id] = "in a closed batcher"
             self._free_slot(sequence_id)
+        self.ready_count = self.idle_count = 0
         return futures

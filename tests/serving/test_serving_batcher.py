@@ -40,6 +40,14 @@ def assert_matches_reference(outputs, frames) -> None:
     np.testing.assert_allclose(received, expected[0], atol=2e-5)
 
 
+def assert_counts_kept(batcher) -> None:
+    """The table's running counts of ready and idle sequences, which decide
+    when a frame wakes the scheduler, equal those counted afresh."""
+    with batcher._cond:
+        table = batcher._table
+        assert (table.ready_count, table.idle_count) == table.counts()
+
+
 @pytest.fixture(scope="module")
 def batcher():
     with SequenceBatcher(MODEL, VARIABLES, SLOTS, BANDS, max_delay=0.001) as batcher:
@@ -59,12 +67,14 @@ def test_random_arrivals_starts_and_ends_from_threads_equal_each_sequence_alone(
             futures = []
             for frame in sequences[name]:
                 futures.append(batcher.submit(name, frame))
+                assert_counts_kept(batcher)
                 if rng.random() < 0.5:  # some frames queue behind others, some wait
                     time.sleep(float(rng.uniform(0, 0.004)))
             results[name] = (np.stack([f.result(30) for f in futures]), batcher.state(name))
             batcher.end(name)
 
     run_threads(client, sequences)
+    assert_counts_kept(batcher)
     for name, frames in sequences.items():
         outputs, state = results[name]
         assert_same((outputs, state), alone(frames))
