@@ -298,4 +298,5 @@ def test_reset_racing_calls_restarts_between_them():
         previous = k
     assert len(resets) > 10
     for before in resets:
-        assert 1 in ks[before : before + 2], (before, ks[before : before + 3])
+        if before + 2 <= calls:  # a reset that waited out the last calls has none to restart
+            assert 1 in ks[before : before + 2], (before, ks[before : before + 3])
