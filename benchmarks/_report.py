@@ -83,11 +83,14 @@ def kernel_path() -> dict[str, str]:
     if details["kernel"] != "built":
         return {"kernel": f"not built ({details['error']})", "isa": "scan"}
     caches = ", ".join(f"{key} {value >> 10} KiB" for key, value in details["caches"].items())
-    forced = "" if details["caches"] == details["caches_detected"] else " (set, not the CPU's)"
+    forced = details["caches"] != details["caches_detected"]
+    # A run with cache sizes set (BANDED_RNN_CACHES) simulates another CPU's
+    # blocking: kept in a file of its own, named for the sizes.
+    sizes = "-".join(f"{key}-{value >> 10}k" for key, value in details["caches"].items())
     return {
         "kernel": f"{details['isa']}, {details['tile']} tile",
-        "isa": details["isa"],
-        "caches": caches + forced,
+        "isa": details["isa"] + (f"-caches-{sizes}" if forced else ""),
+        "caches": caches + (" (set, not the CPU's)" if forced else ""),
     }
 
 
