@@ -35,19 +35,40 @@ def random_inputs(seed: int, shape, dtype=np.float32) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
 
 
-def init_model(model: BandedLSTM, inputs, seed: int = 0, bias_scale: float = 0.5):
-    """Initialises ``model`` and gives the biases random values too, so that a
-    wrong gate order or bias slice shows up in the comparison."""
-    variables = model.init(jax.random.key(seed), None, inputs)
+def init_model(model: nn.Module, inputs, seed: int = 0, bias_scale: float = 0.5):
+    """Variables for ``model`` (called as ``model(None, inputs)``), drawn in
+    NumPy as Keras's initializers draw them (Glorot-uniform kernels, orthogonal
+    recurrent kernels, the forget gate's bias at 1), with random values added
+    to the biases, so that a wrong gate order or bias slice shows up in the
+    comparison. Only the variables' shapes come from the model (traced, not
+    compiled): an eager ``model.init`` compiles every initializer and the
+    whole forward pass for each new shape (in tests/core/test_banded.py and
+    test_directions.py, 420 of their 1,780 compilations). ``model.init``
+    itself is tested in tests/core/test_banded.py."""
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(seed), None, x), inputs)
     rng = np.random.default_rng(seed + 1000)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, p: (
-            p + bias_scale * rng.standard_normal(p.shape).astype(p.dtype)
-            if path[-1].key == "bias"
-            else p
-        ),
-        variables,
-    )
+
+    def draw(path, leaf):
+        name, shape = path[-1].key, leaf.shape
+        if name == "recurrent_kernel":  # [units, 4 units], orthonormal rows
+            q, r = np.linalg.qr(rng.standard_normal((shape[1], shape[0])))
+            value = (q * np.sign(np.diag(r))).T
+        elif name == "kernel":
+            limit = np.sqrt(6 / (shape[0] + shape[-1]))
+            value = rng.uniform(-limit, limit, shape)
+        elif name == "bias":
+            value = bias_scale * rng.standard_normal(shape)
+            if "recurrent_kernel" in parents[path[:-1]]:  # an LSTM's: forget gate at 1
+                units = shape[0] // 4
+                value[units : 2 * units] += 1.0
+        else:
+            value = rng.standard_normal(shape) / np.sqrt(shape[0] if shape else 1)
+        return jnp.asarray(value.astype(leaf.dtype))
+
+    parents: dict = {}
+    for path, _ in jax.tree_util.tree_leaves_with_path(shapes):
+        parents.setdefault(path[:-1], set()).add(path[-1].key)
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def random_state(model: BandedLSTM, batch: int, bands: int, seed: int):
