@@ -193,20 +193,10 @@ def capture_grads() -> optax.GradientTransformation:
 
 
 def random_variables(model, features, seed, dtype=np.float32):
-    """Random parameters in BandedLSTM's layout, drawn with NumPy (nothing to compile),
-    biases included so that every gate slice matters."""
-    rng = np.random.default_rng(seed)
-    params, size = {}, features
-    for layer in range(model.num_layers):
-        params[f"layer_{layer}"] = {
-            "kernel": rng.normal(0, size**-0.5, (size, 4 * model.units)).astype(dtype),
-            "recurrent_kernel": rng.normal(
-                0, model.units**-0.5, (model.units, 4 * model.units)
-            ).astype(dtype),
-            "bias": rng.normal(0, 0.5, 4 * model.units).astype(dtype),
-        }  # fmt: skip
-        size = model.units
-    return {"params": params}
+    """``init_model``'s variables for ``model`` on inputs of ``features``, as
+    NumPy arrays of ``dtype`` (nothing compiled, biases random)."""
+    variables = init_model(model, np.zeros((1, 1, 1, features), np.float32), seed=seed)
+    return jax.tree.map(lambda leaf: np.asarray(leaf, dtype), variables)
 
 
 # One instance each: the optimiser is part of the TrainState's static structure, so a
