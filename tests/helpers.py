@@ -4,6 +4,7 @@ JAX starts."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -69,6 +70,18 @@ def init_model(model: nn.Module, inputs, seed: int = 0, bias_scale: float = 0.5)
     for path, _ in jax.tree_util.tree_leaves_with_path(shapes):
         parents.setdefault(path[:-1], set()).add(path[-1].key)
     return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("deterministic", "return_carry"))
+def jit_apply(model: nn.Module, *args, **kwargs):
+    """``model.apply(*args, **kwargs)`` compiled as one program, as a jitted
+    step runs it. Called eagerly, ``apply`` compiles its scan and each small
+    operation around it as programs of their own: for each new shape, twice
+    the compile time of one program (0.71 against 0.34 s for a two-layer scan
+    model on a Zen 5). The eager call is tested where it is the subject
+    (tests/core/test_banded.py::test_jit_traces_once_per_shape, the doctests,
+    the README's blocks)."""
+    return model.apply(*args, **kwargs)
 
 
 def random_state(model: BandedLSTM, batch: int, bands: int, seed: int):

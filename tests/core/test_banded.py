@@ -14,7 +14,7 @@ import pytest
 import banded_rnn
 from banded_rnn import LSTMState
 
-from helpers import init_model, random_inputs, random_state
+from helpers import init_model, jit_apply, random_inputs, random_state
 from reference import lstm_reference, params_from_variables
 
 BandedLSTM = banded_rnn.BandedLSTM  # replaced per path by the fixture below
@@ -80,7 +80,7 @@ def test_seq_lengths_match_reference(lengths_shape, num_layers):
     shape = (batch,) if lengths_shape == "batch" else (batch, bands)
     lengths = rng.integers(0, time + 3, shape)  # 0, partial, full and longer than time
     lengths.flat[0] = 0
-    final, y = model.apply(variables, state, x, seq_lengths=lengths)
+    final, y = jit_apply(model, variables, state, x, seq_lengths=lengths)
     assert_matches_reference(model, variables, x, state, y, final, atol=1e-5, seq_lengths=lengths)
     # Steps past a sequence's length output exactly zero.
     mask = np.arange(time) >= np.broadcast_to(lengths.reshape(batch, -1), (batch, bands))[..., None]
@@ -96,7 +96,7 @@ def test_matches_reference_float64(num_layers):
         variables = init_model(model, x)
         state = random_state(model, batch, bands, seed=7)
         state = jax.tree.map(lambda a: a.astype(np.float64), state)
-        final, y = model.apply(variables, state, x)
+        final, y = jit_apply(model, variables, state, x)
         assert y.dtype == jnp.float64
         assert_matches_reference(model, variables, x, state, y, final, atol=1e-10)
 
@@ -135,8 +135,8 @@ def test_none_state_equals_zero_state():
     model = BandedLSTM(4, num_layers=2)
     x = random_inputs(8, (2, 3, 5, 2))
     variables = init_model(model, x)
-    _, y_none = model.apply(variables, None, x)
-    _, y_zero = model.apply(variables, model.initial_state(2, 3), x)
+    _, y_none = jit_apply(model, variables, None, x)
+    _, y_zero = jit_apply(model, variables, model.initial_state(2, 3), x)
     np.testing.assert_array_equal(y_none, y_zero)
 
 
@@ -148,11 +148,11 @@ def test_bands_are_independent(bad_value, num_layers):
     x = random_inputs(9, (batch, bands, time, 3))
     variables = init_model(model, x)
     state = random_state(model, batch, bands, seed=10)
-    final, y = model.apply(variables, state, x)
+    final, y = jit_apply(model, variables, state, x)
     k = 2
     x_bad = x.copy()
     x_bad[:, k] = bad_value
-    final_bad, y_bad = model.apply(variables, state, x_bad)
+    final_bad, y_bad = jit_apply(model, variables, state, x_bad)
     others = [j for j in range(bands) if j != k]
     np.testing.assert_array_equal(np.asarray(y_bad)[:, others], np.asarray(y)[:, others])
     for s, s_bad in zip(final, final_bad, strict=True):
@@ -170,13 +170,13 @@ def test_gradient_never_crosses_bands():
     variables = init_model(model, x)
     state = random_state(model, batch, bands, seed=12)
 
+    def loss(x, state, band):  # of one band's outputs only: ``band`` is one-hot
+        _, y = model.apply(variables, state, x)
+        return jnp.sum(jnp.sin(y) * band[None, :, None, None])
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
     for k in range(bands):
-
-        def loss(x, state, k=k):
-            _, y = model.apply(variables, state, x)
-            return jnp.sum(jnp.sin(y[:, k]))
-
-        grad_x, grad_state = jax.grad(loss, argnums=(0, 1))(x, state)
+        grad_x, grad_state = grad(x, state, np.eye(bands, dtype=np.float32)[k])
         grad_x = np.asarray(grad_x)
         assert np.any(grad_x[:, k] != 0)
         for j in range(bands):
@@ -212,9 +212,9 @@ def test_vmap_over_extra_leading_axis_equals_loop():
     model = BandedLSTM(4, num_layers=2)
     xs = random_inputs(14, (3, 2, 2, 5, 3))  # [extra, batch, bands, time, features]
     variables = init_model(model, xs[0])
-    states, ys = jax.vmap(lambda x: model.apply(variables, None, x))(xs)
+    states, ys = jax.jit(jax.vmap(lambda x: model.apply(variables, None, x)))(xs)
     for e in range(xs.shape[0]):
-        state, y = model.apply(variables, None, xs[e])
+        state, y = jit_apply(model, variables, None, xs[e])
         np.testing.assert_allclose(ys[e], y, atol=1e-6)
         np.testing.assert_allclose(states[1].cell[e], state[1].cell, atol=1e-6)
 
@@ -225,11 +225,12 @@ def test_grad_matches_finite_differences_in_float64():
         x = random_inputs(15, (1, 2, 4, 2), np.float64)
         variables = init_model(model, x)
 
+        @jax.jit
         def loss(variables):
             _, y = model.apply(variables, None, x)
             return jnp.sum(y**2)
 
-        grads = jax.grad(loss)(variables)
+        grads = jax.jit(jax.grad(loss))(variables)
         kernel = np.asarray(variables["params"]["layer_0"]["kernel"])
         eps = 1e-6
         for index in [(0, 0), (1, 5), (0, 11)]:
@@ -253,7 +254,7 @@ def test_bfloat16_inputs_keep_float32_state():
     x = random_inputs(16, (2, 3, 5, 4))
     variables = init_model(model, x)
     x_bf16 = jnp.asarray(x, jnp.bfloat16)
-    final, y = model.apply(variables, None, x_bf16)
+    final, y = jit_apply(model, variables, None, x_bf16)
     assert y.dtype == jnp.float32
     assert all(s.hidden.dtype == s.cell.dtype == jnp.float32 for s in final)
     # The reference sees the same rounded inputs, so only float32 arithmetic differs.
@@ -265,9 +266,9 @@ def test_unroll_does_not_change_results():
     x = random_inputs(17, (2, 3, 11, 3))
     base = BandedLSTM(5, num_layers=2)
     variables = init_model(base, x)
-    _, y = base.apply(variables, None, x)
+    _, y = jit_apply(base, variables, None, x)
     for unroll in (2, 4, 16):
-        _, y_unrolled = BandedLSTM(5, num_layers=2, unroll=unroll).apply(variables, None, x)
+        _, y_unrolled = jit_apply(BandedLSTM(5, num_layers=2, unroll=unroll), variables, None, x)
         np.testing.assert_allclose(y_unrolled, y, atol=1e-6)
 
 
@@ -280,16 +281,17 @@ class TestDropout:
 
     def test_deterministic_ignores_dropout(self):
         variables = self.variables()
-        _, y = self.model.apply(variables, None, self.x)
+        _, y = jit_apply(self.model, variables, None, self.x)
         _, expected = lstm_reference(params_from_variables(variables), self.x)
         np.testing.assert_allclose(np.asarray(y), expected, atol=1e-5)
 
     def test_training_drops_and_is_reproducible(self):
         variables = self.variables()
-        _, y = self.model.apply(variables, None, self.x)
-        run = lambda seed: self.model.apply(  # noqa: E731
-            variables, None, self.x, deterministic=False, rngs={"dropout": jax.random.key(seed)}
-        )[1]
+        _, y = jit_apply(self.model, variables, None, self.x)
+        run = lambda seed: jit_apply(  # noqa: E731
+            self.model, variables, None, self.x, deterministic=False,
+            rngs={"dropout": jax.random.key(seed)},
+        )[1]  # fmt: skip
         np.testing.assert_array_equal(run(1), run(1))
         assert np.abs(np.asarray(run(1)) - np.asarray(run(2))).max() > 1e-3
         assert np.abs(np.asarray(run(1)) - np.asarray(y)).max() > 1e-3
@@ -301,13 +303,13 @@ class TestDropout:
         x = random_inputs(19, (2, 3, 5, 6))
         variables = init_model(model, x)
         rngs = {"dropout": jax.random.key(7)}
-        _, y = model.apply(variables, None, x, deterministic=False, rngs=rngs)
+        _, y = jit_apply(model, variables, None, x, deterministic=False, rngs=rngs)
         params = params_from_variables(variables)
         kept = np.zeros((2, 3, 6))
         for f in range(6):
             probe = np.zeros_like(x)
             probe[..., f] = x[..., f]
-            _, y_probe = model.apply(variables, None, probe, deterministic=False, rngs=rngs)
+            _, y_probe = jit_apply(model, variables, None, probe, deterministic=False, rngs=rngs)
             _, zero = lstm_reference(params, np.zeros_like(x))
             kept[..., f] = np.abs(np.asarray(y_probe) - zero).max(axis=(2, 3)) > 1e-7
         assert 0 < kept.mean() < 1
@@ -329,7 +331,7 @@ def _remat_loss(model):
         final, y = model.apply(variables, state, x, seq_lengths=REMAT_LENGTHS)
         return jnp.sum(jnp.sin(y)) + jnp.sum(final[1].cell ** 2)
 
-    return jax.value_and_grad(f, argnums=(0, 1, 2))
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
 
 
 @pytest.mark.parametrize("remat_chunk", [1, 4, 5, 30])
@@ -350,7 +352,7 @@ def test_remat_changes_neither_outputs_nor_gradients(remat_chunk, implementation
         params_from_variables(variables), x, [tuple(s) for s in state], lengths
     )
     np.testing.assert_allclose(
-        remat.apply(variables, state, x, seq_lengths=lengths)[1], expected, atol=1e-5
+        jit_apply(remat, variables, state, x, seq_lengths=lengths)[1], expected, atol=1e-5
     )
 
 
@@ -389,7 +391,7 @@ def test_forward_mode_matches_finite_differences():
         def f(x):
             return model.apply(variables, None, x)[1]
 
-        _, tangent = jax.jvp(f, (x,), (direction,))
+        _, tangent = jax.jit(lambda x, d: jax.jvp(f, (x,), (d,)))(x, direction)
         eps = 1e-6
         _, plus = lstm_reference(params_from_variables(variables), x + eps * direction)
         _, minus = lstm_reference(params_from_variables(variables), x - eps * direction)
@@ -406,7 +408,7 @@ def test_mask_with_gaps_matches_reference(mask_shape):
     shape = (batch, time) if mask_shape == "batch_time" else (batch, bands, time)
     mask = np.random.default_rng(27).random(shape) < 0.6  # gaps anywhere, leading ones too
     mask.flat[0] = False
-    final, y = model.apply(variables, state, x, mask=mask)
+    final, y = jit_apply(model, variables, state, x, mask=mask)
     ref_state = [tuple(s) for s in state]
     expected_final, expected = lstm_reference(
         params_from_variables(variables), x, ref_state, mask=mask
