@@ -247,7 +247,7 @@ def multihost_run(num_steps, directory=None, mesh=None, padded=False, **stream_k
     lengths = MULTIHOST_PADDED_LENGTHS if padded else MULTIHOST_LENGTHS
     inputs, targets = multihost_data(lengths)
     loss_fn = masked_mean(lambda outputs, targets: (outputs - targets) ** 2) if padded else mse
-    params = MULTIHOST_MODEL.init(jax.random.key(0), None, inputs[0][None])["params"]
+    params = init_model(MULTIHOST_MODEL, inputs[0][None])["params"]
     train_state = TrainState.create(apply_fn=MULTIHOST_MODEL.apply, params=params,
                                     tx=optax.adam(1e-2))  # fmt: skip
     stream = ChunkStream(inputs, targets, batch_size=MULTIHOST_BATCH, chunk_length=MULTIHOST_CHUNK,

@@ -7,12 +7,12 @@ import pytest
 
 from banded_rnn import BandedLSTM, LSTMState
 
-from helpers import random_inputs
+from helpers import init_model, random_inputs
 from reference import lstm_reference, params_from_variables
 
 MODEL = BandedLSTM(5, num_layers=2)
 X = random_inputs(0, (2, 3, 4, 6))
-VARIABLES = MODEL.init(jax.random.key(0), None, X)
+VARIABLES = init_model(MODEL, X)
 
 
 def apply(state=None, inputs=X, **kw):
@@ -150,7 +150,7 @@ def test_rank_3_inputs_suggest_the_bands_axis():
 
 def test_a_bare_pair_for_one_layer_names_lstm_state_and_the_order():
     model = BandedLSTM(5)
-    variables = model.init(jax.random.key(0), None, X)
+    variables = init_model(model, X)
     zeros = jnp.zeros((2, 3, 5))
     with pytest.raises(
         ValueError,

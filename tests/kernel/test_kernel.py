@@ -22,7 +22,7 @@ import banded_rnn
 from banded_rnn import BandedLSTM
 from banded_rnn._backends import _native, _native_layer, _packed
 
-from helpers import SubbandMask, random_inputs, random_state, run_script, script_env
+from helpers import SubbandMask, init_model, random_inputs, random_state, run_script, script_env
 from reference import lstm_reference, params_from_variables
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -67,7 +67,7 @@ def _model(units, num_layers, **kwargs):
 
 def _variables(model, shape, seed=0):
     x = random_inputs(seed, shape)
-    variables = model.init(jax.random.key(seed), None, x)
+    variables = init_model(model, x, seed=seed)
     # Larger recurrent weights than the orthogonal init, so that the state
     # saturates some gates and the check covers the non-linearities' range.
     params = jax.tree.map(lambda w: w * 1.5, variables["params"])
@@ -500,7 +500,7 @@ def test_packed_weights_are_what_the_kernel_reads():
     np.testing.assert_allclose(np.moveaxis(np.asarray(hs), 0, 1)[None], expected, atol=2e-6)
     # And through a Stream, inside a model: its LSTM reads what was packed for it.
     stream_model = SubbandMask(hidden=8, units=8, num_layers=1)
-    stream_variables = stream_model.init(jax.random.key(0), None, x)
+    stream_variables = init_model(stream_model, x)
     stream = banded_rnn.Stream(stream_model, stream_variables, 1, 2, features=4)
     packed = stream._step_variables[_packed.PACKED_COLLECTION]["lstm"]["layer_0"]
     lstm = stream_variables["params"]["lstm"]["layer_0"]

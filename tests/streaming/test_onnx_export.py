@@ -155,7 +155,7 @@ def test_subband_model_with_layers_before_and_after(tmp_path):
     batch, bands, time, features = 2, 5, 24, 4
     model = SubbandMask(hidden=8, units=16)
     inputs = random_inputs(9, (batch, bands, time, features))
-    variables = model.init(jax.random.key(1), None, inputs)
+    variables = init_model(model, inputs, seed=1)
     sess = session(model, variables, tmp_path, bands, features=features)
     lengths = random_lengths(10, time, 6)
     zeros = zeros_like(model.apply(variables, None, inputs[:, :, :1])[0])
@@ -174,7 +174,7 @@ def test_subband_model_with_layers_before_and_after(tmp_path):
 def test_two_lstms_in_series_with_a_dict_state(tmp_path):
     model = TwoInSeries()
     inputs = random_inputs(11, (3, 2, 10, 4))
-    variables = model.init(jax.random.key(2), None, inputs)
+    variables = init_model(model, inputs, seed=2)
     sess = session(model, variables, tmp_path, 2, features=4)
     assert [i.name for i in sess.get_inputs()][:3] == [
         "chunk",
@@ -214,7 +214,7 @@ class RichHead(nn.Module):
 def test_common_layers_around_the_lstm_are_mapped(tmp_path):
     model = RichHead()
     inputs = random_inputs(12, (2, 3, 12, 4))
-    variables = model.init(jax.random.key(3), None, inputs)
+    variables = init_model(model, inputs, seed=3)
     sess = session(model, variables, tmp_path, 3, features=4)
     zeros = zeros_like(model.apply(variables, None, inputs)[0])
     state, outputs = run_onnx_chunks(sess, inputs, zeros, [5, 1, 6])
@@ -307,7 +307,7 @@ def test_each_layer_is_one_onnx_lstm_operator(tmp_path):
 def test_example_streams_a_file_frame_by_frame(tmp_path):
     model = SubbandMask(hidden=8, units=12)
     frames = random_inputs(17, (20, 4, 3))  # [time, bands, features]
-    variables = model.init(jax.random.key(4), None, frames[None].transpose(0, 2, 1, 3))
+    variables = init_model(model, frames[None].transpose(0, 2, 1, 3), seed=4)
     export_onnx(model, variables, tmp_path / "model.onnx", num_bands=4, features=3)
     np.save(tmp_path / "frames.npy", frames)
     done = subprocess.run(
@@ -366,7 +366,7 @@ def test_call_arguments_onnx_cannot_express_are_refused_by_name(keywords, name, 
 def test_options_onnx_cannot_express_are_refused_by_name(options, name, tmp_path):
     model = BandedLSTM(4, **options)
     inputs = random_inputs(0, (2, 1, 3, 4) if options.get("time_major") else (1, 3, 2, 4))
-    variables = model.init(jax.random.key(0), None, inputs)
+    variables = init_model(model, inputs)
     with pytest.raises(ValueError, match=rf"^{name}: "):
         export_onnx(model, variables, tmp_path / "m.onnx", num_bands=3, features=4)
 
@@ -380,7 +380,7 @@ class CumulativeHead(nn.Module):
 
 def test_a_primitive_with_no_onnx_mapping_is_refused_by_name(tmp_path):
     model = CumulativeHead()
-    variables = model.init(jax.random.key(0), None, random_inputs(0, (1, 3, 2, 4)))
+    variables = init_model(model, random_inputs(0, (1, 3, 2, 4)))
     with pytest.raises(ValueError, match=r"^model: the primitive 'cumsum'"):
         export_onnx(model, variables, tmp_path / "m.onnx", num_bands=3, features=4)
 

@@ -204,7 +204,7 @@ class PooledOutputs(nn.Module):
         return state, outputs.mean(axis=1)  # [batch, time, units]: no bands axis
 
 
-BANDED_PARAMS = BandedLSTM(4).init(jax.random.key(0), None, X[:, :, :2])["params"]
+BANDED_PARAMS = init_model(BandedLSTM(4), X[:, :, :2])["params"]
 
 
 @pytest.mark.parametrize(

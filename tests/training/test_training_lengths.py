@@ -22,7 +22,7 @@ from banded_rnn.training import (
     predict,
 )
 
-from helpers import WithHead, finite_differences, random_inputs
+from helpers import WithHead, finite_differences, init_model, random_inputs
 from reference import lstm_reference
 
 
@@ -109,7 +109,7 @@ def test_masked_loss_and_gradient_are_those_of_the_unpadded_sequences(given, chu
     validity = {"seq_lengths": lengths, "mask": np.arange(7) < lengths[:, None]}[given]
     with jax.enable_x64(True):
         model = BandedLSTM(UNITS, param_dtype=jnp.float64)
-        params = model.init(jax.random.key(0), None, x[:1])["params"]
+        params = init_model(model, x[:1])["params"]
         loss_fn = masked_mean(squared_error)
         step = make_train_step(loss_fn, chunk_length=chunk_length, truncate=False)
         train_state, final, metrics = step(
@@ -154,7 +154,7 @@ def test_sequence_to_one_gradient_equals_the_per_sequence_loop(pool):
     per_target = optax.softmax_cross_entropy_with_integer_labels
     with jax.enable_x64(True):
         model = Classifier(UNITS, CLASSES, pool=pool)
-        params = model.init(jax.random.key(1), None, x[:1])["params"]
+        params = init_model(model, x[:1], seed=1)["params"]
         params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
         step = make_train_step(masked_mean(per_target), targets_per="sequence")
         train_state, _, metrics = step(
@@ -194,7 +194,7 @@ def test_fit_on_whole_sequences_in_buckets_matches_a_loop_over_the_sequences():
     sequences = [rng.normal(size=(BANDS, t, FEATURES)).astype(np.float32) for t in lengths]
     labels = rng.integers(0, CLASSES, len(lengths))
     model = Classifier(UNITS, CLASSES)
-    params = model.init(jax.random.key(0), None, sequences[0][None])["params"]
+    params = init_model(model, sequences[0][None])["params"]
     loss_fn = masked_mean(optax.softmax_cross_entropy_with_integer_labels)
     step = make_train_step(loss_fn, targets_per="sequence")
     stream = ChunkStream(sequences, labels, batch_size=3, targets_per="sequence",
@@ -334,7 +334,7 @@ def test_evaluate_and_predict_on_variable_lengths_match_the_reference():
     sequences = [rng.normal(size=(BANDS, t, FEATURES)).astype(np.float32) for t in lengths]
     labels = rng.integers(0, CLASSES, len(lengths))
     model = Classifier(UNITS, CLASSES)
-    params = model.init(jax.random.key(2), None, sequences[0][None])["params"]
+    params = init_model(model, sequences[0][None], seed=2)["params"]
     train_state = train_state_of(model, params, optax.sgd(0.1))
     loss_fn = masked_mean(optax.softmax_cross_entropy_with_integer_labels)
     step = make_eval_step(loss_fn, targets_per="sequence", metrics={"accuracy": accuracy})
@@ -357,7 +357,8 @@ def test_evaluate_and_predict_on_variable_lengths_match_the_reference():
         results = evaluate(step, train_state, sequences, labels, batch_size=4, **windows)
         assert results.keys() == {"loss", "accuracy"}
         np.testing.assert_allclose(results["loss"], reference["loss"], rtol=1e-5)
-        np.testing.assert_allclose(results["accuracy"], reference["accuracy"], rtol=1e-12)
+        # A fraction of the sequences, counted in float32 (1/3 is not exact there).
+        np.testing.assert_allclose(results["accuracy"], reference["accuracy"], rtol=1e-6)
 
 
 def test_per_step_predictions_and_masked_evaluation():
@@ -366,7 +367,7 @@ def test_per_step_predictions_and_masked_evaluation():
     sequences = [rng.normal(size=(BANDS, t, FEATURES)).astype(np.float32) for t in lengths]
     targets = [rng.normal(size=(BANDS, t, UNITS)).astype(np.float32) for t in lengths]
     model = BandedLSTM(UNITS)
-    params = model.init(jax.random.key(3), None, sequences[0][None])["params"]
+    params = init_model(model, sequences[0][None], seed=3)["params"]
     train_state = train_state_of(model, params, optax.sgd(0.1))
     step = make_eval_step(masked_mean(squared_error))
     weights = lstm_params(flatten(params))
@@ -392,7 +393,7 @@ def test_fit_reports_metrics_and_trains_a_classifier():
         for t, c in zip(lengths, labels, strict=True)
     ]
     model = Classifier(8, 2)
-    params = model.init(jax.random.key(4), None, sequences[0][None])["params"]
+    params = init_model(model, sequences[0][None], seed=4)["params"]
     loss_fn = masked_mean(optax.softmax_cross_entropy_with_integer_labels)
     stream = ChunkStream(sequences[:32], labels[:32], batch_size=8, targets_per="sequence",
                          buckets=[6, 12])  # fmt: skip
@@ -420,11 +421,9 @@ def test_errors_name_the_mismatch():
     x = random_inputs(0, (4, BANDS, 6, FEATURES))
     lengths = np.array([6, 2, 3, 1], np.int32)
     lstm = BandedLSTM(UNITS)
-    lstm_state = train_state_of(lstm, lstm.init(jax.random.key(0), None, x)["params"])
+    lstm_state = train_state_of(lstm, init_model(lstm, x)["params"])
     classifier = Classifier(UNITS, 9)
-    classifier_state = train_state_of(
-        classifier, classifier.init(jax.random.key(0), None, x)["params"]
-    )
+    classifier_state = train_state_of(classifier, init_model(classifier, x)["params"])
     y = random_inputs(1, (4, BANDS, 6, UNITS))
     plain = make_train_step(lambda o, t: jnp.mean((o - t) ** 2))
     with pytest.raises(TypeError, match=r"loss_fn: the batch has seq_lengths.*masked_mean"):
@@ -462,7 +461,7 @@ def test_errors_name_the_mismatch():
         per_sequence(classifier_state, None, x, np.zeros(4, np.int32), ends=np.ones(3, bool))
     with pytest.raises(TypeError, match=r"seq_lengths: the model's apply_fn does not take"):
         model = WithHead(UNITS)
-        state = train_state_of(model, model.init(jax.random.key(0), None, x)["params"])
+        state = train_state_of(model, init_model(model, x)["params"])
         make_train_step(masked_mean(squared_error))(state, None, x, y[..., :1], seq_lengths=lengths)
     with pytest.raises(ValueError, match=r"seq_lengths: expected shape \[batch\] = \(4,\)"):
         make_train_step(masked_mean(squared_error))(lstm_state, None, x, y, seq_lengths=lengths[:3])
@@ -489,7 +488,7 @@ def test_padding_never_counts_whatever_it_holds():
         x_nan[row, :, t:] = np.nan
         y_nan[row, :, t:] = np.nan
     model = BandedLSTM(UNITS)
-    params = model.init(jax.random.key(0), None, x[:1])["params"]
+    params = init_model(model, x[:1])["params"]
     step = make_train_step(masked_mean(squared_error), chunk_length=3, truncate=False)
     runs = {}
     for name, lengths, xs, ys in [
@@ -516,7 +515,7 @@ def test_values_and_combinations_refused_on_every_call():
     x = random_inputs(0, (2, BANDS, 5, FEATURES))
     y = random_inputs(1, (2, BANDS, 5, UNITS))
     model = BandedLSTM(UNITS)
-    params = model.init(jax.random.key(0), None, x)["params"]
+    params = init_model(model, x)["params"]
     step = make_train_step(masked_mean(squared_error))
     train_state, _, _ = step(train_state_of(model, params), None, x, y, seq_lengths=[5, 3])
     with pytest.raises(ValueError, match=r"seq_lengths: expected lengths >= 0"):

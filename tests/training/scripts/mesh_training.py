@@ -26,6 +26,8 @@ from banded_rnn.training import (
     masked_mean,
 )
 
+from helpers import init_model
+
 jax.config.update("jax_numpy_rank_promotion", "raise")
 assert len(jax.devices()) == 4, jax.devices()
 batch, bands, time, features, units = 4, 2, 6, 3, 4
@@ -33,7 +35,7 @@ model = BandedLSTM(units, num_layers=2, dropout=0.2, recurrent_dropout=0.2)
 rng = np.random.default_rng(0)
 x = rng.standard_normal((batch, bands, time, features)).astype(np.float32)
 y = rng.standard_normal((batch, bands, time, units)).astype(np.float32)
-variables = model.init(jax.random.key(0), None, x)
+variables = init_model(model, x)
 tx = optax.adam(1e-2)
 
 
@@ -121,7 +123,7 @@ inputs = [rng.standard_normal((bands, t, features)).astype(np.float32) for t in 
 targets = [rng.standard_normal((bands, t, units)).astype(np.float32) for t in lengths]
 labels = rng.integers(0, 3, len(lengths))
 classifier = Classifier()
-head_params = classifier.init(jax.random.key(0), None, x)["params"]
+head_params = init_model(classifier, x)["params"]
 cross_entropy = masked_mean(optax.softmax_cross_entropy_with_integer_labels)
 masked_mse = masked_mean(lambda outputs, targets: (outputs - targets) ** 2)
 runs = {"chunks": [], "buckets": []}

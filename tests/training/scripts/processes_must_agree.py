@@ -35,11 +35,13 @@ from banded_rnn import BandedLSTM  # noqa: E402
 from banded_rnn.training import Checkpointer, gather_to_host, make_mesh, make_train_step  # noqa: E402
 from banded_rnn.training._mesh import check_same_on_every_process  # noqa: E402
 
+from helpers import init_model  # noqa: E402
+
 model = BandedLSTM(4)
 rng = np.random.default_rng(0)  # the same draws on both processes
 inputs = rng.standard_normal((4, 3, 6, 2)).astype(np.float32)  # [batch, bands, time, features]
 targets = rng.standard_normal((4, 3, 6, 4)).astype(np.float32)
-params = model.init(jax.random.key(0), None, inputs)["params"]
+params = init_model(model, inputs)["params"]
 mesh = make_mesh()
 step = make_train_step(lambda outputs, target: jnp.mean((outputs - target) ** 2), mesh=mesh)
 created = TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1))
