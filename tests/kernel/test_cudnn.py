@@ -147,7 +147,8 @@ def test_training_steps_with_dropout_equal_the_scans(cudnn_calls):
         model = BandedLSTM(UNITS, num_layers=2, dropout=0.3, implementation=implementation)
         params = init_model(model, x)["params"]
         train_state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1))
-        state, losses = None, []
+        # A zero state, not None: every step is then one program (each takes a second or more).
+        state, losses = model.initial_state(BATCH, BANDS), []
         with jax.default_matmul_precision("highest"):
             for _ in range(3):
                 train_state, state, metrics = step(
