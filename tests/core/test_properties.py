@@ -10,10 +10,10 @@ from banded_rnn import BandedLSTM
 
 from helpers import init_model, random_inputs
 
-# 12 steps hold every kind of cut (first step, last step, runs of one-step
+# 8 steps hold every kind of cut (first step, last step, runs of one-step
 # chunks, lengths of 0, partial, whole and past the end); each distinct chunk
 # length is a program of its own to compile.
-BATCH, BANDS, TIME, FEATURES = 2, 3, 12, 3
+BATCH, BANDS, TIME, FEATURES = 2, 3, 8, 3
 MODELS = {
     "plain": BandedLSTM(6, num_layers=2),
     "dropout": BandedLSTM(6, num_layers=2, dropout=0.25, recurrent_dropout=0.3),
