@@ -19,7 +19,7 @@ from flax.training.train_state import TrainState
 from banded_rnn import BandedLSTM, Stream
 from banded_rnn.training import make_train_step
 
-from helpers import random_inputs
+from helpers import init_model, random_inputs
 from reference import lstm_reference, params_from_variables
 
 BATCH, BANDS, TIME, FEATURES = 3, 4, 60, 5
@@ -35,7 +35,7 @@ def model(request):
 def trained(model):
     """Variables after 40 Adam steps on a target the model can learn, and the
     whole-sequence run with them."""
-    params = model.init(jax.random.key(0), None, X[:, :, :8])["params"]
+    params = init_model(model, X[:, :, :8])["params"]
     train_state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(3e-2))
     target = np.tanh(np.cumsum(X[..., :1], axis=2) / 4).repeat(24, axis=-1)
     step = make_train_step(lambda out, y: jnp.mean((out - y) ** 2))
