@@ -30,7 +30,8 @@ PAGES = [README] + [
 ]
 
 BASH_COMMANDS = {
-    # tests/interop/test_interop_demo.py::test_demo_command_line_runs_jax_then_keras runs the demo.
+    # tests/interop/test_interop_demo.py::test_demo_command_line_shows_the_problem_then_the_fix
+    # runs the demo.
     "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/python -m interop demo",
     # CI runs the suite itself.
     "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest",
