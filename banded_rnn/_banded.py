@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -395,13 +396,23 @@ class BandedLSTM(nn.Module):
             sizes = (features if layer == 0 else self.output_units, self.units)
             masks.append(
                 tuple(
-                    jax.random.bernoulli(key, 1.0 - rate, (*batch_bands, size)) / (1.0 - rate)
+                    _keep_mask(key, 1.0 - rate, (*batch_bands, size)) / (1.0 - rate)
                     if rate
                     else None
                     for key, rate, size in zip(keys[index], rates, sizes, strict=True)
                 )
             )
         return masks
+
+
+def _keep_mask(key: jax.Array, keep: float, shape: tuple[int, ...]) -> jax.Array:
+    """``jax.random.bernoulli(key, keep, shape)``, bit for bit (JAX's generators
+    number the values in row-major order, so a flat draw reshaped is the same
+    draw), drawn flat: a shaped draw builds its counters from one iota per
+    axis, which XLA:CPU takes about four times as long to compile (0.68
+    against 0.14 s for a [4, 3, 8] mask on a Zen 5).
+    """
+    return jax.random.bernoulli(key, keep, (math.prod(shape),)).reshape(shape)
 
 
 def _compute_dtype(inputs_dtype: Any, param_dtype: Any) -> Any:
