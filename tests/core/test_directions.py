@@ -355,7 +355,7 @@ def test_gradients_of_a_bidirectional_stack_with_held_outputs(lstm):
         _, y = model.apply({"params": params}, None, x, mask=mask)
         return jnp.sum(y * weights)
 
-    got = jax.grad(loss)(variables["params"])
+    got = jax.jit(jax.grad(loss))(variables["params"])
     params64 = jax.tree.map(lambda p: np.asarray(p, np.float64), variables["params"])
 
     def reference_loss(params):

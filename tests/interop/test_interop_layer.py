@@ -174,9 +174,10 @@ def test_stateful_fit_carries_state_across_batches():
         return jnp.mean((outputs - y_chunk) ** 2), state
 
     state = None
+    gradient = jax.jit(jax.grad(loss, has_aux=True))  # one program per state structure
     for k in range(chunks):
         part = slice(k * chunk, (k + 1) * chunk)
-        grads, state = jax.grad(loss, has_aux=True)(variables, state, x[:, :, part], y[:, :, part])
+        grads, state = gradient(variables, state, x[:, :, part], y[:, :, part])
         variables = jax.tree.map(lambda p, g: p - learning_rate * g, variables, grads)
 
     chex = jax.tree.map(np.asarray, (variables, _state_arrays(state)))

@@ -534,8 +534,9 @@ def test_init_and_training_never_carry_packed_weights():
         return model.apply(variables, None, x)[1].sum()
 
     # The derivative packs its own weights, from the parameters.
-    with_packed = jax.grad(loss)(_with_packed(model, variables, x))["params"]
-    jax.tree.map(np.testing.assert_array_equal, with_packed, jax.grad(loss)(variables)["params"])
+    gradient = jax.jit(jax.grad(loss))
+    with_packed = gradient(_with_packed(model, variables, x))["params"]
+    jax.tree.map(np.testing.assert_array_equal, with_packed, gradient(variables)["params"])
 
 
 def test_vmap_over_weights_runs_each_entry_with_its_own():
