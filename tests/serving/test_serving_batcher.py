@@ -187,7 +187,7 @@ def test_ticks_smaller_than_the_slots_run_every_frame_in_order(largest):
     "model", [SubbandMask(hidden=6, units=5), TwoInSeries()], ids=["dense-around", "dict-state"]
 )
 def test_models_with_layers_around_the_lstm_match_streaming_alone(model):
-    variables = model.init(jax.random.key(3), None, random_inputs(2, (1, BANDS, 2, FEATURES)))
+    variables = init_model(model, random_inputs(2, (1, BANDS, 2, FEATURES)), seed=3)
     sequences = {n: frames_of(60 + n, 6, frame_length=2) for n in range(2)}
     with SequenceBatcher(
         model, variables, 2, BANDS, 2, features=FEATURES, batch_sizes=[2]
