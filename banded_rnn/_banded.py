@@ -406,11 +406,10 @@ class BandedLSTM(nn.Module):
 
 
 def _keep_mask(key: jax.Array, keep: float, shape: tuple[int, ...]) -> jax.Array:
-    """``jax.random.bernoulli(key, keep, shape)``, bit for bit (JAX's generators
-    number the values in row-major order, so a flat draw reshaped is the same
-    draw), drawn flat: a shaped draw builds its counters from one iota per
-    axis, which XLA:CPU takes about four times as long to compile (0.68
-    against 0.14 s for a [4, 3, 8] mask on a Zen 5).
+    """``jax.random.bernoulli(key, keep, shape)``, bit for bit: JAX numbers the
+    values in row-major order, so a flat draw reshaped is the same draw. Drawn
+    flat because a shaped draw builds its counters from one iota per axis,
+    which XLA:CPU compiles several times slower (benchmarks/NOTES.md, 26).
     """
     return jax.random.bernoulli(key, keep, (math.prod(shape),)).reshape(shape)
 

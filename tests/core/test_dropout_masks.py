@@ -12,7 +12,8 @@ from banded_rnn._banded import _keep_mask
 
 
 @pytest.mark.parametrize(
-    ("impl", "partitionable"), [("threefry2x32", True), ("threefry2x32", False), ("rbg", True)]
+    ("impl", "partitionable"),
+    [("threefry2x32", True), ("threefry2x32", False), ("rbg", True), ("unsafe_rbg", True)],
 )
 def test_masks_are_jax_bernoulli_draws_in_their_shape(impl, partitionable):
     key = jax.random.key(3, impl=impl)
