@@ -326,6 +326,20 @@ def script_env(**changes: str) -> dict[str, str]:
     return {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": path, **changes}
 
 
+def shared_compile_cache_env(directory: Path) -> dict[str, str]:
+    """The environment that has JAX keep every program it compiles in
+    ``directory`` (its persistent compilation cache) and load it from there,
+    for processes run one after another: a program that an earlier one
+    compiled is loaded, not compiled again, and runs the same. Never for
+    processes that run at once or may be killed: JAX writes an entry in
+    place, so a reader could find it half written."""
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(directory),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+
+
 def script_command(script: Path, *args, python_options=()) -> list[str]:
     """The command that runs the Python file ``script`` with ``args``."""
     return [sys.executable, *python_options, str(script), *map(str, args)]

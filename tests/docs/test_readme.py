@@ -4,8 +4,11 @@ written, so neither stays untrue.
 Each ```python block runs on its own, in a fresh Python process, in an empty
 directory: as a reader who pastes it into a file would run it, and with no
 names left over from another block. A warning fails the block, as it fails
-the rest of the suite. The ```bash blocks are commands that other
-tests run; a new one must be added to BASH_COMMANDS with the test that runs it.
+the rest of the suite. The blocks, run one after another, share a JAX
+compilation cache, as a reader's would with JAX's persistent cache on: a
+program an earlier block compiled is loaded instead of compiled again. The
+```bash blocks are commands that other tests run; a new one must be added to
+BASH_COMMANDS with the test that runs it.
 In the docs' pages, ```{directive} blocks are Sphinx's (executable cells run
 when the site is built, tests/docs/test_docs.py) and ```text blocks are not code.
 """
@@ -20,7 +23,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, Block, page_blocks, read_blocks
+from helpers import ROOT, Block, page_blocks, read_blocks, shared_compile_cache_env
 
 README = ROOT / "README.md"
 PAGES = [README] + [
@@ -86,12 +89,19 @@ def test_bash_block_is_a_command_run_elsewhere(block):
     )
 
 
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """One folder for this module's blocks, which run one at a time."""
+    return tmp_path_factory.mktemp("jax-cache")
+
+
 @pytest.mark.parametrize("block", PYTHON, ids=_ids(PYTHON))
-def test_python_block_runs_on_its_own(block, tmp_path):
+def test_python_block_runs_on_its_own(block, tmp_path, compile_cache):
     script = tmp_path / f"readme_line_{block.line}.py"
     script.write_text(block.code, encoding="utf-8")
     path = [str(ROOT), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
+    env.update(shared_compile_cache_env(compile_cache))
     env.pop("KERAS_BACKEND", None)  # the Keras block's `import interop` must choose JAX itself
     done = subprocess.run(
         [sys.executable, "-W", "error", script.name],  # warnings are errors, as in pyproject
