@@ -1,8 +1,6 @@
-"""Settings for the whole run (the order modules start in) and for the doctests
-collected from the packages; tests/conftest.py holds the rest."""
+"""Settings for the doctests collected from the packages (tests/conftest.py holds the rest)."""
 
 import importlib.util
-import pathlib
 
 import jax
 import pytest
@@ -43,36 +41,3 @@ def pytest_addoption(parser, pluginmanager):
         group.addoption("--numprocesses", dest="numprocesses")
         group.addoption("--maxprocesses", dest="maxprocesses")
         group.addoption("--dist", dest="dist")
-        group.addoption("--no-loadscope-reorder", dest="loadscopereorder", action="store_false")
-
-
-# The modules that take longest on two workers, longest first (--durations,
-# benchmarks/NOTES.md entry 27). xdist hands a worker one whole module at a
-# time (--dist=loadscope), in the order collected (--no-loadscope-reorder):
-# the long ones start first and the short ones fill in at the end, so neither
-# worker sits idle while the other runs a long module it started last. Only
-# the order changes, never what runs; a module renamed or removed must leave
-# this list too.
-LONGEST_FIRST = (
-    "tests/docs/test_docs.py",
-    "tests/docs/test_readme.py",
-    "tests/training/test_multihost.py",
-    "tests/core/test_banded.py",
-    "benchmarks/test_benchmarks.py",
-    "tests/kernel/test_kernel.py",
-    "tests/core/test_directions.py",
-    "tests/training/test_training_lengths.py",
-    "tests/interop/test_interop_parity.py",
-    "tests/training/test_training_sharding.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Moves LONGEST_FIRST's modules to the front, in its order; the others, and
-    the tests within every module, keep the order they were collected in."""
-    root = pathlib.Path(__file__).parent
-    gone = [path for path in LONGEST_FIRST if not (root / path).is_file()]
-    if gone:
-        raise pytest.UsageError(f"conftest.py's LONGEST_FIRST names no such module: {gone}")
-    rank = {path: position for position, path in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
